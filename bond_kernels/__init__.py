@@ -1,0 +1,43 @@
+"""bond_kernels: fused kernels for Best-of-N Distillation (BOND / J-BOND) and large-vocabulary log-probs."""
+
+__version__ = "0.1.0"
+
+from . import functional, reference
+from ._info import info
+from .functional import (
+    best_of_n_indices,
+    bon_log_prob,
+    bond_loss,
+    jbond_loss,
+    reward_quantiles,
+    sequence_logprobs,
+    sequence_logprobs_and_grad,
+    token_jeffreys,
+    token_logprobs,
+    token_logprobs_and_grad,
+)
+from .modules import BondLoss, EMAAnchor, JBondLoss, TokenJeffreys, TokenLogprobs
+from .reference import BondOutput, JBondOutput
+
+__all__ = [
+    "BondLoss",
+    "BondOutput",
+    "EMAAnchor",
+    "JBondLoss",
+    "JBondOutput",
+    "TokenJeffreys",
+    "TokenLogprobs",
+    "best_of_n_indices",
+    "bon_log_prob",
+    "bond_loss",
+    "functional",
+    "info",
+    "jbond_loss",
+    "reference",
+    "reward_quantiles",
+    "sequence_logprobs",
+    "sequence_logprobs_and_grad",
+    "token_jeffreys",
+    "token_logprobs",
+    "token_logprobs_and_grad",
+]

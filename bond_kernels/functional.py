@@ -1,0 +1,503 @@
+"""The public functional API (DESIGN.md section 6): validates, picks the backend, reshapes, reduces."""
+
+import math
+import numbers
+
+import torch
+
+from . import _backend
+from . import _validate as V
+from . import reference as ref
+
+__all__ = [
+    "best_of_n_indices",
+    "bon_log_prob",
+    "bond_loss",
+    "jbond_loss",
+    "reward_quantiles",
+    "sequence_logprobs",
+    "sequence_logprobs_and_grad",
+    "token_jeffreys",
+    "token_logprobs",
+    "token_logprobs_and_grad",
+]
+
+
+# --------------------------------------------------------------------------------------------------------
+# per-token log-probs
+# --------------------------------------------------------------------------------------------------------
+def _token_args(logits, labels, temperature, softcap, ignore_index):
+    V.float_tensor(logits, "logits")
+    V.label_tensor(labels, logits)
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary (last) dimension, got {V.describe(logits)}")
+    return V.positive_float(temperature, "temperature"), V.softcap_value(softcap), V.integer(ignore_index, "ignore_index")
+
+
+def _pick(op, backend, x: torch.Tensor):
+    # fp64 inputs keep fp64 end to end: only the reference computes in fp64.
+    if x.dtype == torch.float64 and backend in (None, "auto"):
+        return "torch"
+    name = _backend.resolve(op, backend, x.device)
+    if name != "torch" and x.dtype == torch.float64:
+        raise TypeError(f"backend {name!r} takes fp32, bf16 or fp16 inputs; fp64 runs on backend='torch', got fp64")
+    return name
+
+
+def _as_rows(logits):
+    """View logits as (N, V) or (B, T, V) with last stride 1, without a copy when the layout allows."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()  # the kernels need unit stride along the vocabulary
+    if logits.dim() == 1:
+        return logits.unsqueeze(0)
+    if logits.dim() <= 3:
+        return logits
+    return logits.reshape(-1, logits.shape[-2], logits.shape[-1])
+
+
+def _flat_labels(labels):
+    return labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def _check_reference_rows(logits, labels, ignore_index):
+    """The reference backend raises where the kernels would write NaN (it may synchronise)."""
+    V.check_labels_in_range(labels, logits.shape[-1], ignore_index)
+    dead = torch.isneginf(logits).all(-1) & (labels != ignore_index)
+    if bool(dead.any()):
+        raise ValueError("logits has a row whose entries are all -inf at a position whose label is not ignored")
+
+
+def token_logprobs(
+    logits,
+    labels,
+    *,
+    temperature=1.0,
+    softcap=None,
+    ignore_index=-100,
+    return_entropy=False,
+    backend="auto",
+    inplace=False,
+    validate=False,
+):
+    """Log-probability of each label, ``log softmax(z)[label]`` with ``z = softcap·tanh(x/softcap)/temperature``.
+
+    logits: (..., V) fp32/bf16/fp16 (fp64 stays fp64 on the reference); labels: (...) int64 (int32 accepted).
+    Returns ``logp`` (...) fp32, and ``entropy`` (...) fp32 with ``return_entropy=True``; positions whose label
+    is ``ignore_index`` give 0 and no gradient.  Spec: :func:`bond_kernels.reference.token_logprobs`.
+
+    inplace: the backward writes the gradient into the logits buffer, **destroying the logits** (saves one
+        (N, V) buffer).  Only use it when nothing else reads the logits after this call.
+    validate: check on the host (one synchronisation) that every label is in range.  Without it the cpu and
+        torch backends still raise, and the GPU kernels write NaN to a row whose label is out of range.
+    """
+    temperature, softcap, ignore_index = _token_args(logits, labels, temperature, softcap, ignore_index)
+    name = _pick("token_logprobs", backend, logits)
+    if validate or name == "torch":
+        _check_reference_rows(logits, labels, ignore_index)
+    if name == "torch":
+        return ref.token_logprobs(
+            logits, labels, temperature=temperature, softcap=softcap or None, ignore_index=ignore_index,
+            return_entropy=return_entropy,
+        )
+    from .ops.token_logprobs import token_logprobs_fwd
+
+    if labels.numel() == 0:
+        empty = logits.new_zeros(labels.shape, dtype=torch.float32) + logits.sum() * 0
+        return (empty, empty.clone()) if return_entropy else empty
+    logp, _, ent = token_logprobs_fwd(
+        _as_rows(logits), _flat_labels(labels), temperature, softcap, ignore_index, bool(return_entropy),
+        bool(inplace), name,
+    )
+    logp = logp.view(labels.shape)
+    if return_entropy:
+        return logp, ent.view(labels.shape)
+    return logp
+
+
+def _sequence_layout(logits, labels, cu_seqlens):
+    if cu_seqlens is None:
+        if logits.dim() != 3:
+            raise ValueError(f"logits must be (B, T, V) for padded sequences (or pass cu_seqlens), got {V.describe(logits)}")
+        return None
+    V.tensor(cu_seqlens, "cu_seqlens")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor of B+1 offsets, got {V.describe(cu_seqlens)}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (total, V) with cu_seqlens, got {V.describe(logits)}")
+    V.same_device(logits, cu_seqlens, "logits", "cu_seqlens")
+    return cu_seqlens
+
+
+def _segsum(values, cu_seqlens):
+    # Prefix sums in fp64, then differences at the offsets: deterministic (no atomics), no host sync, and
+    # exact to fp32 rounding even for long packed batches.
+    from .reference.token_logprobs import segment_sum
+
+    return segment_sum(values, cu_seqlens)
+
+
+def sequence_logprobs(
+    logits,
+    labels,
+    *,
+    cu_seqlens=None,
+    temperature=1.0,
+    softcap=None,
+    ignore_index=-100,
+    backend="auto",
+    inplace=False,
+    validate=False,
+):
+    """Per-sequence ``log π(y) = Σ_t log π(y_t | y_<t)`` over non-ignored positions, fp32 (B,).
+
+    Padded: logits (B, T, V), labels (B, T).  Packed: logits (total, V), labels (total,), cu_seqlens (B+1,)
+    int offsets (sequence b is rows ``cu[b]:cu[b+1]``).  The sums are O(N) work on top of
+    :func:`token_logprobs`; no extra pass touches the (N, V) logits.
+    """
+    cu = _sequence_layout(logits, labels, cu_seqlens)
+    logp = token_logprobs(
+        logits, labels, temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
+        inplace=inplace, validate=validate,
+    )
+    if cu is None:
+        return logp.sum(-1)
+    return _segsum(logp, cu)
+
+
+def token_logprobs_and_grad(
+    logits,
+    labels,
+    grad_logp,
+    *,
+    temperature=1.0,
+    softcap=None,
+    ignore_index=-100,
+    backend="auto",
+    inplace=False,
+):
+    """Log-probs and their gradient in one sweep, for a known upstream gradient (the gradient-in-forward path).
+
+    grad_logp: (...) float, the coefficient ``∂L/∂logp`` of each position.  Returns ``(logp, grad_logits)``
+    with ``grad_logits = ∂(Σ grad_logp·logp)/∂logits`` in the logits' dtype and shape: one read of the logits
+    and one write of the gradient.  Feed it on with ``logits.backward(grad_logits)``.  ``inplace=True`` writes
+    the gradient into the logits buffer (the logits are destroyed) and returns it.  No autograd graph is built.
+    """
+    temperature, softcap, ignore_index = _token_args(logits, labels, temperature, softcap, ignore_index)
+    V.float_tensor(grad_logp, "grad_logp", min_dim=0)
+    if tuple(grad_logp.shape) != tuple(labels.shape):
+        raise ValueError(f"grad_logp must have the labels' shape {tuple(labels.shape)}, got {V.describe(grad_logp)}")
+    V.same_device(logits, grad_logp, "logits", "grad_logp")
+    name = _pick("token_logprobs", backend, logits)
+    if name == "torch":
+        _check_reference_rows(logits, labels, ignore_index)
+        with torch.enable_grad():
+            x = logits.detach().requires_grad_(True)
+            logp = ref.token_logprobs(x, labels, temperature=temperature, softcap=softcap or None, ignore_index=ignore_index)
+            (grad,) = torch.autograd.grad(logp, x, grad_logp.to(logp.dtype))
+        if inplace:
+            logits.data.copy_(grad)
+            grad = logits
+        return logp.detach(), grad
+    from .ops.token_logprobs import token_logprobs_fwd_bwd, token_logprobs_fwd_bwd_inplace
+
+    with torch.no_grad():
+        rows = _as_rows(logits)
+        g = grad_logp.reshape(-1).float().contiguous()
+        if inplace:
+            if rows.data_ptr() != logits.data_ptr() or rows.shape[-1] != logits.shape[-1] or logits.stride(-1) != 1:
+                raise ValueError("inplace=True needs logits whose last dimension is contiguous")
+            logp = token_logprobs_fwd_bwd_inplace(rows, _flat_labels(labels), g, temperature, softcap, ignore_index, name)
+            return logp.view(labels.shape), logits
+        logp, grad = token_logprobs_fwd_bwd(rows, _flat_labels(labels), g, temperature, softcap, ignore_index, name)
+    return logp.view(labels.shape), grad.view(logits.shape)
+
+
+def sequence_logprobs_and_grad(
+    logits,
+    labels,
+    seq_coef,
+    *,
+    cu_seqlens=None,
+    temperature=1.0,
+    softcap=None,
+    ignore_index=-100,
+    backend="auto",
+    inplace=False,
+):
+    """Per-sequence log-probs and ``∂(Σ_b seq_coef[b]·log π(y_b))/∂logits`` in one read and one write.
+
+    seq_coef: (B,) float per-sequence upstream coefficients known before the pass (for example
+    ``BondOutput.policy_coef`` computed from behaviour log-probs).  Layout as :func:`sequence_logprobs`.
+    Returns ``(seq_logp (B,) fp32, grad_logits)``.
+    """
+    cu = _sequence_layout(logits, labels, cu_seqlens)
+    V.float_tensor(seq_coef, "seq_coef")
+    nseq = labels.shape[0] if cu is None else cu.numel() - 1
+    if tuple(seq_coef.shape) != (nseq,):
+        raise ValueError(f"seq_coef must have shape ({nseq},), one coefficient per sequence, got {V.describe(seq_coef)}")
+    if cu is None:
+        token_coef = seq_coef.float().unsqueeze(-1).expand(labels.shape)
+    else:
+        positions = torch.arange(labels.shape[0], device=labels.device)
+        seq_id = torch.searchsorted(cu.long()[1:], positions, right=True).clamp_max(nseq - 1)
+        token_coef = seq_coef.float()[seq_id]
+    logp, grad = token_logprobs_and_grad(
+        logits, labels, token_coef.contiguous(), temperature=temperature, softcap=softcap,
+        ignore_index=ignore_index, backend=backend, inplace=inplace,
+    )
+    seq = logp.sum(-1) if cu is None else _segsum(logp, cu)
+    return seq, grad
+
+
+# --------------------------------------------------------------------------------------------------------
+# sequence-level BOND math
+# --------------------------------------------------------------------------------------------------------
+def _smoothing(smoothing):
+    if smoothing is None or smoothing == "none":
+        return 0, 0.0
+    if smoothing == "self":
+        return 1, 0.0
+    if isinstance(smoothing, numbers.Real) and not isinstance(smoothing, bool) and 0.0 < smoothing <= 1.0:
+        return 2, float(smoothing)
+    raise ValueError(f"smoothing must be 'none', 'self' or a float in (0, 1], got {smoothing!r}")
+
+
+def _reward_tensor(x, name, *, dims=2):
+    V.tensor(x, name)
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name} must be a real-valued tensor, got {V.describe(x)}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimension(s), got {V.describe(x)}")
+    if not x.is_floating_point():
+        x = x.to(torch.float64)  # integer rewards: exact in fp64
+    return x
+
+
+def _check_quantile_inputs(rewards, ref_rewards, ref_mask, validate, names=("rewards", "ref_rewards", "ref_mask")):
+    r_name, k_name, m_name = names
+    rewards = _reward_tensor(rewards, r_name)
+    ref_rewards = _reward_tensor(ref_rewards, k_name)
+    V.same_device(rewards, ref_rewards, r_name, k_name)
+    if rewards.shape[0] != ref_rewards.shape[0]:
+        raise ValueError(
+            f"{k_name} must have one row per prompt like {r_name} (B = {rewards.shape[0]}), got {V.describe(ref_rewards)}"
+        )
+    if ref_rewards.shape[1] == 0:
+        raise ValueError(f"{k_name} must hold at least one reference sample per prompt (k >= 1), got {V.describe(ref_rewards)}")
+    if ref_mask is not None:
+        V.tensor(ref_mask, m_name)
+        if ref_mask.dtype != torch.bool:
+            raise TypeError(f"{m_name} must be a bool tensor, got {V.describe(ref_mask)}")
+        if tuple(ref_mask.shape) != tuple(ref_rewards.shape):
+            raise ValueError(f"{m_name} must have {k_name}'s shape {tuple(ref_rewards.shape)}, got {V.describe(ref_mask)}")
+        V.same_device(ref_rewards, ref_mask, k_name, m_name)
+    if validate:
+        V.check_no_nan(rewards, r_name)
+        if ref_mask is None:
+            V.check_no_nan(ref_rewards, k_name)
+        else:
+            V.check_no_nan(torch.where(ref_mask, ref_rewards, torch.zeros_like(ref_rewards)), k_name)
+            empty = ~ref_mask.any(-1)
+            if bool(empty.any()):
+                row = int(empty.nonzero()[0, 0])
+                raise ValueError(f"{m_name} leaves prompt {row} with no valid reference sample; each row needs at least one")
+    return rewards, ref_rewards
+
+
+def reward_quantiles(rewards, ref_rewards, *, ref_mask=None, smoothing="none", backend="auto", validate=True):
+    """Monte-Carlo reward-rank quantiles ``(p_le, p_lt)``, fp32 (B, n), from k reference samples per prompt.
+
+    rewards (B, n); ref_rewards (B, k); ref_mask (B, k) bool or None; smoothing "none", "self" (the candidate
+    counts as one more reference sample that ties with it) or a float ε (clamp ``p_le >= ε``).
+    Spec: :func:`bond_kernels.reference.reward_quantiles`.  ``validate`` rejects NaN rewards and rows with no
+    valid reference sample (one host synchronisation; turn it off inside CUDA-graph capture).
+    """
+    rewards, ref_rewards = _check_quantile_inputs(rewards, ref_rewards, ref_mask, validate)
+    mode, eps = _smoothing(smoothing)
+    fp64 = rewards.dtype == torch.float64 or ref_rewards.dtype == torch.float64
+    name = _pick("reward_quantiles", backend, rewards if not fp64 else rewards.to(torch.float64))
+    if name == "torch" or fp64:
+        return ref.reward_quantiles(rewards, ref_rewards, ref_mask=ref_mask, smoothing=smoothing)
+    from .ops.reward_quantiles import reward_quantiles as _op
+
+    mask = ref_mask.contiguous() if ref_mask is not None else torch.empty(0, dtype=torch.bool, device=rewards.device)
+    return _op(rewards.float().contiguous(), ref_rewards.float().contiguous(), mask, mode, eps, name)
+
+
+def bon_log_prob(ref_logp, p_le, p_lt, n):
+    """``log π_BoN(y) = log π_ref(y) + (N−1)·log p_le + C_N(log p_lt − log p_le)`` (Theorem 1), elementwise.
+
+    Broadcasting; fp32 (fp64 if any input is fp64).  ``C_N`` is evaluated without cancellation near
+    ``p_lt = p_le`` and is 0 at ``p_lt = 0``.  Spec: :func:`bond_kernels.reference.bon_log_prob`.
+    """
+    V.best_of(n)
+    for name, t in (("ref_logp", ref_logp), ("p_le", p_le), ("p_lt", p_lt)):
+        if not isinstance(t, (torch.Tensor, numbers.Real)) or isinstance(t, bool):
+            raise TypeError(f"{name} must be a tensor or a number, got {type(t).__name__}")
+    return ref.bon_log_prob(ref_logp, p_le, p_lt, n)
+
+
+def best_of_n_indices(ref_rewards, n, *, validate=True):
+    """Index of the best of each consecutive group of ``n`` samples (ties to the earliest), (B, k // n) int64."""
+    ref_rewards = _reward_tensor(ref_rewards, "ref_rewards")
+    n = V.integer(n, "n")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if ref_rewards.shape[1] < n:
+        raise ValueError(f"ref_rewards must hold at least n = {n} samples per prompt, got {V.describe(ref_rewards)}")
+    if validate:
+        V.check_no_nan(ref_rewards, "ref_rewards")
+    return ref.best_of_n_indices(ref_rewards, n)
+
+
+def _logp_tensor(x, name, shape=None, dims=None):
+    V.float_tensor(x, name, min_dim=0)
+    if dims is not None and x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimension(s), got {V.describe(x)}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {V.describe(x)}")
+    return x
+
+
+def bond_loss(
+    policy_logp,
+    policy_ref_logp,
+    policy_rewards,
+    ref_rewards,
+    bon_logp,
+    *,
+    n,
+    beta=0.5,
+    baseline="loo",
+    smoothing="self",
+    correction=False,
+    ref_mask=None,
+    validate=True,
+):
+    """BOND loss: the Jeffreys-divergence estimator of BOND-MATH.md section 3 as a surrogate scalar.
+
+    policy_logp (B, m) with grad; policy_ref_logp (B, m); policy_rewards (B, m); ref_rewards (B, k);
+    bon_logp (B, j) with grad.  Returns :class:`BondOutput`.  Spec and math:
+    :func:`bond_kernels.reference.bond_loss`.
+    """
+    _logp_tensor(policy_logp, "policy_logp", dims=2)
+    shape = tuple(policy_logp.shape)
+    _logp_tensor(policy_ref_logp, "policy_ref_logp", shape=shape)
+    policy_rewards, ref_rewards = _check_quantile_inputs(
+        policy_rewards, ref_rewards, ref_mask, validate, names=("policy_rewards", "ref_rewards", "ref_mask")
+    )
+    if tuple(policy_rewards.shape) != shape:
+        raise ValueError(f"policy_rewards must have policy_logp's shape {shape}, got {V.describe(policy_rewards)}")
+    _logp_tensor(bon_logp, "bon_logp", dims=2)
+    if bon_logp.shape[0] != shape[0]:
+        raise ValueError(f"bon_logp must have B = {shape[0]} rows like policy_logp, got {V.describe(bon_logp)}")
+    V.best_of(n)
+    beta = V.unit_interval(beta, "beta")
+    _smoothing(smoothing)
+    if isinstance(baseline, torch.Tensor):
+        if baseline.shape != policy_logp.shape:
+            raise ValueError(f"baseline must have policy_logp's shape {shape}, got {V.describe(baseline)}")
+    elif baseline not in ("loo", "mean", "none"):
+        raise ValueError(f"baseline must be 'loo', 'mean', 'none' or a tensor, got {baseline!r}")
+    for name, t in (("policy_ref_logp", policy_ref_logp), ("policy_rewards", policy_rewards), ("bon_logp", bon_logp)):
+        V.same_device(policy_logp, t, "policy_logp", name)
+    return ref.bond_loss(
+        policy_logp, policy_ref_logp, policy_rewards, ref_rewards, bon_logp, n=n, beta=beta, baseline=baseline,
+        smoothing=smoothing, correction=correction, ref_mask=ref_mask,
+    )
+
+
+def jbond_loss(
+    policy_logp,
+    anchor_logp,
+    policy_rewards,
+    anchor_rewards,
+    best_anchor_logp,
+    *,
+    beta=0.5,
+    gamma=0.0,
+    penalty=math.log(16),
+    strict=True,
+    validate=True,
+):
+    """J-BOND loss (BOND-MATH.md section 4), averaged over prompts; returns :class:`JBondOutput`.
+
+    policy_logp (B,) with grad; anchor_logp (B,) no grad; policy_rewards (B,); anchor_rewards (B, 2);
+    best_anchor_logp (B,) with grad.  The γ term lowers KL(π‖π_anchor) (see the reference's docstring for
+    the sign).  Spec: :func:`bond_kernels.reference.jbond_loss`.
+    """
+    _logp_tensor(policy_logp, "policy_logp", dims=1)
+    (b,) = policy_logp.shape
+    if b < 1:
+        raise ValueError("policy_logp must hold at least one prompt, got B = 0")
+    _logp_tensor(anchor_logp, "anchor_logp", shape=(b,))
+    _logp_tensor(best_anchor_logp, "best_anchor_logp", shape=(b,))
+    policy_rewards = _reward_tensor(policy_rewards, "policy_rewards", dims=1)
+    if tuple(policy_rewards.shape) != (b,):
+        raise ValueError(f"policy_rewards must have shape ({b},), got {V.describe(policy_rewards)}")
+    anchor_rewards = _reward_tensor(anchor_rewards, "anchor_rewards")
+    if tuple(anchor_rewards.shape) != (b, 2):
+        raise ValueError(f"anchor_rewards must have shape ({b}, 2): two anchor samples per prompt, got {V.describe(anchor_rewards)}")
+    beta = V.unit_interval(beta, "beta")
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or gamma < 0 or not math.isfinite(gamma):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+    if isinstance(penalty, bool) or not isinstance(penalty, numbers.Real) or penalty < 0 or not math.isfinite(penalty):
+        raise ValueError(f"penalty must be a finite number >= 0, got {penalty!r}")
+    for name, t in (("anchor_logp", anchor_logp), ("policy_rewards", policy_rewards),
+                    ("anchor_rewards", anchor_rewards), ("best_anchor_logp", best_anchor_logp)):
+        V.same_device(policy_logp, t, "policy_logp", name)
+    if validate:
+        V.check_no_nan(policy_rewards, "policy_rewards")
+        V.check_no_nan(anchor_rewards, "anchor_rewards")
+    return ref.jbond_loss(
+        policy_logp, anchor_logp, policy_rewards, anchor_rewards, best_anchor_logp, beta=beta, gamma=gamma,
+        penalty=penalty, strict=strict,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# token-level Jeffreys divergence
+# --------------------------------------------------------------------------------------------------------
+def token_jeffreys(policy_logits, anchor_logits, *, beta=0.5, temperature=1.0, ignore_mask=None, backend="auto"):
+    """Per-row ``β·KL(p‖q) + (1−β)·KL(q‖p)``, ``p = softmax(policy/T)``, ``q = softmax(anchor/T)``; (...) fp32.
+
+    policy_logits, anchor_logits: (..., V) float of the same shape; ignore_mask (...) bool or None.
+    Differentiable with respect to ``policy_logits`` (the anchor is treated as a constant).
+    Spec: :func:`bond_kernels.reference.token_jeffreys`.
+    """
+    V.float_tensor(policy_logits, "policy_logits")
+    V.float_tensor(anchor_logits, "anchor_logits")
+    if tuple(anchor_logits.shape) != tuple(policy_logits.shape):
+        raise ValueError(
+            f"anchor_logits must have policy_logits' shape {tuple(policy_logits.shape)}, got {V.describe(anchor_logits)}"
+        )
+    V.same_device(policy_logits, anchor_logits, "policy_logits", "anchor_logits")
+    beta = V.unit_interval(beta, "beta")
+    temperature = V.positive_float(temperature, "temperature")
+    lead = tuple(policy_logits.shape[:-1])
+    if ignore_mask is not None:
+        V.tensor(ignore_mask, "ignore_mask")
+        if ignore_mask.dtype != torch.bool or tuple(ignore_mask.shape) != lead:
+            raise ValueError(f"ignore_mask must be a bool tensor of shape {lead}, got {V.describe(ignore_mask)}")
+        V.same_device(policy_logits, ignore_mask, "policy_logits", "ignore_mask")
+    fp64 = anchor_logits.dtype == torch.float64
+    name = _pick("token_jeffreys", backend, policy_logits if not fp64 else anchor_logits)
+    if name == "torch":
+        return ref.token_jeffreys(
+            policy_logits, anchor_logits.detach(), beta=beta, temperature=temperature, ignore_mask=ignore_mask
+        )
+    from .ops.token_jeffreys import token_jeffreys_fwd
+
+    v = policy_logits.shape[-1]
+
+    def rows(x):
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        return x.reshape(-1, v)
+
+    mask = (
+        ignore_mask.reshape(-1).contiguous()
+        if ignore_mask is not None
+        else torch.empty(0, dtype=torch.bool, device=policy_logits.device)
+    )
+    div, *_ = token_jeffreys_fwd(rows(policy_logits), rows(anchor_logits.detach()), beta, temperature, mask, name)
+    return div.view(lead)

@@ -1,0 +1,130 @@
+"""``nn.Module`` wrappers: they hold configuration only and call :mod:`bond_kernels.functional`."""
+
+import math
+
+import torch
+from torch import nn
+
+from . import functional as F
+
+__all__ = ["BondLoss", "EMAAnchor", "JBondLoss", "TokenJeffreys", "TokenLogprobs"]
+
+
+class TokenLogprobs(nn.Module):
+    """``forward(logits, labels)`` -> :func:`bond_kernels.token_logprobs` with the stored options."""
+
+    def __init__(self, *, temperature=1.0, softcap=None, ignore_index=-100, return_entropy=False, backend="auto"):
+        super().__init__()
+        self.temperature, self.softcap, self.ignore_index = temperature, softcap, ignore_index
+        self.return_entropy, self.backend = return_entropy, backend
+
+    def forward(self, logits, labels):
+        return F.token_logprobs(
+            logits, labels, temperature=self.temperature, softcap=self.softcap, ignore_index=self.ignore_index,
+            return_entropy=self.return_entropy, backend=self.backend,
+        )
+
+    def extra_repr(self):
+        return f"temperature={self.temperature}, softcap={self.softcap}, ignore_index={self.ignore_index}, backend={self.backend!r}"
+
+
+class BondLoss(nn.Module):
+    """``forward(policy_logp, policy_ref_logp, policy_rewards, ref_rewards, bon_logp, ref_mask=None)`` ->
+    :class:`BondOutput`, the loss of :func:`bond_kernels.bond_loss` with the stored options."""
+
+    def __init__(self, n, *, beta=0.5, baseline="loo", smoothing="self", correction=False):
+        super().__init__()
+        self.n, self.beta, self.baseline, self.smoothing, self.correction = n, beta, baseline, smoothing, correction
+
+    def forward(self, policy_logp, policy_ref_logp, policy_rewards, ref_rewards, bon_logp, ref_mask=None):
+        return F.bond_loss(
+            policy_logp, policy_ref_logp, policy_rewards, ref_rewards, bon_logp, n=self.n, beta=self.beta,
+            baseline=self.baseline, smoothing=self.smoothing, correction=self.correction, ref_mask=ref_mask,
+        )
+
+    def extra_repr(self):
+        return f"n={self.n}, beta={self.beta}, baseline={self.baseline!r}, smoothing={self.smoothing!r}, correction={self.correction}"
+
+
+class JBondLoss(nn.Module):
+    """``forward(policy_logp, anchor_logp, policy_rewards, anchor_rewards, best_anchor_logp)`` ->
+    :class:`JBondOutput`, the loss of :func:`bond_kernels.jbond_loss` with the stored options."""
+
+    def __init__(self, *, beta=0.5, gamma=0.0, penalty=math.log(16), strict=True):
+        super().__init__()
+        self.beta, self.gamma, self.penalty, self.strict = beta, gamma, penalty, strict
+
+    def forward(self, policy_logp, anchor_logp, policy_rewards, anchor_rewards, best_anchor_logp):
+        return F.jbond_loss(
+            policy_logp, anchor_logp, policy_rewards, anchor_rewards, best_anchor_logp, beta=self.beta,
+            gamma=self.gamma, penalty=self.penalty, strict=self.strict,
+        )
+
+    def extra_repr(self):
+        return f"beta={self.beta}, gamma={self.gamma}, penalty={self.penalty:.4f}, strict={self.strict}"
+
+
+class TokenJeffreys(nn.Module):
+    """``forward(policy_logits, anchor_logits, ignore_mask=None)`` -> :func:`bond_kernels.token_jeffreys`."""
+
+    def __init__(self, *, beta=0.5, temperature=1.0, backend="auto"):
+        super().__init__()
+        self.beta, self.temperature, self.backend = beta, temperature, backend
+
+    def forward(self, policy_logits, anchor_logits, ignore_mask=None):
+        return F.token_jeffreys(
+            policy_logits, anchor_logits, beta=self.beta, temperature=self.temperature, ignore_mask=ignore_mask,
+            backend=self.backend,
+        )
+
+    def extra_repr(self):
+        return f"beta={self.beta}, temperature={self.temperature}, backend={self.backend!r}"
+
+
+class EMAAnchor:
+    """Exponential-moving-average anchor: ``θ_anchor ← (1 − η)·θ_anchor + η·θ_policy`` (J-BOND step 6).
+
+    ``EMAAnchor(anchor_module, eta=0.02).update(policy_module)`` moves every floating parameter and buffer of
+    the anchor with one fused multi-tensor lerp (``torch._foreach_lerp_``, a handful of kernel launches for
+    the whole model), never a Python loop of per-tensor kernels.  Integer buffers are copied.  The anchor
+    and policy must have the same architecture (same parameter and buffer names and shapes).
+    """
+
+    def __init__(self, anchor_module: nn.Module, eta: float = 0.02):
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0.0 <= eta <= 1.0):
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        if not isinstance(anchor_module, nn.Module):
+            raise TypeError(f"anchor_module must be an nn.Module, got {type(anchor_module).__name__}")
+        self.anchor = anchor_module
+        self.eta = float(eta)
+        for p in self.anchor.parameters():
+            p.requires_grad_(False)
+
+    def _pairs(self, policy_module):
+        mine = dict(self.anchor.named_parameters())
+        mine.update(dict(self.anchor.named_buffers()))
+        theirs = dict(policy_module.named_parameters())
+        theirs.update(dict(policy_module.named_buffers()))
+        if mine.keys() != theirs.keys():
+            missing = sorted(set(mine) ^ set(theirs))[:5]
+            raise ValueError(f"policy_module must have the anchor's parameters and buffers; these differ: {missing}")
+        for name, a in mine.items():
+            p = theirs[name]
+            if a.shape != p.shape:
+                raise ValueError(f"policy_module.{name} has shape {tuple(p.shape)}, the anchor's has {tuple(a.shape)}")
+            yield a, p
+
+    @torch.no_grad()
+    def update(self, policy_module: nn.Module):
+        """Move the anchor towards ``policy_module`` by ``eta``; returns the anchor module."""
+        groups = {}
+        for a, p in self._pairs(policy_module):
+            if a.is_floating_point():
+                groups.setdefault((a.device, a.dtype), ([], []))
+                groups[(a.device, a.dtype)][0].append(a)
+                groups[(a.device, a.dtype)][1].append(p.detach().to(a.dtype))
+            else:
+                a.copy_(p)
+        for anchors, policies in groups.values():
+            torch._foreach_lerp_(anchors, policies, self.eta)
+        return self.anchor

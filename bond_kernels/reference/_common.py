@@ -1,0 +1,15 @@
+import torch
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp64 if any input is fp64, else fp32: the reference never computes in bf16/fp16."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def transform_logits(x: torch.Tensor, temperature: float, softcap) -> torch.Tensor:
+    """z = softcap·tanh(x / softcap) / temperature (softcap first, Gemma-2 style; None or 0 disables it)."""
+    if softcap:
+        x = softcap * torch.tanh(x / softcap)
+    if temperature != 1.0:
+        x = x / temperature
+    return x
