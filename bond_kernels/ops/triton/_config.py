@@ -1,0 +1,66 @@
+"""Launch configuration for the Triton kernels: one named helper per decision, each with its reason.
+
+Every kernel here runs one program per row of the logits and sweeps the vocabulary in blocks of ``BLOCK``
+columns, so the two knobs are the block size (elements each program holds per loop iteration) and the number
+of warps that share it.  Runs are reproducible by default: the configuration is a pure function of ``V``
+and the dtype.  ``BOND_KERNELS_AUTOTUNE=1`` (read once, at import) turns on ``triton.autotune`` over a small
+set of configurations instead; tuning reruns each kernel several times, so keep it off under CUDA-graph
+capture and in the interpreter (which cannot time kernels).
+"""
+
+import os
+
+import triton
+
+# Per-iteration block cap of the streaming sweeps (forward, backward, the two-sweep gradient-in-forward).
+# 4096 columns at 8 warps is 16 values per thread: the fp32 copy of the block plus the two per-lane
+# accumulators of the online log-sum-exp (running sum, entropy term) stay near 50 live registers, far from
+# the 255-register limit where ptxas starts spilling; larger blocks only add registers, the loop already
+# keeps 8 KB (bf16) per program in flight.  Measured alternatives are owed (BENCHMARKS.md, GPU section).
+MAX_BLOCK = 4096
+
+# Largest row the gradient-in-forward kernel keeps whole in registers (one read of the logits instead of
+# two sweeps).  16384 columns at 16 warps is 32 fp32 values per thread plus the softmax and gradient of
+# the same values: about 100 live registers.  Beyond that the row spills to local memory, which costs more
+# than the second sweep it saves.
+SINGLE_PASS_MAX = 16384
+
+
+def autotune_enabled() -> bool:
+    """True when ``BOND_KERNELS_AUTOTUNE=1``: kernels are wrapped in ``triton.autotune`` at import time."""
+    return os.environ.get("BOND_KERNELS_AUTOTUNE", "0") == "1"
+
+
+def block_size(n_cols: int, cap: int = MAX_BLOCK) -> int:
+    """Next power of two of ``n_cols`` capped at ``cap`` (register pressure, see ``MAX_BLOCK``); at least 16."""
+    return max(16, min(triton.next_power_of_2(max(int(n_cols), 1)), cap))
+
+
+def num_warps(block: int) -> int:
+    """Warps per program: keep 8 to 32 elements per thread, so each thread issues 16-byte vector loads."""
+    if block <= 1024:
+        return 4
+    if block <= 4096:
+        return 8
+    return 16
+
+
+def single_pass(n_cols: int) -> bool:
+    """Whether the gradient-in-forward kernel holds the whole row in registers (one read of the logits)."""
+    return int(n_cols) <= SINGLE_PASS_MAX
+
+
+def streaming_configs():
+    """Configurations ``BOND_KERNELS_AUTOTUNE=1`` tries for the streaming sweeps (BLOCK × warps)."""
+    out = []
+    for block in (2048, 4096, 8192, 16384):
+        for warps in (4, 8, 16, 32):
+            if block // (32 * warps) < 4:  # fewer than 4 values per thread: 16-byte loads no longer fill
+                continue
+            out.append(triton.Config({"BLOCK": block}, num_warps=warps))
+    return out
+
+
+def warp_configs():
+    """Configurations ``BOND_KERNELS_AUTOTUNE=1`` tries when the block size is fixed by the launcher."""
+    return [triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)]

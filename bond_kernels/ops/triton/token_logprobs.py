@@ -1,0 +1,522 @@
+"""Triton kernels for per-token log-probs: forward, backward and the gradient-in-forward sweep.
+
+Launcher contract: ``bond_kernels/ops/token_logprobs.py`` (shared with the cpu and cuda backends).
+
+Math (``z = softcap·tanh(x/softcap) / T``, per row, ``y`` the label)::
+
+    lse  = log Σ_v exp(z_v)                 logp = z_y − lse          H = lse − Σ_v p_v·z_v
+    dz_v = g·(1[v = y] − p_v) − g_H·p_v·(log p_v + H)                dx_v = dz_v / T · (1 − tanh²(x_v/softcap))
+
+Kernels work in base 2: ``u = z·log2(e)`` so every exponential is one ``exp2`` (one MUFU instruction), and
+results are converted back with ``ln 2`` at the end.  Everything is fp32 inside; the gradient is stored in
+the logits' dtype.
+
+Memory traffic per row of ``V`` elements of ``b`` bytes (what the benchmarks divide by):
+  * forward: one read (``b·V``) plus O(1) stores.  An online log-sum-exp keeps a running max (scalar, one
+    block reduction per iteration) and per-lane running sums; the label logit is one extra scalar load.
+  * backward: one read and one write (``2·b·V``), from the saved ``lse`` (and ``H``).
+  * gradient in forward: the gradient needs ``lse`` before the first element can be written.  Rows of at
+    most ``_config.SINGLE_PASS_MAX`` columns are held whole in registers: one read and one write
+    (``2·b·V``).  Longer rows take two sweeps in the same program, the first computing ``lse``, the second
+    reading the row again and writing the gradient: ``3·b·V`` bytes requested, of which the second read is
+    served from L2 only while the rows in flight fit in it (at V = 128256 bf16 a row is 250 KB, so a few
+    hundred concurrent programs exceed a 50 MB L2).  Liger's in-place cross-entropy makes the same two
+    sweeps per row.
+
+Indexing: row ``r = b·T + t`` of a (B, T, V) view starts at ``b·stride_b + t·stride_t`` (a 2-D (N, V) input is
+B = N, T = 1), so ``logits[:, :-1]`` is read in place.  Offsets are int64: 16384 × 262144 elements overflow
+int32.  Only ``T`` and ``V`` are runtime sizes (``T`` is not specialised at all, so a new sequence length
+never recompiles); no launcher synchronises with the device.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+# Initial running max: finite, so that exp2(m_old − m_new) and (m_old − m_new)·0 stay NaN-free while a row
+# has seen only −inf (masked vocabulary) entries; any real logit·log2(e)/T is far above it.
+_M_INIT = -1.0e30
+
+
+# --------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(y):
+    # tanh without libdevice (the interpreter cannot run it): 1 − 2/(e^{2y} + 1).  e^{2y} overflows to +inf
+    # for y > 44 and gives exactly 1; y = −inf gives exactly −1; absolute error ~1e-7 near 0.
+    return 1.0 - 2.0 / (tl.exp2(y * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _row_start(row, T, stride_b, stride_t):
+    # row = b·T + t; int64 arithmetic throughout (row is already int64).
+    b = row // T
+    t = row - b * T
+    return b * stride_b + t * stride_t
+
+
+@triton.jit
+def _grad_block(
+    u,
+    t_cap,
+    cols,
+    label,
+    g,
+    g_ent,
+    ent,
+    lse2,
+    inv_temp,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+):
+    # d(g·logp + g_H·H)/dx for one block; u = z·log2(e) (−inf where masked), lse2 = lse·log2(e).
+    d = u - lse2  # log2 p
+    p = tl.exp2(d)
+    dz = tl.where(cols == label, g, 0.0) - g * p
+    if HAS_GRAD_ENTROPY:
+        # p·(log p + H) → 0 where p = 0 (−inf logits): avoid 0·(−inf).
+        dz -= g_ent * tl.where(p > 0.0, p * (d * 0.6931471805599453 + ent), 0.0)
+    dx = dz * inv_temp
+    if HAS_SOFTCAP:
+        dx = dx * (1.0 - t_cap * t_cap)
+    return dx
+
+
+# --------------------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["T", "ignore_index"])
+def _token_logprobs_fwd_kernel(
+    # pointers
+    logits_ptr,
+    labels_ptr,
+    logp_ptr,
+    lse_ptr,
+    ent_ptr,
+    # sizes
+    T,
+    V,
+    # strides (elements)
+    stride_b,
+    stride_t,
+    # scalars
+    scale,
+    softcap,
+    inv_softcap,
+    ignore_index,
+    # constexpr
+    HAS_SOFTCAP: tl.constexpr,
+    RETURN_ENTROPY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: row·stride reaches 16384 × 262144 > 2^31
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    if label == ignore_index:  # ignored rows skip the sweep
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if RETURN_ENTROPY:
+            tl.store(ent_ptr + row, 0.0)
+        return
+    row_ptr = logits_ptr + _row_start(row, T, stride_b, stride_t)
+    offs = tl.arange(0, BLOCK)
+
+    # Online log-sum-exp in base 2: scalar running max m (one block reduction per iteration), per-lane
+    # running sums s (reduced once at the end), and for the entropy a_v = Σ e·(u − m), rescaled like s.
+    m = tl.full((), _M_INIT, tl.float32)
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    a = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        mask = cols < V
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = softcap * _tanh(x * inv_softcap)
+        u = tl.where(mask, x * scale, float("-inf"))  # mask after the softcap: tanh(0) is not −inf
+        m_new = tl.maximum(m, tl.max(u, 0))
+        alpha = tl.exp2(m - m_new)
+        d = u - m_new
+        e = tl.exp2(d)
+        if RETURN_ENTROPY:
+            a = alpha * (a + (m - m_new) * s) + tl.where(e > 0.0, e * d, 0.0)
+        s = s * alpha + e
+        m = m_new
+    s_tot = tl.sum(s, 0)
+    log2_s = tl.log2(s_tot)
+    lse2 = m + log2_s
+
+    # Label gather: one scalar load, transformed exactly like the sweep.  Out of range → NaN (no host sync).
+    in_range = (label >= 0) & (label < V)
+    x_y = tl.load(row_ptr + tl.where(in_range, label, 0)).to(tl.float32)
+    if HAS_SOFTCAP:
+        x_y = softcap * _tanh(x_y * inv_softcap)
+    logp = tl.where(in_range, (x_y * scale - lse2) * 0.6931471805599453, float("nan"))
+    tl.store(logp_ptr + row, logp)
+    tl.store(lse_ptr + row, lse2 * 0.6931471805599453)
+    if RETURN_ENTROPY:
+        # H = lse − E[z] = ln2·(log2 s − Σa/s): relative to the max, so no cancellation of large logits.
+        tl.store(ent_ptr + row, (log2_s - tl.sum(a, 0) / s_tot) * 0.6931471805599453)
+
+
+@triton.jit(do_not_specialize=["T", "ignore_index"])
+def _token_logprobs_bwd_kernel(
+    # pointers
+    logits_ptr,
+    labels_ptr,
+    lse_ptr,
+    ent_ptr,
+    grad_logp_ptr,
+    grad_ent_ptr,
+    grad_ptr,
+    # sizes
+    T,
+    V,
+    # strides (elements)
+    stride_b,
+    stride_t,
+    grad_stride_b,
+    grad_stride_t,
+    # scalars
+    scale,
+    inv_temp,
+    softcap,
+    inv_softcap,
+    ignore_index,
+    # constexpr
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: row·stride reaches 16384 × 262144 > 2^31
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    grad_row = grad_ptr + _row_start(row, T, grad_stride_b, grad_stride_t)
+    offs = tl.arange(0, BLOCK)
+    if label == ignore_index:  # zero gradient, no read of the logits
+        zero = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            tl.store(grad_row + cols, zero, mask=cols < V)
+        return
+    row_ptr = logits_ptr + _row_start(row, T, stride_b, stride_t)
+    in_range = (label >= 0) & (label < V)
+    g = tl.where(in_range, tl.load(grad_logp_ptr + row), float("nan"))  # bad label → NaN row
+    lse2 = tl.load(lse_ptr + row) * 1.4426950408889634
+    g_ent = 0.0
+    ent = 0.0
+    if HAS_GRAD_ENTROPY:
+        g_ent = tl.load(grad_ent_ptr + row)
+        ent = tl.load(ent_ptr + row)
+    # In place (grad_ptr == logits_ptr, same strides) is safe: each block is read before it is written
+    # and no other program touches this row.
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        mask = cols < V
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        t_cap = x
+        if HAS_SOFTCAP:
+            t_cap = _tanh(x * inv_softcap)
+            x = softcap * t_cap
+        u = tl.where(mask, x * scale, float("-inf"))
+        dx = _grad_block(u, t_cap, cols, label, g, g_ent, ent, lse2, inv_temp, HAS_SOFTCAP, HAS_GRAD_ENTROPY)
+        tl.store(grad_row + cols, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["T", "ignore_index"])
+def _token_logprobs_fwd_bwd_kernel(
+    # pointers
+    logits_ptr,
+    labels_ptr,
+    grad_logp_ptr,
+    logp_ptr,
+    grad_ptr,
+    # sizes
+    T,
+    V,
+    # strides (elements)
+    stride_b,
+    stride_t,
+    grad_stride_b,
+    grad_stride_t,
+    # scalars
+    scale,
+    inv_temp,
+    softcap,
+    inv_softcap,
+    ignore_index,
+    # constexpr
+    HAS_SOFTCAP: tl.constexpr,
+    SINGLE_PASS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: row·stride reaches 16384 × 262144 > 2^31
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    grad_row = grad_ptr + _row_start(row, T, grad_stride_b, grad_stride_t)
+    offs = tl.arange(0, BLOCK)
+    if label == ignore_index:
+        tl.store(logp_ptr + row, 0.0)
+        zero = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            tl.store(grad_row + cols, zero, mask=cols < V)
+        return
+    row_ptr = logits_ptr + _row_start(row, T, stride_b, stride_t)
+    in_range = (label >= 0) & (label < V)
+    g = tl.where(in_range, tl.load(grad_logp_ptr + row), float("nan"))  # bad label → NaN row
+    # The label logit first: in place, the sweep below overwrites it.
+    x_y = tl.load(row_ptr + tl.where(in_range, label, 0)).to(tl.float32)
+    if HAS_SOFTCAP:
+        x_y = softcap * _tanh(x_y * inv_softcap)
+
+    if SINGLE_PASS:
+        # The whole row (BLOCK ≥ V) lives in registers: one read, one write.
+        mask = offs < V
+        x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        t_cap = x
+        if HAS_SOFTCAP:
+            t_cap = _tanh(x * inv_softcap)
+            x = softcap * t_cap
+        u = tl.where(mask, x * scale, float("-inf"))
+        m = tl.max(u, 0)
+        lse2 = m + tl.log2(tl.sum(tl.exp2(u - m), 0))
+        dx = _grad_block(u, t_cap, offs, label, g, 0.0, 0.0, lse2, inv_temp, HAS_SOFTCAP, False)
+        tl.store(grad_row + offs, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Sweep 1: online log-sum-exp (as the forward kernel, without the entropy).
+        m = tl.full((), _M_INIT, tl.float32)
+        s = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            mask = cols < V
+            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                x = softcap * _tanh(x * inv_softcap)
+            u = tl.where(mask, x * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(u, 0))
+            s = s * tl.exp2(m - m_new) + tl.exp2(u - m_new)
+            m = m_new
+        lse2 = m + tl.log2(tl.sum(s, 0))
+        # Sweep 2: read the row again (from L2 while it is still there) and write the gradient.
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            mask = cols < V
+            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            t_cap = x
+            if HAS_SOFTCAP:
+                t_cap = _tanh(x * inv_softcap)
+                x = softcap * t_cap
+            u = tl.where(mask, x * scale, float("-inf"))
+            dx = _grad_block(u, t_cap, cols, label, g, 0.0, 0.0, lse2, inv_temp, HAS_SOFTCAP, False)
+            tl.store(grad_row + cols, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+    logp = tl.where(in_range, (x_y * scale - lse2) * 0.6931471805599453, float("nan"))
+    tl.store(logp_ptr + row, logp)
+
+
+# Reproducible by default; BOND_KERNELS_AUTOTUNE=1 tunes BLOCK × warps per V (restoring buffers the
+# in-place variants overwrite, so tuning never corrupts the logits).
+if _config.autotune_enabled():
+    _FWD = triton.autotune(_config.streaming_configs(), key=["V", "HAS_SOFTCAP", "RETURN_ENTROPY"])(
+        _token_logprobs_fwd_kernel
+    )
+    _BWD = triton.autotune(
+        _config.streaming_configs(), key=["V", "HAS_SOFTCAP", "HAS_GRAD_ENTROPY"], restore_value=["grad_ptr"]
+    )(_token_logprobs_bwd_kernel)
+    _FWD_BWD = triton.autotune(
+        _config.warp_configs(),
+        key=["V", "HAS_SOFTCAP", "SINGLE_PASS", "BLOCK"],
+        restore_value=["logits_ptr", "grad_ptr"],
+    )(_token_logprobs_fwd_bwd_kernel)
+else:
+    _FWD, _BWD, _FWD_BWD = (
+        _token_logprobs_fwd_kernel,
+        _token_logprobs_bwd_kernel,
+        _token_logprobs_fwd_bwd_kernel,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------------------
+def _layout(logits: torch.Tensor, labels: torch.Tensor):
+    """(N, T, V, stride_b, stride_t) of a (N, V) or (B, T, V) view; shape checks only (no host sync)."""
+    if not isinstance(logits, torch.Tensor) or logits.dtype not in (
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+    ):
+        got = f"dtype {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise TypeError(f"logits must be an fp32, bf16 or fp16 tensor, got {got}")
+    if logits.dim() == 2:
+        n, v = logits.shape
+        t, stride_b, stride_t = 1, logits.stride(0), 0
+    elif logits.dim() == 3:
+        b, t, v = logits.shape
+        n, stride_b, stride_t = b * t, logits.stride(0), logits.stride(1)
+    else:
+        raise ValueError(f"logits must be (N, V) or (B, T, V), got shape {tuple(logits.shape)}")
+    if v > 1 and logits.stride(-1) != 1:  # a size-1 dimension may carry any stride
+        raise ValueError(
+            f"logits must have a contiguous last dimension, got strides {tuple(logits.stride())}"
+        )
+    if v == 0:
+        raise ValueError(
+            f"logits must have a non-empty vocabulary (last) dimension, got shape {tuple(logits.shape)}"
+        )
+    if labels.dtype not in (torch.int64, torch.int32) or labels.dim() != 1 or labels.numel() != n:
+        raise ValueError(
+            f"labels must be ({n},) int64 (or int32) for logits of shape {tuple(logits.shape)}, "
+            f"got shape {tuple(labels.shape)}, dtype {labels.dtype}"
+        )
+    if labels.device != logits.device:
+        raise ValueError(f"labels must be on the logits' device {logits.device}, got {labels.device}")
+    return n, max(t, 1), v, stride_b, stride_t
+
+
+def _row_vector(x: torch.Tensor, n: int, name: str) -> torch.Tensor:
+    if x.numel() != n:
+        raise ValueError(f"{name} must have {n} elements (one per row), got shape {tuple(x.shape)}")
+    return x.reshape(n).float().contiguous()  # a no-op for the (N,) fp32 tensors the custom ops pass
+
+
+def _grad_strides(grad: torch.Tensor):
+    return (grad.stride(0), 0) if grad.dim() == 2 else (grad.stride(0), grad.stride(1))
+
+
+def _scalars(temperature: float, softcap: float):
+    temperature = float(temperature)
+    softcap = float(softcap or 0.0)
+    has_softcap = softcap != 0.0
+    return (
+        _LOG2E / temperature,
+        1.0 / temperature,
+        softcap,
+        (1.0 / softcap if has_softcap else 0.0),
+        has_softcap,
+    )
+
+
+def _meta(v: int, tuned_block: bool):
+    """Launch keywords: none under autotuning (the tuner picks them), else the named helpers' choice."""
+    if _config.autotune_enabled() and tuned_block:
+        return {}
+    block = _config.block_size(v)
+    return {"BLOCK": block, "num_warps": _config.num_warps(block)}
+
+
+def token_logprobs_fwd(logits, labels, temperature, softcap, ignore_index, return_entropy):
+    """logits (N, V) | (B, T, V) float, labels (N,) int → (logp, lse, entropy) fp32 (N,) [entropy (0,) unless asked]."""
+    n, t, v, stride_b, stride_t = _layout(logits, labels)
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    logp = torch.empty(n, **f32)
+    lse = torch.empty(n, **f32)
+    ent = torch.empty(n if return_entropy else 0, **f32)
+    if n == 0:
+        return logp, lse, ent
+    scale, _, cap, inv_cap, has_cap = _scalars(temperature, softcap)
+    _FWD[(n,)](
+        logits,
+        labels,
+        logp,
+        lse,
+        ent if return_entropy else logp,
+        t,
+        v,
+        stride_b,
+        stride_t,
+        scale,
+        cap,
+        inv_cap,
+        int(ignore_index),
+        HAS_SOFTCAP=has_cap,
+        RETURN_ENTROPY=bool(return_entropy),
+        **_meta(v, True),
+    )
+    return logp, lse, ent
+
+
+def token_logprobs_bwd(
+    logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, softcap, ignore_index, inplace
+):
+    """Gradient of ``Σ g·logp + g_H·H`` wrt logits, in the logits' dtype and shape (into ``logits`` if inplace)."""
+    n, t, v, stride_b, stride_t = _layout(logits, labels)
+    has_grad_ent = grad_entropy is not None and grad_entropy.numel() > 0
+    if has_grad_ent and (entropy is None or entropy.numel() != n):
+        raise ValueError("grad_entropy needs the entropy saved by the forward (return_entropy=True)")
+    grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if n == 0:
+        return grad
+    lse = _row_vector(lse, n, "lse")
+    grad_logp = _row_vector(grad_logp, n, "grad_logp")
+    if has_grad_ent:
+        entropy = _row_vector(entropy, n, "entropy")
+        grad_entropy = _row_vector(grad_entropy, n, "grad_entropy")
+    else:
+        entropy = grad_entropy = lse  # unused pointers
+    g_stride_b, g_stride_t = _grad_strides(grad)
+    scale, inv_temp, cap, inv_cap, has_cap = _scalars(temperature, softcap)
+    _BWD[(n,)](
+        logits,
+        labels,
+        lse,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        grad,
+        t,
+        v,
+        stride_b,
+        stride_t,
+        g_stride_b,
+        g_stride_t,
+        scale,
+        inv_temp,
+        cap,
+        inv_cap,
+        int(ignore_index),
+        HAS_SOFTCAP=has_cap,
+        HAS_GRAD_ENTROPY=has_grad_ent,
+        **_meta(v, True),
+    )
+    return grad
+
+
+def token_logprobs_fwd_bwd(logits, labels, grad_logp, temperature, softcap, ignore_index, inplace):
+    """(logp fp32 (N,), d(Σ g·logp)/d logits in the logits' dtype and shape), one sweep per row where V allows."""
+    n, t, v, stride_b, stride_t = _layout(logits, labels)
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if n == 0:
+        return logp, grad
+    grad_logp = _row_vector(grad_logp, n, "grad_logp")
+    g_stride_b, g_stride_t = _grad_strides(grad)
+    scale, inv_temp, cap, inv_cap, has_cap = _scalars(temperature, softcap)
+    single = _config.single_pass(v)
+    block = _config.block_size(v, cap=_config.SINGLE_PASS_MAX) if single else _config.block_size(v)
+    meta = {"BLOCK": block}
+    if not _config.autotune_enabled():
+        meta["num_warps"] = _config.num_warps(block)
+    _FWD_BWD[(n,)](
+        logits,
+        labels,
+        grad_logp,
+        logp,
+        grad,
+        t,
+        v,
+        stride_b,
+        stride_t,
+        g_stride_b,
+        g_stride_t,
+        scale,
+        inv_temp,
+        cap,
+        inv_cap,
+        int(ignore_index),
+        HAS_SOFTCAP=has_cap,
+        SINGLE_PASS=single,
+        **meta,
+    )
+    return logp, grad
