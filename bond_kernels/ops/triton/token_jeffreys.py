@@ -1,0 +1,205 @@
+"""Triton kernels for the token-level Jeffreys divergence: forward and backward.
+
+Launcher contract: ``bond_kernels/ops/token_jeffreys.py`` (shared with the cpu backend).
+
+Math, per row, with ``z = x/T`` (policy), ``a = y/T`` (anchor), ``d = z − a``, ``Δ = lse_p − lse_q``::
+
+    KL(p‖q) = Σ_v p_v·(log p_v − log q_v) = Σ_v p_v·d_v − Δ
+    KL(q‖p) = Σ_v q_v·(log q_v − log p_v) = −Σ_v q_v·d_v + Δ
+    div     = β·KL(p‖q) + (1−β)·KL(q‖p)
+    ∂div/∂x_v = [β·p_v·(log p_v − log q_v − KL(p‖q)) + (1−β)·(p_v − q_v)] / T
+
+Forward: one sweep over both rows with two online log-sum-exps.  Each keeps a running max (a scalar, one
+block reduction per iteration) and per-lane running sums, rescaled when the max grows: ``Σ e^{z−m_p}`` and
+the cross term ``Σ e^{z−m_p}·d`` for p, ``Σ e^{a−m_q}`` and ``Σ e^{a−m_q}·(−d)`` for q.  Every element costs
+two exponentials (one per distribution) and the rows are read once: ``2·b·V`` bytes for the two rows of
+``b``-byte elements, O(1) stores.  Backward: one more read of both rows (``2·b·V``) and one write of the
+gradient (``b·V``) from the saved ``lse_p``, ``lse_q`` and ``KL(p‖q)``.
+
+``-inf`` entries (masked vocabulary) contribute nothing where their probability is 0: the cross terms are
+``where(e > 0, e·d, 0)``, so 0·(±inf) never makes a NaN, as the reference's ``where(p > 0, ...)``.  An anchor
+``-inf`` where the policy has mass gives ``KL(p‖q) = inf``, as it should.  Ignored rows are not read (their
+loads are masked off) and give 0 outputs and a zero gradient.
+
+Indexing: ``row·stride`` in int64 (16384 × 256000 elements overflow int32); any row stride, unit stride
+along the vocabulary.  Everything is fp32 inside; the gradient is stored in the policy's dtype.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _config
+
+# Initial running max: finite, so that exp(m_old − m_new) stays NaN-free while a row has shown only −inf
+# entries (exp(−inf − (−inf)) is NaN); any real logit / T is far above it.  A tl.constexpr: the compiler
+# rejects plain Python globals inside @triton.jit (the interpreter does not).
+_M_INIT = tl.constexpr(-1.0e30)
+
+# Block caps, from ptxas resource usage of these kernels (triton 3.9, sm_90, bf16, compiled here without a
+# GPU; timings are owed, see BENCHMARKS.md).  The forward holds a block of both rows plus four per-lane
+# accumulators: 2048 columns at 8 warps take 79 registers (3 resident programs, 24 warps per SM), while 4096
+# at 8 warps take 148 (one program, 8 warps: too few loads in flight for a streaming kernel) and 4096 at 16
+# warps 82 (one program of 16 warps).  The backward keeps no accumulators: 4096 at 8 warps take 64 registers
+# (4 programs, 32 warps per SM).  No configuration spills.
+FWD_MAX_BLOCK = 2048
+BWD_MAX_BLOCK = 4096
+
+
+def _launch_config(n_cols: int, cap: int):
+    """(BLOCK, num_warps) for a sweep over rows of ``n_cols`` columns, BLOCK capped at ``cap`` (see above)."""
+    block = _config.block_size(n_cols, cap)
+    return block, _config.num_warps(block)
+
+
+@triton.jit
+def _token_jeffreys_fwd_kernel(
+    # pointers
+    policy_ptr, anchor_ptr, ignore_ptr, div_ptr, lse_p_ptr, lse_q_ptr, kl_ptr,
+    # sizes and strides
+    V, stride_p, stride_a,
+    # scalars
+    beta, inv_t,
+    # constexpr
+    HAS_IGNORE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: row·stride overflows int32 at 16384 × 256000
+    p_row = policy_ptr + row * stride_p
+    a_row = anchor_ptr + row * stride_a
+    if HAS_IGNORE:
+        keep = tl.load(ignore_ptr + row).to(tl.int32) == 0
+    else:
+        keep = row >= 0  # always true, as a scalar tensor
+    # Ignored rows read nothing: their sweep sees a row of length 0.
+    limit = tl.where(keep, V, 0)
+    cols = tl.arange(0, BLOCK)
+
+    m_p = tl.full((), _M_INIT, tl.float32)
+    m_q = tl.full((), _M_INIT, tl.float32)
+    s_p = tl.zeros((BLOCK,), tl.float32)  # Σ e^{z − m_p}, per lane
+    s_q = tl.zeros((BLOCK,), tl.float32)  # Σ e^{a − m_q}
+    c_p = tl.zeros((BLOCK,), tl.float32)  # Σ e^{z − m_p}·(z − a)
+    c_q = tl.zeros((BLOCK,), tl.float32)  # Σ e^{a − m_q}·(a − z)
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        valid = offs < limit
+        z = tl.load(p_row + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
+        a = tl.load(a_row + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
+        mp_new = tl.maximum(m_p, tl.max(z, 0))
+        mq_new = tl.maximum(m_q, tl.max(a, 0))
+        alpha_p = tl.exp(m_p - mp_new)
+        alpha_q = tl.exp(m_q - mq_new)
+        e_p = tl.exp(z - mp_new)
+        e_q = tl.exp(a - mq_new)
+        d = z - a
+        s_p = s_p * alpha_p + e_p
+        s_q = s_q * alpha_q + e_q
+        c_p = c_p * alpha_p + tl.where(e_p > 0, e_p * d, 0.0)
+        c_q = c_q * alpha_q + tl.where(e_q > 0, -(e_q * d), 0.0)
+        m_p = mp_new
+        m_q = mq_new
+
+    sum_p = tl.sum(s_p, 0)
+    sum_q = tl.sum(s_q, 0)
+    log_sp = tl.log(sum_p)
+    log_sq = tl.log(sum_q)
+    # Δ from the maxes and the log-sums separately: each lse may be large (|logits| ~ 30) while their
+    # difference is small, and it is the difference that enters the divergence.
+    delta = (m_p - m_q) + (log_sp - log_sq)
+    kl_pq = tl.sum(c_p, 0) / sum_p - delta
+    kl_qp = tl.sum(c_q, 0) / sum_q + delta
+    div = beta * kl_pq + (1.0 - beta) * kl_qp
+    tl.store(div_ptr + row, tl.where(keep, div, 0.0))
+    tl.store(lse_p_ptr + row, tl.where(keep, m_p + log_sp, 0.0))
+    tl.store(lse_q_ptr + row, tl.where(keep, m_q + log_sq, 0.0))
+    tl.store(kl_ptr + row, tl.where(keep, kl_pq, 0.0))
+
+
+@triton.jit
+def _token_jeffreys_bwd_kernel(
+    # pointers
+    policy_ptr, anchor_ptr, ignore_ptr, lse_p_ptr, lse_q_ptr, kl_ptr, grad_div_ptr, grad_ptr,
+    # sizes and strides
+    V, stride_p, stride_a, stride_g,
+    # scalars
+    beta, inv_t,
+    # constexpr
+    HAS_IGNORE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    p_row = policy_ptr + row * stride_p
+    a_row = anchor_ptr + row * stride_a
+    g_row = grad_ptr + row * stride_g
+    if HAS_IGNORE:
+        keep = tl.load(ignore_ptr + row).to(tl.int32) == 0
+    else:
+        keep = row >= 0
+    lse_p = tl.load(lse_p_ptr + row)
+    lse_q = tl.load(lse_q_ptr + row)
+    kl = tl.load(kl_ptr + row)
+    # Ignored rows: g = 0 and nothing is read (masked loads give −inf, so p = q = 0): the gradient is 0.
+    g = tl.where(keep, tl.load(grad_div_ptr + row), 0.0) * inv_t
+    w_p = g * beta
+    w_d = g * (1.0 - beta)
+    limit = tl.where(keep, V, 0)
+    cols = tl.arange(0, BLOCK)
+    for start in range(0, V, BLOCK):
+        offs = start + cols
+        in_row = offs < V
+        valid = offs < limit
+        z = tl.load(p_row + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
+        a = tl.load(a_row + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
+        log_p = z - lse_p
+        log_q = a - lse_q
+        p = tl.exp(log_p)
+        q = tl.exp(log_q)
+        t = tl.where(p > 0, p * (log_p - log_q - kl), 0.0)
+        grad = w_p * t + w_d * (p - q)
+        tl.store(g_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _ignore_arg(ignore_mask: torch.Tensor, like: torch.Tensor):
+    if ignore_mask.numel() == 0:
+        return like, False  # any pointer: HAS_IGNORE=False never reads it
+    return ignore_mask.contiguous(), True
+
+
+def token_jeffreys_fwd(policy, anchor, beta, temperature, ignore_mask):
+    """policy, anchor (N, V) float, last stride 1; ignore_mask (N,) bool or (0,) -> (div, lse_p, lse_q, kl_pq)."""
+    policy, anchor = _rows(policy), _rows(anchor)
+    n, v = policy.shape
+    outs = [torch.empty(n, dtype=torch.float32, device=policy.device) for _ in range(4)]
+    if n == 0:
+        return tuple(outs)
+    ignore, has_ignore = _ignore_arg(ignore_mask, outs[0])
+    block, warps = _launch_config(v, FWD_MAX_BLOCK)
+    _token_jeffreys_fwd_kernel[(n,)](
+        policy, anchor, ignore, *outs,
+        v, policy.stride(0), anchor.stride(0),
+        float(beta), 1.0 / float(temperature),
+        HAS_IGNORE=has_ignore, BLOCK=block, num_warps=warps,
+    )
+    return tuple(outs)
+
+
+def token_jeffreys_bwd(policy, anchor, lse_p, lse_q, kl_pq, grad_div, beta, temperature, ignore_mask):
+    """Gradient of Σ grad_div·div with respect to ``policy``, in the policy's dtype, shape (N, V)."""
+    policy, anchor = _rows(policy), _rows(anchor)
+    n, v = policy.shape
+    grad = torch.empty((n, v), dtype=policy.dtype, device=policy.device)
+    if n == 0:
+        return grad
+    ignore, has_ignore = _ignore_arg(ignore_mask, lse_p)
+    block, warps = _launch_config(v, BWD_MAX_BLOCK)
+    _token_jeffreys_bwd_kernel[(n,)](
+        policy, anchor, ignore, lse_p.contiguous(), lse_q.contiguous(), kl_pq.contiguous(),
+        grad_div.float().contiguous(), grad,
+        v, policy.stride(0), anchor.stride(0), grad.stride(0),
+        float(beta), 1.0 / float(temperature),
+        HAS_IGNORE=has_ignore, BLOCK=block, num_warps=warps,
+    )
+    return grad
