@@ -80,8 +80,15 @@ def best_of(n, name: str = "n") -> float:
     return n
 
 
+def has_data(x: torch.Tensor) -> bool:
+    """False for tensors whose values cannot be read (``meta``): value checks skip them, shape checks do not."""
+    return x.device.type != "meta"
+
+
 def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, name: str = "labels"):
     """Host-synchronising check that every non-ignored label lies in [0, vocab)."""
+    if not has_data(labels):
+        return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
         value = labels[bad].flatten()[0].item()
@@ -92,5 +99,40 @@ def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, n
 
 
 def check_no_nan(x: torch.Tensor, name: str):
-    if x.is_floating_point() and bool(torch.isnan(x).any()):
+    if has_data(x) and x.is_floating_point() and bool(torch.isnan(x).any()):
         raise ValueError(f"{name} must not contain NaN, got {int(torch.isnan(x).sum())} NaN value(s) ({describe(x)})")
+
+
+def check_rows_nonempty(mask: torch.Tensor, name: str = "ref_mask"):
+    """Host-synchronising check that every row of a (B, k) bool mask keeps at least one sample."""
+    if not has_data(mask):
+        return
+    empty = ~mask.any(-1)
+    if bool(empty.any()):
+        row = int(empty.nonzero()[0, 0])
+        raise ValueError(
+            f"{name} leaves prompt {row} with no valid reference sample ({int(empty.sum())} such row(s), "
+            f"{describe(mask)}); each row needs at least one True entry"
+        )
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, name: str = "cu_seqlens"):
+    """Host-synchronising check of packed offsets: ``cu[0] = 0``, non-decreasing, ``cu[-1] = total`` rows."""
+    if not has_data(cu_seqlens):
+        return
+    cu = cu_seqlens.detach().to("cpu", torch.int64)
+    first, last = int(cu[0]), int(cu[-1])
+    steps = cu[1:] - cu[:-1]
+    if first != 0 or last != total or bool((steps < 0).any()):
+        bad = f", offset {int((steps < 0).nonzero()[0, 0]) + 1} decreases" if bool((steps < 0).any()) else ""
+        raise ValueError(
+            f"{name} must be non-decreasing offsets from 0 to the number of rows {total} "
+            f"(cu[0] = 0, cu[-1] = {total}), got cu[0] = {first}, cu[-1] = {last}{bad} ({describe(cu_seqlens)})"
+        )
+
+
+def boolean(x, name: str) -> bool:
+    """True/False (0 and 1 accepted); a string such as "False" is truthy and is rejected, not guessed."""
+    if not (isinstance(x, (bool, numbers.Integral)) and x in (0, 1)):
+        raise TypeError(f"{name} must be a bool, got {x!r}")
+    return bool(x)

@@ -114,7 +114,7 @@ def token_logprobs(
     return logp
 
 
-def _sequence_layout(logits, labels, cu_seqlens):
+def _sequence_layout(logits, labels, cu_seqlens, validate=False):
     if cu_seqlens is None:
         if logits.dim() != 3:
             raise ValueError(f"logits must be (B, T, V) for padded sequences (or pass cu_seqlens), got {V.describe(logits)}")
@@ -125,6 +125,10 @@ def _sequence_layout(logits, labels, cu_seqlens):
     if logits.dim() != 2:
         raise ValueError(f"logits must be (total, V) with cu_seqlens, got {V.describe(logits)}")
     V.same_device(logits, cu_seqlens, "logits", "cu_seqlens")
+    # Offsets outside [0, total] index out of bounds (or silently drop rows): check them where reading B+1
+    # integers costs no device sync (CPU, outside torch.compile tracing), and everywhere with validate=True.
+    if validate or (cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()):
+        V.check_cu_seqlens(cu_seqlens, logits.shape[0])
     return cu_seqlens
 
 
@@ -154,7 +158,7 @@ def sequence_logprobs(
     int offsets (sequence b is rows ``cu[b]:cu[b+1]``).  The sums are O(N) work on top of
     :func:`token_logprobs`; no extra pass touches the (N, V) logits.
     """
-    cu = _sequence_layout(logits, labels, cu_seqlens)
+    cu = _sequence_layout(logits, labels, cu_seqlens, validate)
     logp = token_logprobs(
         logits, labels, temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
         inplace=inplace, validate=validate,
@@ -297,10 +301,7 @@ def _check_quantile_inputs(rewards, ref_rewards, ref_mask, validate, names=("rew
             V.check_no_nan(ref_rewards, k_name)
         else:
             V.check_no_nan(torch.where(ref_mask, ref_rewards, torch.zeros_like(ref_rewards)), k_name)
-            empty = ~ref_mask.any(-1)
-            if bool(empty.any()):
-                row = int(empty.nonzero()[0, 0])
-                raise ValueError(f"{m_name} leaves prompt {row} with no valid reference sample; each row needs at least one")
+            V.check_rows_nonempty(ref_mask, m_name)
     return rewards, ref_rewards
 
 
@@ -334,6 +335,11 @@ def bon_log_prob(ref_logp, p_le, p_lt, n):
     for name, t in (("ref_logp", ref_logp), ("p_le", p_le), ("p_lt", p_lt)):
         if not isinstance(t, (torch.Tensor, numbers.Real)) or isinstance(t, bool):
             raise TypeError(f"{name} must be a tensor or a number, got {type(t).__name__}")
+    # 0-dim tensors broadcast like numbers (torch lets a CPU scalar meet a CUDA tensor); others share a device.
+    tensors = [(name, t) for name, t in (("ref_logp", ref_logp), ("p_le", p_le), ("p_lt", p_lt))
+               if isinstance(t, torch.Tensor) and t.dim() > 0]
+    for name, t in tensors[1:]:
+        V.same_device(tensors[0][1], t, tensors[0][0], name)
     return ref.bon_log_prob(ref_logp, p_le, p_lt, n)
 
 
@@ -394,9 +400,12 @@ def bond_loss(
     V.best_of(n)
     beta = V.unit_interval(beta, "beta")
     _smoothing(smoothing)
+    V.boolean(correction, "correction")
     if isinstance(baseline, torch.Tensor):
         if baseline.shape != policy_logp.shape:
             raise ValueError(f"baseline must have policy_logp's shape {shape}, got {V.describe(baseline)}")
+        V.float_tensor(baseline, "baseline", min_dim=0)
+        V.same_device(policy_logp, baseline, "policy_logp", "baseline")
     elif baseline not in ("loo", "mean", "none"):
         raise ValueError(f"baseline must be 'loo', 'mean', 'none' or a tensor, got {baseline!r}")
     for name, t in (("policy_ref_logp", policy_ref_logp), ("policy_rewards", policy_rewards), ("bon_logp", bon_logp)):

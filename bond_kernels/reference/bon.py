@@ -8,13 +8,24 @@ import torch
 def log_c_n(u, n):
     """Tie correction ``C_N(u) = log(expm1(N·u) / expm1(u))`` for ``u = log p_lt − log p_le <= 0``.
 
-    Evaluated as ``log(−expm1(N·u)) − log(−expm1(u))`` (no cancellation near 0), with the limits
-    ``C_N(0) = log N`` and ``C_N(−∞) = 0``.  Any real ``N >= 1``.
+    Any real ``N >= 1``; ``C_N(0) = log N``, ``C_N(−∞) = 0``.  Evaluated as ``log1p(t)`` with
+    ``t = e^u · expm1((N−1)·u) / expm1(u)`` (the same quantity: ``expm1(N·u) = expm1(u) + e^u·expm1((N−1)·u)``),
+    which is accurate to a few ulp for every ``u``.  The textbook ``log(−expm1(N·u)) − log(−expm1(u))``
+    subtracts two logs of size ``|log|u||`` near ``u = 0`` (≈ 690 at ``u = −1e−300``: a 1000-ulp error
+    for ``C_N ≈ log N``) and rounds ``1 − e^u`` to 1 far from 0.  For ``|u|`` below ``sqrt(tiny)``
+    (≈ 1e−154 in fp64) the first-order series ``log N + (N−1)·u/2`` is exact to rounding and avoids
+    subnormal products.
     """
-    at_zero = u == 0
-    u_safe = torch.where(at_zero, torch.full_like(u, -1.0), u)
-    c = torch.log(-torch.expm1(n * u_safe)) - torch.log(-torch.expm1(u_safe))
-    return torch.where(at_zero, torch.full_like(u, math.log(n)), c)
+    finfo = torch.finfo(u.dtype)
+    tiny = abs(u) < math.sqrt(finfo.tiny)
+    at_ninf = torch.isneginf(u)
+    # Placeholders keep the unused branch finite: u = 0 gives 0/0, u = −∞ gives 0·∞ in (N−1)·u for N = 1.
+    u_safe = torch.where(tiny | at_ninf, torch.full_like(u, -1.0), u)
+    t = torch.exp(u_safe) * (torch.expm1((n - 1) * u_safe) / torch.expm1(u_safe))
+    c = torch.log1p(t)
+    c = torch.where(at_ninf, torch.zeros_like(u), c)
+    series = math.log(n) + (n - 1) * 0.5 * u
+    return torch.where(tiny, series, c)
 
 
 def bon_log_prob(ref_logp, p_le, p_lt, n):

@@ -47,7 +47,9 @@ def leave_one_out_mean(values, dim):
 def _baseline(returns, baseline):
     """Baseline for the returns (B, m): per prompt when m > 1, else over the batch."""
     if isinstance(baseline, torch.Tensor):
-        return baseline.to(returns.dtype).expand_as(returns)
+        # A constant for autograd (BOND-MATH section 3): a baseline from a value head must not be trained
+        # through the policy loss.
+        return baseline.detach().to(returns.dtype).expand_as(returns)
     if baseline == "none":
         return torch.zeros_like(returns)
     per_prompt = returns.shape[1] > 1
@@ -88,7 +90,8 @@ def bond_loss(
         b          = baseline of R (leave-one-out mean per prompt if m > 1, else over the batch)
         L = (1−β)·mean(−bon_logp) + β·mean(−(R − b)·policy_logp)
 
-    so ``∇L = (1−β)·(−E_BoN ∇log π) + β·E_π[∇log π·(log π − log π_BoN − b)]`` (BOND-MATH.md section 3).
+    so ``∇L = (1−β)·(−E_BoN ∇log π) + β·E_π[∇log π·(log π − log π_BoN + b)]`` (BOND-MATH.md section 3;
+    ``b`` is the baseline of ``R``, so ``−b`` is the baseline of ``log π − log π_BoN``).
     """
     dtype = torch.float64 if policy_logp.dtype == torch.float64 else torch.float32
     logp = policy_logp.to(dtype)
