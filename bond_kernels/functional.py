@@ -64,7 +64,10 @@ def _check_reference_rows(logits, labels, ignore_index):
     V.check_labels_in_range(labels, logits.shape[-1], ignore_index)
     dead = torch.isneginf(logits).all(-1) & (labels != ignore_index)
     if bool(dead.any()):
-        raise ValueError("logits has a row whose entries are all -inf at a position whose label is not ignored")
+        raise ValueError(
+            f"logits must have a finite entry in every row whose label is not ignored, got {int(dead.sum())} "
+            f"all -inf row(s), the first at position {tuple(dead.nonzero()[0].tolist())} ({V.describe(logits)})"
+        )
 
 
 def token_logprobs(
