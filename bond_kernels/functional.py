@@ -14,6 +14,7 @@ __all__ = [
     "bon_log_prob",
     "bond_loss",
     "jbond_loss",
+    "linear_token_logprobs",
     "reward_quantiles",
     "sequence_logprobs",
     "sequence_logprobs_and_grad",
@@ -81,6 +82,7 @@ def token_logprobs(
     backend="auto",
     inplace=False,
     validate=False,
+    process_group=None,
 ):
     """Log-probability of each label, ``log softmax(z)[label]`` with ``z = softcap·tanh(x/softcap)/temperature``.
 
@@ -92,7 +94,16 @@ def token_logprobs(
         (N, V) buffer).  Only use it when nothing else reads the logits after this call.
     validate: check on the host (one synchronisation) that every label is in range.  Without it the cpu and
         torch backends still raise, and the GPU kernels write NaN to a row whose label is out of range.
+    process_group: logits sharded over the vocabulary across the group's ranks (tensor parallel); labels
+        are global ids.  See :func:`bond_kernels.distributed.token_logprobs`.
     """
+    if process_group is not None:
+        from . import distributed
+
+        return distributed.token_logprobs(
+            logits, labels, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+            return_entropy=return_entropy, backend=backend, inplace=inplace, process_group=process_group,
+        )
     temperature, softcap, ignore_index = _token_args(logits, labels, temperature, softcap, ignore_index)
     name = _pick("token_logprobs", backend, logits)
     if validate or name == "torch":
@@ -154,13 +165,22 @@ def sequence_logprobs(
     backend="auto",
     inplace=False,
     validate=False,
+    process_group=None,
 ):
     """Per-sequence ``log π(y) = Σ_t log π(y_t | y_<t)`` over non-ignored positions, fp32 (B,).
 
     Padded: logits (B, T, V), labels (B, T).  Packed: logits (total, V), labels (total,), cu_seqlens (B+1,)
     int offsets (sequence b is rows ``cu[b]:cu[b+1]``).  The sums are O(N) work on top of
-    :func:`token_logprobs`; no extra pass touches the (N, V) logits.
+    :func:`token_logprobs`; no extra pass touches the (N, V) logits.  ``process_group``: vocabulary-sharded
+    logits, see :func:`bond_kernels.distributed.sequence_logprobs`.
     """
+    if process_group is not None:
+        from . import distributed
+
+        return distributed.sequence_logprobs(
+            logits, labels, cu_seqlens=cu_seqlens, temperature=temperature, softcap=softcap,
+            ignore_index=ignore_index, backend=backend, inplace=inplace, process_group=process_group,
+        )
     cu = _sequence_layout(logits, labels, cu_seqlens, validate)
     logp = token_logprobs(
         logits, labels, temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
@@ -513,3 +533,96 @@ def token_jeffreys(policy_logits, anchor_logits, *, beta=0.5, temperature=1.0, i
     )
     div, *_ = token_jeffreys_fwd(rows(policy_logits), rows(anchor_logits.detach()), beta, temperature, mask, name)
     return div.view(lead)
+
+
+# --------------------------------------------------------------------------------------------------------
+# fused linear head + per-token log-probs
+# --------------------------------------------------------------------------------------------------------
+def _linear_args(hidden, weight, labels, bias, temperature, softcap, ignore_index):
+    """Shape/dtype/device checks of :func:`linear_token_logprobs` (no host sync); returns the scalars."""
+    V.float_tensor(hidden, "hidden")
+    V.float_tensor(weight, "weight")
+    h = hidden.shape[-1]
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, H) = (vocabulary, hidden size), got {V.describe(weight)}")
+    if weight.shape[1] != h:
+        raise ValueError(
+            f"weight must have hidden's size H = {h} as its second dimension (weight is (V, H)), got {V.describe(weight)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must hold at least one vocabulary row, got {V.describe(weight)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {V.describe(weight)}")
+    V.same_device(hidden, weight, "hidden", "weight")
+    if bias is not None:
+        V.float_tensor(bias, "bias")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), one entry per weight row, got {V.describe(bias)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {V.describe(bias)}")
+        V.same_device(hidden, bias, "hidden", "bias")
+    V.tensor(labels, "labels")
+    if labels.dtype not in V.LABEL_DTYPES:
+        raise TypeError(f"labels must be an int64 (or int32) tensor, got {V.describe(labels)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {V.describe(labels)}")
+    V.same_device(hidden, labels, "hidden", "labels")
+    return V.positive_float(temperature, "temperature"), V.softcap_value(softcap), V.integer(ignore_index, "ignore_index")
+
+
+def linear_token_logprobs(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    temperature=1.0,
+    softcap=None,
+    ignore_index=-100,
+    return_entropy=False,
+    backend="auto",
+    process_group=None,
+    validate=False,
+):
+    """:func:`token_logprobs` of the logits ``hidden·weightᵀ + bias``, without materialising them.
+
+    hidden: (..., H) float; weight: (V, H) of hidden's dtype (an ``nn.Linear``/``lm_head`` weight); bias: (V,)
+    or None; labels: (...) int64.  Returns ``logp`` (...) fp32 [and ``entropy`` (...) fp32]; differentiable
+    with respect to hidden, weight and bias.  The logits are visited in tiles (bounded memory; see
+    ``bond_kernels/ops/linear_token_logprobs.py``).  Spec: ``ops.linear_token_logprobs.linear_token_logprobs_reference``.
+
+    process_group: ``weight`` (and ``bias``) hold this rank's contiguous slice of the vocabulary (tensor
+        parallel); hidden and labels (global ids) are the same on every rank.  See
+        :func:`bond_kernels.distributed.linear_token_logprobs`.
+    validate: check on the host (one synchronisation) that every label is in [0, V).  Without it a label out
+        of range gives NaN in its row (the torch backend always raises).
+    """
+    if process_group is not None:
+        from . import distributed
+
+        return distributed.linear_token_logprobs(
+            hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+            return_entropy=return_entropy, backend=backend, process_group=process_group,
+        )
+    temperature, softcap, ignore_index = _linear_args(hidden, weight, labels, bias, temperature, softcap, ignore_index)
+    name = _pick("linear_token_logprobs", backend, hidden)
+    if validate or name == "torch":
+        V.check_labels_in_range(labels, weight.shape[0], ignore_index)
+    from .ops import linear_token_logprobs as lin
+
+    if name == "torch":
+        return lin.linear_token_logprobs_reference(
+            hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap or None,
+            ignore_index=ignore_index, return_entropy=return_entropy,
+        )
+    if labels.numel() == 0:
+        empty = hidden.new_zeros(labels.shape, dtype=torch.float32) + (hidden.sum() + weight.sum()) * 0
+        return (empty, empty.clone()) if return_entropy else empty
+    rows = hidden.reshape(-1, hidden.shape[-1])
+    logp, _, ent = lin.linear_token_logprobs_fwd(
+        rows, weight, bias, _flat_labels(labels), temperature, softcap, ignore_index, bool(return_entropy), name
+    )
+    logp = logp.view(labels.shape)
+    if return_entropy:
+        return logp, ent.view(labels.shape)
+    return logp

@@ -1,0 +1,203 @@
+"""GPU path of ``linear_token_logprobs``: cuBLAS tile matmuls + the Triton per-token kernels.
+
+Design (chosen on analysis; the GPU measurement is owed, see BENCHMARKS.md):
+
+* Arithmetic floor.  Forward + backward needs ``x = h·Wᵀ`` (2·N·H·V), ``grad_h = dx·W`` and
+  ``grad_W = dxᵀ·h`` (4·N·H·V).  Without keeping the (N, V) logits (2.1 GB in bf16 at N = 8192,
+  V = 128256: over the 1.2 GB budget on its own) the backward must recompute ``x``: 8·N·H·V in all, so any
+  design that respects the memory budget tops out at 6/8 = 0.75 of the matmul rate in the 6·N·H·V accounting.
+  What decides the result is therefore how close each matmul runs to the card's measured bf16 rate, and
+  how little else runs beside them.
+* Why cuBLAS tiles and not a fused Triton tile-matmul with an online log-sum-exp across vocabulary tiles:
+  cuBLAS reaches the measured rate on these shapes (8192 × 4096 × 4096 tiles) by construction, while a
+  Triton matmul on H100 (wgmma through triton 3.6) is typically 10–20 % below it, and the fused backward
+  needs either atomics on ``grad_h``/``grad_W`` (non-deterministic) or a second kernel per operand.  The
+  per-token work between the matmuls is memory-bound and small next to them: one read and one write of a
+  tile (the Triton token kernels) per 2·rows·H·vocab FLOPs, i.e. 2 bytes per 2·H = 8192 FLOPs at H = 4096.
+* Why tiles over the vocabulary (whole N per tile up to 8192 rows) rather than chunks of rows with the
+  whole vocabulary: chunking rows makes ``grad_W`` (V × H, 1.05 GB in bf16) an accumulator that is read
+  and written once per chunk — 32 chunks of 256 rows move 67 GB, about 22 ms at 3 TB/s, and round ``grad_W``
+  to bf16 32 times.  Tiling the vocabulary writes each ``grad_W`` tile exactly once (cuBLAS accumulates in
+  fp32 inside) and accumulates only ``grad_h`` (N × H fp32, 134 MB) across tiles, 32 read-modify-writes
+  of which cost about 2.8 GB of traffic (< 1 ms).
+* The forward combines per-tile log-sum-exps at the end (one ``logsumexp`` over a (tiles, N) array), so a
+  tile costs one ``addmm`` and one token-kernel launch; the backward costs one ``addmm`` (recompute), the
+  token backward kernel (in place), :func:`fixup_column0_triton` (the O(N) correction for rows whose label
+  lies in another tile), and two matmuls.
+* Memory (analysis at N = 8192, H = 4096, V = 128256, bf16): the 64 MiB logits tile, the 134 MB fp32
+  ``grad_h`` accumulator, the two gradients (1.05 GB + 67 MB) and O(N · tiles) statistics: about 1.25 GB
+  peak over the inputs, gradients included; the gradients alone are 1.12 GB.
+
+Accuracy: the tiles hold the logits in the input dtype, exactly as ``(h @ W.T).float().log_softmax()`` does
+in eager PyTorch; everything after the matmul runs in fp32.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..linear_token_logprobs import (
+    TokenKernels,
+    engine_forward,
+    local_backward,
+    make_plan,
+    token_kernels,
+)
+
+# A 64 MiB logits tile: at N = 8192 rows in bf16 that is 4096 vocabulary columns, a matmul of
+# 8192 × 4096 × 4096 — large enough for cuBLAS to run at its full rate.
+GPU_TILE_BYTES = 64 << 20
+# Up to 8192 rows share one pass over the vocabulary so that grad_W tiles are written once; more rows
+# become row blocks whose grad_W contributions are added (one rounding per extra block).
+GPU_MAX_ROWS = 8192
+# Vocabulary tiles in multiples of 256 columns keep every matmul dimension a multiple of the MMA tiles.
+GPU_VOCAB_MULTIPLE = 256
+# The fix-up is one element per row: 1024 rows per program.
+FIXUP_BLOCK = 1024
+
+
+@triton.jit
+def _linear_fixup_kernel(
+    d_ptr,
+    x0_ptr,
+    out_ptr,
+    lse_ptr,
+    ent_ptr,
+    g_ptr,
+    ge_ptr,  # pointers
+    n_rows,  # sizes
+    stride_d,  # strides
+    inv_temperature,
+    softcap,  # scalars
+    HAS_ENT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # int64 offsets: the row stride times the row index exceeds 2^31 for 16384 × 256000 logits.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    in_range = offs < n_rows
+    fix = tl.load(out_ptr + offs, mask=in_range, other=0) != 0
+    x0 = tl.load(x0_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+    lse = tl.load(lse_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        # tanh through exp (libdevice is unavailable in the interpreter): 1 − 2/(e^{2u} + 1), exact limits ±1.
+        t = 1.0 - 2.0 / (tl.exp(2.0 * x0 / softcap) + 1.0)
+        z0 = softcap * t * inv_temperature
+    else:
+        z0 = x0 * inv_temperature
+    p0 = tl.exp(z0 - lse)
+    dz = -g * p0
+    if HAS_ENT:
+        ent = tl.load(ent_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+        ge = tl.load(ge_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
+        logp0 = tl.where(p0 > 0, z0 - lse, 0.0)
+        dz = dz - ge * p0 * (logp0 + ent)
+    dz = dz * inv_temperature
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    tl.store(d_ptr + offs * stride_d, dz.to(d_ptr.dtype.element_ty), mask=in_range & fix)
+
+
+def fixup_column0_triton(d, x0, out, lse, ent, g, g_ent, temperature, softcap):
+    """Triton version of :func:`bond_kernels.ops.linear_token_logprobs.fixup_column0` (one launch)."""
+    n = d.shape[0]
+    if n == 0:
+        return
+    has_ent = g_ent is not None and g_ent.numel() > 0
+    dummy = lse
+    grid = (triton.cdiv(n, FIXUP_BLOCK),)
+    _linear_fixup_kernel[grid](
+        d,
+        x0.float().contiguous(),
+        out.contiguous().view(torch.uint8),
+        lse.float().contiguous(),
+        ent.float().contiguous() if has_ent else dummy,
+        g.float().contiguous(),
+        g_ent.float().contiguous() if has_ent else dummy,
+        n,
+        d.stride(0),
+        1.0 / temperature,
+        float(softcap or 0.0),
+        HAS_ENT=has_ent,
+        HAS_SOFTCAP=bool(softcap),
+        BLOCK=FIXUP_BLOCK,
+    )
+
+
+def triton_tile_kernels() -> TokenKernels:
+    """Per-tile kernels of the triton backend: the Triton token kernels and the Triton fix-up."""
+    tk = token_kernels("triton")
+    return TokenKernels("triton", tk.fwd, tk.bwd, fixup_column0_triton)
+
+
+def gpu_plan(n, v, h, dtype):
+    # Tiles run in the input dtype (bf16 tensor cores); fp64 never reaches this backend.
+    return make_plan(
+        n,
+        v,
+        h,
+        dtype,
+        compute_dtype=dtype,
+        tile_bytes=GPU_TILE_BYTES,
+        max_rows=GPU_MAX_ROWS,
+        vocab_multiple=GPU_VOCAB_MULTIPLE,
+    )
+
+
+def linear_token_logprobs_fwd(
+    hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy
+):
+    """hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64 -> (logp, lse, entropy) fp32 (N,)."""
+    plan = gpu_plan(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
+    return engine_forward(
+        hidden,
+        weight,
+        bias,
+        labels,
+        temperature,
+        softcap,
+        ignore_index,
+        return_entropy,
+        triton_tile_kernels(),
+        plan,
+    )
+
+
+def linear_token_logprobs_bwd(
+    hidden,
+    weight,
+    bias,
+    labels,
+    lse,
+    ent,
+    grad_logp,
+    grad_ent,
+    temperature,
+    softcap,
+    ignore_index,
+    need_hidden,
+    need_weight,
+    need_bias,
+):
+    """Returns ``(grad_hidden, grad_weight, grad_bias)`` in the inputs' dtypes (None where not needed)."""
+    plan = gpu_plan(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
+    return local_backward(
+        hidden,
+        weight,
+        bias,
+        labels,
+        lse,
+        ent,
+        grad_logp,
+        grad_ent,
+        v_offset=0,
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        tk=triton_tile_kernels(),
+        plan=plan,
+        need_hidden=need_hidden,
+        need_weight=need_weight,
+        need_bias=need_bias,
+    )

@@ -1,0 +1,306 @@
+"""linear_token_logprobs on CPU: the chunked engine (cpu backend) against the fp64 reference, plus bad input.
+
+The tile shape is forced with BOND_KERNELS_LINEAR_TILE so that small problems still cross row-block and
+vocabulary-tile boundaries (including a partial last tile and one-column tiles).
+"""
+
+import pytest
+import torch
+
+import bond_kernels as bk
+from bond_kernels import _backend
+from bond_kernels.ops import linear_token_logprobs as lin
+
+# (leading shape, H, V, tile override): why each is here.  Tile "" is the automatic plan; "5,7" gives row
+# blocks and a partial last vocabulary tile; "64,1" one-column tiles (every label in another tile).
+CASES = [
+    ((37,), 16, 101, ""),  # odd sizes, V prime
+    ((37,), 16, 101, "5,7"),
+    ((37,), 16, 101, "64,1"),
+    ((2, 9), 24, 257, ""),  # 3-D hidden (B, T, H); V = 2^8 + 1
+    ((2, 9), 24, 257, "5,7"),
+    ((2, 9), 24, 257, "64,1"),
+    ((1,), 1, 1, ""),  # the degenerate corner: one row, one feature, one word
+    ((6,), 8, 65_600, ""),  # V above 65536 (int32-sensitive index paths), few rows to stay fast
+    ((6,), 8, 65_600, "4,16384"),  # ... in 5 tiles, the last one partial
+]
+# fp32 results against the fp64 reference of the same inputs.
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def _inputs(lead, h, v, dtype, *, bias, gen, scale=1.0):
+    hid = (torch.randn(*lead, h, generator=gen) * scale).to(dtype)
+    w = (torch.randn(v, h, generator=gen) / h**0.5 * 4).to(dtype)
+    b = torch.randn(v, generator=gen).to(dtype) if bias else None
+    y = torch.randint(0, v, lead, generator=gen)
+    flat = y.view(-1)
+    flat[0] = -100
+    if flat.numel() > 2:
+        flat[1], flat[2] = 0, v - 1  # first and last word: first and last tile
+    return hid, w, b, y
+
+
+def _run(fn, hid, w, b, y, g, ge, **kw):
+    leaves = [hid.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    if b is not None:
+        leaves.append(b.clone().requires_grad_(True))
+    lp, ent = fn(
+        leaves[0], leaves[1], y, bias=leaves[2] if b is not None else None, return_entropy=True, **kw
+    )
+    grads = torch.autograd.grad((lp * g + ent * ge).sum(), leaves)
+    return lp, ent, grads
+
+
+def _reference64(hid, w, b, y, g, ge, **kw):
+    to64 = lambda t: None if t is None else t.double()
+    return _run(
+        lin.linear_token_logprobs_reference, to64(hid), to64(w), to64(b), y, g.double(), ge.double(), **kw
+    )
+
+
+def _compare(got, want, tol, what):
+    lp, ent, grads = got
+    wlp, went, wgrads = want
+    torch.testing.assert_close(lp, wlp.float(), **tol, msg=lambda m: f"{what} logp: {m}")
+    torch.testing.assert_close(ent, went.float(), **tol, msg=lambda m: f"{what} entropy: {m}")
+    for name, a, b in zip(("hidden", "weight", "bias"), grads, wgrads):
+        torch.testing.assert_close(a.double(), b, **tol, msg=lambda m, name=name: f"{what} grad {name}: {m}")
+
+
+@pytest.mark.parametrize("lead,h,v,tile", CASES)
+@pytest.mark.parametrize("temperature,softcap,bias", [(1.0, None, False), (0.7, 3.0, True)])
+def test_cpu_matches_reference(lead, h, v, tile, temperature, softcap, bias, monkeypatch):
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", tile)
+    gen = torch.Generator().manual_seed(hash((lead, h, v)) % 2**31)
+    hid, w, b, y = _inputs(lead, h, v, torch.float32, bias=bias, gen=gen)
+    g, ge = torch.randn(lead, generator=gen), torch.randn(lead, generator=gen)
+    kw = dict(temperature=temperature, softcap=softcap)
+    got = _run(bk.linear_token_logprobs, hid, w, b, y, g, ge, backend="cpu", **kw)
+    # fp32 sums over V terms (grad_hidden = dlogits·W) carry rounding growing like sqrt(V): 1e-4 at V = 65600.
+    tol = max(2e-5, 4e-7 * v**0.5)
+    want = _reference64(hid, w, b, y, g, ge, **kw)
+    _compare(got, want, dict(rtol=tol, atol=tol), f"cpu {lead} {h} {v} tile={tile!r}")
+
+
+def test_engine_with_torch_tile_kernels_fp64(monkeypatch):
+    """The engine itself (independent of the C++ kernels): fp64 through the torch tile kernels, to 1e-12."""
+    gen = torch.Generator().manual_seed(5)
+    hid, w, b, y = _inputs((29,), 12, 97, torch.float64, bias=True, gen=gen)
+    g, ge = (
+        torch.randn(29, generator=gen, dtype=torch.float64),
+        torch.randn(29, generator=gen, dtype=torch.float64),
+    )
+    want_lp, want_ent, want = _reference64(hid, w, b, y, g, ge, temperature=1.3, softcap=2.0)
+    tk = lin.token_kernels("torch")
+    for rows, vocab in ((29, 97), (4, 10), (7, 1)):
+        plan = lin.Plan(rows, vocab, torch.float64)
+        lp, lse, ent = lin.engine_forward(hid, w, b, y, 1.3, 2.0, -100, True, tk, plan)
+        grads = lin.local_backward(
+            hid,
+            w,
+            b,
+            y,
+            lse,
+            ent,
+            g,
+            ge,
+            v_offset=0,
+            temperature=1.3,
+            softcap=2.0,
+            ignore_index=-100,
+            tk=tk,
+            plan=plan,
+            need_hidden=True,
+            need_weight=True,
+            need_bias=True,
+        )
+        torch.testing.assert_close(lp, want_lp, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(ent, want_ent, rtol=1e-12, atol=1e-12)
+        for a, b_ in zip(grads, want):
+            torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-12)
+
+
+def test_bf16_error_is_eager_sized(monkeypatch):
+    """bf16 inputs: errors against fp64 of the same bf16 values stay within 2x eager's bf16 error (+ slack)."""
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "8,64")
+    gen = torch.Generator().manual_seed(11)
+    hid, w, b, y = _inputs((33,), 32, 509, torch.bfloat16, bias=False, gen=gen)
+    g, ge = torch.randn(33, generator=gen), torch.randn(33, generator=gen)
+    want = _reference64(hid, w, None, y, g, ge)
+    got = _run(bk.linear_token_logprobs, hid, w, None, y, g, ge, backend="cpu")
+    assert got[2][0].dtype == torch.bfloat16 and got[2][1].dtype == torch.bfloat16
+
+    def eager(h_, w_, y_, bias=None, return_entropy=True):
+        lp = torch.log_softmax((h_ @ w_.t()).float(), -1)
+        tok = lp.gather(-1, y_.clamp_min(0).unsqueeze(-1)).squeeze(-1) * (y_ != -100)
+        ent = -(lp.exp() * lp).sum(-1) * (y_ != -100)
+        return tok, ent
+
+    ref_eager = _run(eager, hid, w, None, y, g, ge)
+    for i, what in enumerate(("logp", "entropy")):
+        err = (got[i].double() - want[i]).abs().max().item()
+        err_eager = (ref_eager[i].double() - want[i]).abs().max().item()
+        assert err <= 2 * err_eager + 1e-4, f"{what}: ours {err:.2e} vs eager bf16 {err_eager:.2e}"
+    for a, b_, e in zip(got[2], want[2], ref_eager[2]):
+        err = (a.double() - b_).abs().max().item()
+        err_eager = (e.double() - b_).abs().max().item()
+        assert err <= 2 * err_eager + 1e-3, f"grad: ours {err:.2e} vs eager bf16 {err_eager:.2e}"
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0])
+def test_ignore_index_even_when_it_is_a_word(ignore_index, monkeypatch):
+    """ignore_index=0 (a pad id inside the vocabulary) must not collide with the clamped local label 0."""
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "3,5")
+    gen = torch.Generator().manual_seed(3)
+    hid, w, b, y = _inputs((17,), 8, 23, torch.float32, bias=True, gen=gen)
+    y[0] = y[4] = y[5] = y[6] = ignore_index
+    g, ge = torch.randn(17, generator=gen), torch.randn(17, generator=gen)
+    kw = dict(ignore_index=ignore_index)
+    got = _run(bk.linear_token_logprobs, hid, w, b, y, g, ge, backend="cpu", **kw)
+    _compare(got, _reference64(hid, w, b, y, g, ge, **kw), TOL[torch.float32], f"ignore_index={ignore_index}")
+    ignored = y == ignore_index
+    assert (got[0][ignored] == 0).all() and (got[1][ignored] == 0).all()
+
+
+def test_all_ignored_and_empty():
+    hid = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(11, 8, requires_grad=True)
+    y = torch.full((4,), -100)
+    lp = bk.linear_token_logprobs(hid, w, y, backend="cpu")
+    assert (lp == 0).all()
+    (lp * torch.randn(4)).sum().backward()
+    assert (hid.grad == 0).all() and (w.grad == 0).all()
+    empty = bk.linear_token_logprobs(hid[:0], w, y[:0], backend="cpu")
+    assert empty.shape == (0,) and empty.dtype == torch.float32
+
+
+def test_frozen_weight_and_noncontiguous_hidden(monkeypatch):
+    """Only the gradients asked for are computed; a strided view of hidden is read without a problem."""
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "4,6")
+    gen = torch.Generator().manual_seed(8)
+    base = torch.randn(3, 7, 10, generator=gen)
+    w = torch.randn(19, 10, generator=gen)
+    y = torch.randint(0, 19, (3, 6), generator=gen)
+    g = torch.randn(3, 6, generator=gen)
+    hid = base.clone().requires_grad_(True)
+    lp = bk.linear_token_logprobs(hid[:, :-1], w, y, backend="cpu")  # w does not require grad
+    (gh,) = torch.autograd.grad((lp * g).sum(), hid)
+    hid64 = base.double().requires_grad_(True)
+    want = lin.linear_token_logprobs_reference(hid64[:, :-1], w.double(), y)
+    (wgh,) = torch.autograd.grad((want * g.double()).sum(), hid64)
+    torch.testing.assert_close(lp, want.float(), **TOL[torch.float32])
+    torch.testing.assert_close(gh.double(), wgh, **TOL[torch.float32])
+
+
+def test_out_of_range_label_gives_nan_or_raises():
+    hid, w = torch.randn(5, 4), torch.randn(9, 4)
+    y = torch.tensor([1, 2, 9, 3, -100])
+    lp = bk.linear_token_logprobs(hid, w, y, backend="cpu")
+    assert torch.isnan(lp[2]) and torch.isfinite(lp[[0, 1, 3, 4]]).all()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\)"):
+        bk.linear_token_logprobs(hid, w, y, backend="cpu", validate=True)
+    with pytest.raises(ValueError, match="labels"):
+        bk.linear_token_logprobs(hid, w, y, backend="torch")
+
+
+def test_deterministic(monkeypatch):
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "5,7")
+    gen = torch.Generator().manual_seed(2)
+    hid, w, b, y = _inputs((21,), 8, 45, torch.float32, bias=True, gen=gen)
+    g, ge = torch.randn(21, generator=gen), torch.randn(21, generator=gen)
+    a = _run(bk.linear_token_logprobs, hid, w, b, y, g, ge, backend="cpu")
+    c = _run(bk.linear_token_logprobs, hid, w, b, y, g, ge, backend="cpu")
+    assert torch.equal(a[0], c[0]) and torch.equal(a[1], c[1])
+    assert all(torch.equal(x, z) for x, z in zip(a[2], c[2]))
+
+
+def test_auto_and_torch_backends_agree():
+    gen = torch.Generator().manual_seed(4)
+    hid, w, b, y = _inputs((2, 5), 8, 31, torch.float32, bias=True, gen=gen)
+    auto = bk.linear_token_logprobs(hid, w, y, bias=b)
+    ref = bk.linear_token_logprobs(hid, w, y, bias=b, backend="torch")
+    torch.testing.assert_close(auto, ref, rtol=1e-5, atol=1e-5)
+    assert bk.linear_token_logprobs(hid.double(), w.double(), y, bias=b.double()).dtype == torch.float64
+
+
+def test_cpu_plan_bounds_the_tile():
+    """The CPU plan at the benchmark shape: a tile of at most 64 MiB of fp32 logits (and weight slice)."""
+    plan = lin.cpu_plan(8192, 128256, 4096, torch.bfloat16)
+    assert plan.rows * plan.vocab * 4 <= lin.CPU_TILE_BYTES
+    assert plan.vocab * 4096 * 4 <= lin.CPU_TILE_BYTES
+    assert plan.rows <= lin.CPU_MAX_ROWS and plan.compute_dtype == torch.float32
+
+
+def test_tiles_never_exceed_the_plan(monkeypatch):
+    seen = []
+    real = lin._tile_logits
+
+    def spy(h_rows, weight, bias, v0, v1, plan):
+        x = real(h_rows, weight, bias, v0, v1, plan)
+        seen.append(x.numel())
+        return x
+
+    monkeypatch.setattr(lin, "_tile_logits", spy)
+    monkeypatch.setattr(lin, "CPU_TILE_BYTES", 4 * 64)  # 64 fp32 elements per tile
+    hid, w = torch.randn(40, 8, requires_grad=True), torch.randn(50, 8)
+    y = torch.randint(0, 50, (40,))
+    lp = bk.linear_token_logprobs(hid, w, y, backend="cpu")
+    lp.sum().backward()
+    assert len(seen) > 10 and max(seen) <= 64
+
+
+def test_explicit_backends():
+    ok, _ = _backend.availability("cpu", "cpu")
+    hid, w, y = torch.randn(3, 4), torch.randn(5, 4), torch.randint(0, 5, (3,))
+    if not ok:
+        with pytest.raises(RuntimeError, match="'cpu' is unavailable"):
+            bk.linear_token_logprobs(hid, w, y, backend="cpu")
+    with pytest.raises(RuntimeError, match="does not implement"):
+        bk.linear_token_logprobs(hid, w, y, backend="cuda")
+
+
+# --------------------------------------------------------------------------------------------------------
+# bad input: each error names the argument
+# --------------------------------------------------------------------------------------------------------
+def _bad(**over):
+    args = dict(hidden=torch.randn(3, 4), weight=torch.randn(5, 4), labels=torch.randint(0, 5, (3,)))
+    kw = {k: over.pop(k) for k in list(over) if k not in args}
+    args.update(over)
+    return lambda: bk.linear_token_logprobs(args["hidden"], args["weight"], args["labels"], **kw)
+
+
+@pytest.mark.parametrize(
+    "over,exc,pattern",
+    [
+        (dict(weight=torch.randn(5, 6)), ValueError, r"weight must have hidden's size H = 4"),
+        (dict(weight=torch.randn(4, 5)), ValueError, r"weight must have hidden's size H = 4.*\(4, 5\)"),
+        (dict(weight=torch.randn(20)), ValueError, r"weight must be \(V, H\)"),
+        (dict(weight=torch.randn(0, 4)), ValueError, r"weight must hold at least one"),
+        (dict(weight=torch.randn(5, 4, dtype=torch.float64)), TypeError, r"weight must have hidden's dtype"),
+        (dict(weight=torch.randint(0, 3, (5, 4))), TypeError, r"weight must be a float tensor"),
+        (dict(bias=torch.randn(6)), ValueError, r"bias must have shape \(5,\).*\(6,\)"),
+        (dict(bias=torch.randn(5, 1)), ValueError, r"bias must have shape \(5,\)"),
+        (dict(bias=torch.randn(5, dtype=torch.float64)), TypeError, r"bias must have weight's dtype"),
+        (
+            dict(labels=torch.randint(0, 5, (4,))),
+            ValueError,
+            r"labels must have hidden's leading shape \(3,\)",
+        ),
+        (dict(labels=torch.rand(3)), TypeError, r"labels must be an int64"),
+        (dict(hidden=[[1.0]]), TypeError, r"hidden must be a torch.Tensor"),
+        (dict(temperature=0.0), ValueError, r"temperature must be a finite number > 0"),
+        (dict(softcap=-1.0), ValueError, r"softcap"),
+        (dict(backend="gpu"), ValueError, r"backend must be one of"),
+    ],
+)
+def test_bad_input(over, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        _bad(**over)()
+
+
+def test_bad_tile_override(monkeypatch):
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "8")
+    with pytest.raises(ValueError, match="BOND_KERNELS_LINEAR_TILE"):
+        bk.linear_token_logprobs(
+            torch.randn(3, 4), torch.randn(5, 4), torch.randint(0, 5, (3,)), backend="cpu"
+        )

@@ -1,0 +1,146 @@
+"""bond_kernels.integrations.transformers.sequence_logprobs on tiny models built from configs (offline).
+
+Oracle: ``log_softmax(model(...).logits)`` gathered at the shifted labels, values and gradients with respect
+to every model parameter under a random upstream gradient.  Llama (untied head, here with a bias added),
+Qwen2 (tied embeddings: the head's gradient lands on the embedding), Gemma-2 (tied, final-logit softcap).
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from bond_kernels.integrations.transformers import SequenceLogprobs, sequence_logprobs  # noqa: E402
+
+# V = 301 (odd, not a power of two); tiles of 5 rows × 64 columns split it into 5 tiles, the last partial.
+VOCAB = 301
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def _llama():
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON))
+    # A head with a bias (Llama has none): the bias path of the fused head, checked against the model itself.
+    head = torch.nn.Linear(32, VOCAB, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(m.lm_head.weight)
+        head.bias.normal_(0, 0.5)
+    m.lm_head = head
+    return m
+
+
+def _qwen2():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**COMMON, tie_word_embeddings=True))
+
+
+def _gemma2():
+    cfg = transformers.Gemma2Config(
+        **COMMON,
+        head_dim=8,
+        final_logit_softcapping=5.0,
+        attn_implementation="eager",
+        tie_word_embeddings=True,
+    )
+    return transformers.Gemma2ForCausalLM(cfg)
+
+
+MODELS = {"llama+bias": _llama, "qwen2-tied": _qwen2, "gemma2-softcap": _gemma2}
+
+
+def _batch(gen):
+    ids = torch.randint(0, VOCAB, (3, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, :3] = -100  # a prompt that is not scored
+    return ids, mask, labels
+
+
+def _oracle(model, ids, mask, labels):
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    lp = torch.log_softmax(logits[:, :-1], -1)
+    y = labels[:, 1:]
+    keep = y != -100
+    tok = lp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * keep
+    return tok, tok.sum(-1)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_matches_full_logits(name, monkeypatch):
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "5,64")
+    torch.manual_seed(0)
+    model = MODELS[name]().float()
+    gen = torch.Generator().manual_seed(1)
+    ids, mask, labels = _batch(gen)
+    g_tok = torch.randn(3, 8, generator=gen)
+    g_seq = torch.randn(3, generator=gen)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    want_tok, want_seq = _oracle(model, ids, mask, labels)
+    want = torch.autograd.grad((want_tok * g_tok).sum() + (want_seq * g_seq).sum(), params)
+
+    out = sequence_logprobs(model, ids, mask, labels)
+    assert isinstance(out, SequenceLogprobs)
+    assert out.token_logprobs.shape == (3, 8) and out.token_logprobs.dtype == torch.float32
+    assert out.sequence_logprobs.shape == (3,) and out.sequence_logprobs.dtype == torch.float32
+    torch.testing.assert_close(out.token_logprobs, want_tok, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.sequence_logprobs, want_seq, rtol=1e-5, atol=1e-5)
+    assert (out.token_logprobs[labels[:, 1:] == -100] == 0).all()
+    got = torch.autograd.grad(
+        (out.token_logprobs * g_tok).sum() + (out.sequence_logprobs * g_seq).sum(), params
+    )
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for n, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"grad of {n}: {m}")
+
+
+def test_never_forms_full_logits(monkeypatch):
+    """The model's own forward (which builds the logits) is never called, and no tile exceeds the plan."""
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "4,32")
+    torch.manual_seed(0)
+    model = _qwen2()
+    from bond_kernels.ops import linear_token_logprobs as lin
+
+    seen = []
+    real = lin._tile_logits
+
+    def spy(h_rows, weight, bias, v0, v1, plan):
+        x = real(h_rows, weight, bias, v0, v1, plan)
+        seen.append(tuple(x.shape))
+        return x
+
+    monkeypatch.setattr(lin, "_tile_logits", spy)
+    monkeypatch.setattr(type(model), "forward", lambda *a, **k: pytest.fail("the full model forward ran"))
+    ids, mask, labels = _batch(torch.Generator().manual_seed(2))
+    out = sequence_logprobs(model, ids, mask, labels, backend="cpu")
+    out.sequence_logprobs.sum().backward()
+    assert seen and max(r for r, _ in seen) <= 4 and max(c for _, c in seen) <= 32
+
+
+def test_labels_default_to_input_ids_under_the_mask():
+    torch.manual_seed(0)
+    model = _llama()
+    ids, mask, _ = _batch(torch.Generator().manual_seed(3))
+    a = sequence_logprobs(model, ids, mask)
+    b = sequence_logprobs(model, ids, mask, ids.masked_fill(mask == 0, -100))
+    torch.testing.assert_close(a.token_logprobs, b.token_logprobs)
+
+
+def test_bad_input():
+    model = _llama()
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with pytest.raises(ValueError, match="labels must have input_ids' shape"):
+        sequence_logprobs(model, ids, None, ids[:, 1:])
+    with pytest.raises(ValueError, match="input_ids must be a"):
+        sequence_logprobs(model, ids[0], None)
+    with pytest.raises(ValueError, match="at least 2 positions"):
+        sequence_logprobs(model, ids[:, :1], None)
+    with pytest.raises(TypeError, match="backbone"):
+        sequence_logprobs(torch.nn.Linear(3, 3), ids, None)
