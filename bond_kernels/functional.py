@@ -433,9 +433,41 @@ def bond_loss(
         raise ValueError(f"baseline must be 'loo', 'mean', 'none' or a tensor, got {baseline!r}")
     for name, t in (("policy_ref_logp", policy_ref_logp), ("policy_rewards", policy_rewards), ("bon_logp", bon_logp)):
         V.same_device(policy_logp, t, "policy_logp", name)
-    return ref.bond_loss(
-        policy_logp, policy_ref_logp, policy_rewards, ref_rewards, bon_logp, n=n, beta=beta, baseline=baseline,
-        smoothing=smoothing, correction=correction, ref_mask=ref_mask,
+    # fp64 log-probs keep fp64 end to end and a tensor baseline is the reference's feature: both run the spec.
+    if policy_logp.dtype == torch.float64 or isinstance(baseline, torch.Tensor):
+        name = "torch"
+    else:
+        import os
+
+        # BOND_KERNELS_BACKEND may force a backend without a sequence-level kernel (triton): the O(B)
+        # reference then serves, instead of refusing the whole loss.
+        forced = os.environ.get("BOND_KERNELS_BACKEND", "") or "auto"
+        if forced in _backend.BACKENDS and forced != "auto" and forced not in _backend.OPS["bond_sequence"]:
+            name = "torch"
+        else:
+            name = _backend.resolve("bond_sequence", "auto", policy_logp.device)
+    if name == "torch":
+        return ref.bond_loss(
+            policy_logp, policy_ref_logp, policy_rewards, ref_rewards, bon_logp, n=n, beta=beta,
+            baseline=baseline, smoothing=smoothing, correction=correction, ref_mask=ref_mask,
+        )
+    from .ops.bond_sequence import BASELINES, bond_sequence
+
+    # One launch: quantiles -> log π_BoN -> returns -> baselines -> coefficients and diagnostics.  Rewards are
+    # compared in fp64 when either is fp64 (as the reference does), else in fp32.
+    mode, eps = _smoothing(smoothing)
+    rdt = torch.float64 if torch.float64 in (policy_rewards.dtype, ref_rewards.dtype) else torch.float32
+    mask = ref_mask.contiguous() if ref_mask is not None else torch.empty(0, dtype=torch.bool, device=policy_logp.device)
+    p_le, log_bon, policy_coef, bon_coef, stats = bond_sequence(
+        policy_logp.detach().float().contiguous(), policy_ref_logp.detach().float().contiguous(),
+        policy_rewards.detach().to(rdt).contiguous(), ref_rewards.detach().to(rdt).contiguous(), mask,
+        bon_logp.detach().float().contiguous(), float(n), beta, mode, eps, bool(correction), BASELINES[baseline], name,
+    )
+    # The coefficients are constants: the gradient reaches each sequence's tokens as one number per sequence.
+    loss = (policy_coef * policy_logp.float()).sum() + (bon_coef * bon_logp.float()).sum()
+    return ref.BondOutput(
+        loss=loss, backward_kl=stats[0], forward_ce=stats[1], mean_quantile=stats[2], kl_to_ref=stats[3],
+        p_le=p_le, bon_logp_target=log_bon, policy_coef=policy_coef, bon_coef=bon_coef,
     )
 
 
@@ -481,9 +513,34 @@ def jbond_loss(
     if validate:
         V.check_no_nan(policy_rewards, "policy_rewards")
         V.check_no_nan(anchor_rewards, "anchor_rewards")
-    return ref.jbond_loss(
-        policy_logp, anchor_logp, policy_rewards, anchor_rewards, best_anchor_logp, beta=beta, gamma=gamma,
-        penalty=penalty, strict=strict,
+    if policy_logp.dtype == torch.float64:
+        name = "torch"  # fp64 keeps fp64 end to end: only the reference computes in fp64
+    else:
+        import os
+
+        # As in bond_loss: a forced backend without the sequence-level kernel (triton) leaves it to the reference.
+        forced = os.environ.get("BOND_KERNELS_BACKEND", "") or "auto"
+        if forced in _backend.BACKENDS and forced != "auto" and forced not in _backend.OPS["bond_sequence"]:
+            name = "torch"
+        else:
+            name = _backend.resolve("bond_sequence", "auto", policy_logp.device)
+    if name == "torch":
+        return ref.jbond_loss(
+            policy_logp, anchor_logp, policy_rewards, anchor_rewards, best_anchor_logp, beta=beta, gamma=gamma,
+            penalty=penalty, strict=strict,
+        )
+    from .ops.bond_sequence import jbond_sequence
+
+    # The reference computes in policy_logp's dtype (fp32 here): rewards and anchor log-probs are cast to it.
+    jbond_reward, policy_coef, best_coef, stats = jbond_sequence(
+        policy_logp.detach().float().contiguous(), anchor_logp.detach().float().contiguous(),
+        policy_rewards.detach().float().contiguous(), anchor_rewards.detach().float().contiguous(),
+        best_anchor_logp.detach().float().contiguous(), beta, float(gamma), float(penalty), bool(strict), name,
+    )
+    loss = (policy_coef * policy_logp.float()).sum() + (best_coef * best_anchor_logp.float()).sum()
+    return ref.JBondOutput(
+        loss=loss, reward_mean=stats[0], penalised_frac=stats[1], kl_to_anchor=stats[2], forward_ce=stats[3],
+        jbond_reward=jbond_reward, policy_coef=policy_coef, best_coef=best_coef,
     )
 
 

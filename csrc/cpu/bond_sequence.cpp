@@ -83,7 +83,7 @@ int bond_sequence_impl(const BondSequenceArgs& a) {
         if (a.baseline == kBaselineLoo) base = (s.returns - ret) / static_cast<double>(m - 1);
         if (a.baseline == kBaselineMean) base = s.returns / static_cast<double>(m);
         const float adv = static_cast<float>(ret - base);
-        a.policy_coef[e] = -beta * adv / static_cast<float>(M);
+        a.policy_coef[e] = bond_coef(beta, adv, M);
       }
     }
     rows[static_cast<size_t>(b)] = s;
@@ -116,7 +116,7 @@ int bond_sequence_impl(const BondSequenceArgs& a) {
         base = tot.returns / dm;
       }
       const float adv = static_cast<float>(ret - base);
-      a.policy_coef[e] = -beta * adv / static_cast<float>(M);
+      a.policy_coef[e] = bond_coef(beta, adv, M);
       return static_cast<int>(kOk);
     });
   }
@@ -165,7 +165,7 @@ int jbond_sequence(const JBondSequenceArgs& a) {
     const double ret = static_cast<double>(a.jbond_reward[b] - ratio);
     const double base = B < 2 ? 0.0 : (s_ret - ret) / (db - 1.0);
     const float adv = static_cast<float>(ret - base);
-    a.policy_coef[b] = (-beta * adv + gamma * ratio) / static_cast<float>(B);
+    a.policy_coef[b] = jbond_coef(beta, adv, gamma, ratio, B);
   }
   return kOk;
 }

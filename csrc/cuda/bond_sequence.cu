@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads)
       if (a.baseline == kBaselineLoo) b = (row_sum[local / m] - ret) / static_cast<double>(m - 1);
       if (a.baseline == kBaselineMean) b = row_sum[local / m] / static_cast<double>(m);
       const float adv = static_cast<float>(ret - b);
-      a.policy_coef[e] = -beta * adv / static_cast<float>(M);
+      a.policy_coef[e] = bond_coef(beta, adv, M);
     }
   }
 
@@ -167,7 +167,7 @@ __global__ void __launch_bounds__(kThreads)
         b = tot[0] / static_cast<double>(M);
       }
       const float adv = static_cast<float>(ret - b);
-      a.policy_coef[e] = -beta * adv / static_cast<float>(M);
+      a.policy_coef[e] = bond_coef(beta, adv, M);
     }
   }
 }
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kJBondThreads) jbond_sequence_kernel(JBondSequ
     const double ret = static_cast<double>(a.jbond_reward[b] - ratio);
     const double base = B < 2 ? 0.0 : (t_ret - ret) / static_cast<double>(B - 1);
     const float adv = static_cast<float>(ret - base);
-    a.policy_coef[b] = (-beta * adv + gamma * ratio) / static_cast<float>(B);
+    a.policy_coef[b] = jbond_coef(beta, adv, gamma, ratio, B);
   }
 }
 
