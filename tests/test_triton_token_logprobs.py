@@ -325,3 +325,42 @@ def test_compile_fullgraph_no_graph_break():
     torch.testing.assert_close(logp.detach().double(), r_logp, atol=FP32_OUT_ATOL, rtol=0)
     torch.testing.assert_close(ent.detach().double(), r_ent, atol=FP32_OUT_ATOL, rtol=0)
     assert_close(grad, r_grad)
+
+
+def test_launch_config_helpers():
+    from bond_kernels.ops.triton import _config
+
+    assert _config.block_size(1) == 16 and _config.block_size(1271) == 2048
+    assert _config.block_size(20000) == _config.MAX_BLOCK
+    assert _config.block_size(9000, cap=_config.SINGLE_PASS_MAX) == 16384
+    assert _config.single_pass(_config.SINGLE_PASS_MAX) and not _config.single_pass(
+        _config.SINGLE_PASS_MAX + 1
+    )
+    assert [_config.num_warps(b) for b in (16, 1024, 4096, 16384)] == [4, 4, 8, 16]
+    with _config.forced(block=8192, warps=32):
+        assert _config.block_size(20000) == 8192 and _config.num_warps(16) == 32
+        assert (
+            _config.block_size(9000, cap=_config.SINGLE_PASS_MAX) == 16384
+        )  # single-pass rows are not forced
+    assert _config.block_size(20000) == _config.MAX_BLOCK and _config.num_warps(4096) == 8
+
+
+def test_autotune_switch_wraps_kernels():
+    """BOND_KERNELS_AUTOTUNE=1 (read at import) wraps the three kernels in triton.autotune; off by default."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import bond_kernels.ops.triton.token_logprobs as t;"
+        "print(type(t._FWD).__name__, type(t._BWD).__name__, type(t._FWD_BWD).__name__)"
+    )
+    for flag in ("1", "0"):
+        env = dict(os.environ, BOND_KERNELS_AUTOTUNE=flag)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        names = out.stdout.split()
+        assert len(names) == 3, out.stdout + out.stderr
+        # the plain kernels are JITFunction (InterpretedFunction under TRITON_INTERPRET=1)
+        assert all((name == "Autotuner") == (flag == "1") for name in names), names

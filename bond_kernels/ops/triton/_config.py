@@ -8,6 +8,7 @@ set of configurations instead; tuning reruns each kernel several times, so keep 
 capture and in the interpreter (which cannot time kernels).
 """
 
+import contextlib
 import os
 
 import triton
@@ -31,13 +32,33 @@ def autotune_enabled() -> bool:
     return os.environ.get("BOND_KERNELS_AUTOTUNE", "0") == "1"
 
 
+# Set only by ``forced()`` (the benchmarks' launch-configuration sweep); empty in normal use.
+_FORCED = {}
+
+
+@contextlib.contextmanager
+def forced(block=None, warps=None):
+    """Within the block, streaming sweeps launch with this BLOCK / num_warps (benchmark sweeps only)."""
+    saved = dict(_FORCED)
+    _FORCED.update({k: v for k, v in (("block", block), ("warps", warps)) if v is not None})
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
+
+
 def block_size(n_cols: int, cap: int = MAX_BLOCK) -> int:
     """Next power of two of ``n_cols`` capped at ``cap`` (register pressure, see ``MAX_BLOCK``); at least 16."""
+    if "block" in _FORCED and cap == MAX_BLOCK:
+        return _FORCED["block"]
     return max(16, min(triton.next_power_of_2(max(int(n_cols), 1)), cap))
 
 
 def num_warps(block: int) -> int:
     """Warps per program: keep 8 to 32 elements per thread, so each thread issues 16-byte vector loads."""
+    if "warps" in _FORCED:
+        return _FORCED["warps"]
     if block <= 1024:
         return 4
     if block <= 4096:
