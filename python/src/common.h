@@ -1,0 +1,114 @@
+// Tensor checks and conversions shared by the CPU launchers: the only place torch meets the kernels.
+//
+// TORCH_CHECK_VALUE / TORCH_CHECK_TYPE raise Python ValueError / TypeError; every message names the
+// argument, what it got and what it expects.
+#pragma once
+
+#include <sstream>
+#include <string>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "bond/common.h"
+
+namespace bond_py {
+
+inline std::string describe(const at::Tensor& t) {
+  std::ostringstream os;
+  os << "shape " << t.sizes() << ", strides " << t.strides() << ", dtype " << t.scalar_type() << ", device "
+     << t.device();
+  return os.str();
+}
+
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.defined(), name, " must be a tensor, got an undefined tensor");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the cpu backend, got ", describe(t));
+}
+
+// fp32 / bf16 / fp16 -> the kernels' dtype code; anything else is a TypeError.
+inline bond::DType float_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return bond::DType::kFloat32;
+    case at::kBFloat16: return bond::DType::kBFloat16;
+    case at::kHalf: return bond::DType::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16 for the cpu backend, got ", describe(t));
+  }
+  return bond::DType::kFloat32;  // unreachable
+}
+
+// A (N, V) or (B, T, V) float tensor with unit vocabulary stride, as the kernels' row layout.
+inline bond::Rows logits_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2 || t.dim() == 3, name, " must be (N, V) or (B, T, V), got ", describe(t));
+  TORCH_CHECK_VALUE(t.size(-1) >= 1, name, " must have a non-empty vocabulary (last) dimension, got ", describe(t));
+  TORCH_CHECK_VALUE(t.stride(-1) == 1 || t.size(-1) == 1, name,
+                    " must be contiguous along the vocabulary (last stride 1), got ", describe(t));
+  if (t.dim() == 2) return bond::Rows::matrix(t.size(0), t.stride(0));
+  return bond::Rows::batched(t.size(0), t.size(1), t.stride(0), t.stride(1));
+}
+
+// The layout of a freshly allocated contiguous tensor of the same shape.
+inline bond::Rows contiguous_rows(const at::Tensor& t) {
+  const int64_t v = t.size(-1);
+  if (t.dim() == 2) return bond::Rows::matrix(t.size(0), v);
+  return bond::Rows::batched(t.size(0), t.size(1), t.size(1) * v, v);
+}
+
+inline int64_t num_rows(const at::Tensor& logits) { return logits.numel() / logits.size(-1); }
+
+// A 1-D fp32 per-row tensor of length n (contiguous copy if needed).
+inline at::Tensor f32_rows(const at::Tensor& t, const char* name, int64_t n) {
+  check_cpu(t, name);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", describe(t));
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must have shape (", n, ",), got ", describe(t));
+  return t.contiguous();
+}
+
+// An (N,) int64 label tensor, contiguous.
+inline at::Tensor label_rows(const at::Tensor& labels, int64_t n) {
+  check_cpu(labels, "labels");
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64, got ", describe(labels));
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == n, "labels must have shape (", n,
+                    ",), one label per row of logits, got ", describe(labels));
+  return labels.contiguous();
+}
+
+// A (N,) bool mask or an empty tensor (no mask) -> pointer or nullptr.
+inline const bool* optional_bool_rows(at::Tensor& mask, const char* name, int64_t n) {
+  if (mask.numel() == 0 && mask.dim() == 1) return nullptr;
+  check_cpu(mask, name);
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kBool, name, " must be a bool tensor, got ", describe(mask));
+  TORCH_CHECK_VALUE(mask.dim() == 1 && mask.size(0) == n, name, " must have shape (", n, ",) or (0,), got ",
+                    describe(mask));
+  mask = mask.contiguous();
+  return mask.data_ptr<bool>();
+}
+
+inline int kernel_threads() { return at::get_num_threads(); }
+
+// The first label outside [0, vocab) that is not ignore_index, for the error message (host scan; this runs
+// only after the kernel reported a bad label, so the fast path never pays for it).
+inline void raise_bad_label(const at::Tensor& labels, int64_t vocab, int64_t ignore_index) {
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const int64_t n = labels.numel();
+  int64_t count = 0, first = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    if (y[i] != ignore_index && (y[i] < 0 || y[i] >= vocab)) {
+      if (first < 0) first = i;
+      ++count;
+    }
+  }
+  TORCH_CHECK_VALUE(false, "labels must lie in [0, ", vocab, ") or equal ignore_index=", ignore_index, ", got ",
+                    first >= 0 ? y[first] : 0, " at position ", first, " (", count, " position(s) out of range)");
+}
+
+inline void raise_status(int status, const char* op) {
+  TORCH_CHECK_VALUE(status != bond::kAllNegInfRow, op,
+                    ": logits has a row whose entries are all -inf at a position whose label is not ignored");
+  TORCH_CHECK_VALUE(status != bond::kBadArgument, op, ": the kernel rejected its arguments (bad size or stride)");
+  TORCH_CHECK(status == bond::kOk, op, ": CPU kernel failed: ", bond::status_name(status));
+}
+
+}  // namespace bond_py

@@ -1,0 +1,62 @@
+// The one PYBIND11_MODULE of the package: bond_kernels._C with submodules `cpu` (always) and `cuda` (when
+// built with nvcc).  bond_kernels/_ext.py reads hasattr(_C, "cpu") / hasattr(_C, "cuda") as availability.
+#include "bindings.h"  // pybind11 + tensor casters (lighter than torch/extension.h: 6 s vs 25 s to compile)
+#include "bond/cpu.h"
+
+namespace py = pybind11;
+
+namespace {
+
+std::string active_isa_name() { return bond::cpu::isa_name(bond::cpu::active_isa()); }
+
+// Test/benchmark hook: run the kernels with a narrower instruction set ("generic", "avx2", "avx512").
+void set_isa_by_name(const std::string& name) {
+  bond::cpu::Isa isa;
+  TORCH_CHECK_VALUE(bond::cpu::isa_from_name(name.c_str(), &isa) == bond::kOk,
+                    "isa must be 'generic', 'avx2' or 'avx512', got '", name, "'");
+  TORCH_CHECK_VALUE(bond::cpu::set_isa(isa) == bond::kOk, "isa '", name, "' is not supported by this CPU (best: ",
+                    bond::cpu::isa_name(bond::cpu::best_isa()), ")");
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (int i = 0; i <= static_cast<int>(bond::cpu::best_isa()); ++i)
+    out.emplace_back(bond::cpu::isa_name(static_cast<bond::cpu::Isa>(i)));
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "bond_kernels compiled kernels: _C.cpu (C++/OpenMP) and, when built with nvcc, _C.cuda";
+
+  py::module_ cpu = m.def_submodule("cpu", "C++/OpenMP CPU kernels (launcher contracts in bond_kernels/ops/*.py)");
+  // Kernels release the GIL: they touch no Python objects, and other Python threads may run meanwhile.
+  auto nogil = py::call_guard<py::gil_scoped_release>();
+  cpu.def("token_logprobs_fwd", &bond_py::token_logprobs_fwd, py::arg("logits"), py::arg("labels"),
+          py::arg("temperature"), py::arg("softcap"), py::arg("ignore_index"), py::arg("return_entropy"), nogil,
+          "(logits (N, V) | (B, T, V), labels (N,) int64, ...) -> (logp, lse, entropy) fp32 (N,) each");
+  cpu.def("token_logprobs_bwd", &bond_py::token_logprobs_bwd, py::arg("logits"), py::arg("labels"), py::arg("lse"),
+          py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("temperature"),
+          py::arg("softcap"), py::arg("ignore_index"), py::arg("inplace"), nogil,
+          "-> d/dlogits in the logits' dtype and shape (the logits tensor itself when inplace)");
+  cpu.def("token_logprobs_fwd_bwd", &bond_py::token_logprobs_fwd_bwd, py::arg("logits"), py::arg("labels"),
+          py::arg("grad_logp"), py::arg("temperature"), py::arg("softcap"), py::arg("ignore_index"),
+          py::arg("inplace"), nogil, "-> (logp fp32 (N,), grad in the logits' dtype)");
+  cpu.def("token_jeffreys_fwd", &bond_py::token_jeffreys_fwd, py::arg("policy"), py::arg("anchor"), py::arg("beta"),
+          py::arg("temperature"), py::arg("ignore_mask"), nogil, "-> (div, lse_p, lse_q, kl_pq) fp32 (N,) each");
+  cpu.def("token_jeffreys_bwd", &bond_py::token_jeffreys_bwd, py::arg("policy"), py::arg("anchor"), py::arg("lse_p"),
+          py::arg("lse_q"), py::arg("kl_pq"), py::arg("grad_div"), py::arg("beta"), py::arg("temperature"),
+          py::arg("ignore_mask"), nogil, "-> d/dpolicy in the policy's dtype");
+  cpu.def("reward_quantiles", &bond_py::reward_quantiles, py::arg("rewards"), py::arg("ref_rewards"),
+          py::arg("ref_mask"), py::arg("mode"), py::arg("eps"), nogil, "-> (p_le, p_lt) fp32 (B, n)");
+  cpu.def("_isa", &active_isa_name, "instruction set the CPU kernels use now");
+  cpu.def("_set_isa", &set_isa_by_name, py::arg("isa"), "cap the instruction set (tests, benchmarks)");
+  cpu.def("_supported_isas", &supported_isas, "instruction sets this CPU supports, narrowest first");
+  register_bond_sequence_cpu(cpu);
+
+#ifdef BOND_WITH_CUDA
+  py::module_ cuda = m.def_submodule("cuda", "CUDA kernels");
+  register_cuda_ops(cuda);
+#endif
+}

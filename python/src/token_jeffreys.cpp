@@ -1,0 +1,111 @@
+// CPU launchers for token_jeffreys (contract: bond_kernels/ops/token_jeffreys.py).
+#include <cmath>
+
+
+#include "launchers.h"
+#include "bond/cpu.h"
+#include "common.h"
+
+namespace bond_py {
+namespace {
+
+// (N, V) with unit vocabulary stride; any row stride.
+void check_rows_2d(const at::Tensor& t, const char* name) {
+  check_cpu(t, name);
+  float_dtype(t, name);
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) >= 1, name, " must be (N, V) with V >= 1, got ", describe(t));
+  TORCH_CHECK_VALUE(t.stride(1) == 1 || t.size(1) == 1, name, " must have last stride 1, got ", describe(t));
+}
+
+void check_scalars(double beta, double temperature) {
+  TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "beta must be a number in [0, 1], got ", beta);
+  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite number > 0, got ",
+                    temperature);
+}
+
+// The kernels read both rows in one dtype; a mixed pair (rare) is computed in fp32.
+void common_dtype(at::Tensor& policy, at::Tensor& anchor) {
+  if (policy.scalar_type() != anchor.scalar_type()) {
+    policy = policy.to(at::kFloat);
+    anchor = anchor.to(at::kFloat);
+  }
+}
+
+int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_jeffreys_fwd(const at::Tensor& policy_in,
+                                                                              const at::Tensor& anchor_in, double beta,
+                                                                              double temperature,
+                                                                              const at::Tensor& ignore_mask_in) {
+  check_rows_2d(policy_in, "policy");
+  check_rows_2d(anchor_in, "anchor");
+  TORCH_CHECK_VALUE(anchor_in.sizes() == policy_in.sizes(), "anchor must have policy's shape ", policy_in.sizes(),
+                    ", got ", describe(anchor_in));
+  check_scalars(beta, temperature);
+  at::Tensor policy = policy_in, anchor = anchor_in, mask = ignore_mask_in;
+  common_dtype(policy, anchor);
+  const int64_t n = policy.size(0);
+  auto f32 = policy.options().dtype(at::kFloat);
+  at::Tensor div = policy.new_empty({n}, f32), lse_p = policy.new_empty({n}, f32), lse_q = policy.new_empty({n}, f32),
+             kl = policy.new_empty({n}, f32);
+
+  bond::cpu::TokenJeffreysFwdParams p;
+  p.policy = policy.data_ptr();
+  p.anchor = anchor.data_ptr();
+  p.ignore_mask = optional_bool_rows(mask, "ignore_mask", n);
+  p.div = div.data_ptr<float>();
+  p.lse_p = lse_p.data_ptr<float>();
+  p.lse_q = lse_q.data_ptr<float>();
+  p.kl_pq = kl.data_ptr<float>();
+  p.dtype = float_dtype(policy, "policy");
+  p.n_rows = n;
+  p.vocab = policy.size(1);
+  p.policy_stride = row_stride(policy);
+  p.anchor_stride = row_stride(anchor);
+  p.beta = static_cast<float>(beta);
+  p.temperature = static_cast<float>(temperature);
+  p.num_threads = kernel_threads();
+  raise_status(bond::cpu::token_jeffreys_fwd(p), "token_jeffreys");
+  return {div, lse_p, lse_q, kl};
+}
+
+at::Tensor token_jeffreys_bwd(const at::Tensor& policy_in, const at::Tensor& anchor_in, const at::Tensor& lse_p_in,
+                              const at::Tensor& lse_q_in, const at::Tensor& kl_pq_in, const at::Tensor& grad_div_in,
+                              double beta, double temperature, const at::Tensor& ignore_mask_in) {
+  check_rows_2d(policy_in, "policy");
+  check_rows_2d(anchor_in, "anchor");
+  TORCH_CHECK_VALUE(anchor_in.sizes() == policy_in.sizes(), "anchor must have policy's shape ", policy_in.sizes(),
+                    ", got ", describe(anchor_in));
+  check_scalars(beta, temperature);
+  at::Tensor policy = policy_in, anchor = anchor_in, mask = ignore_mask_in;
+  common_dtype(policy, anchor);
+  const int64_t n = policy.size(0);
+  const at::Tensor lse_p = f32_rows(lse_p_in, "lse_p", n), lse_q = f32_rows(lse_q_in, "lse_q", n);
+  const at::Tensor kl = f32_rows(kl_pq_in, "kl_pq", n), grad_div = f32_rows(grad_div_in, "grad_div", n);
+  at::Tensor grad = policy.new_empty(policy.sizes(), policy.options().memory_format(at::MemoryFormat::Contiguous));  // contiguous (N, V)
+
+  bond::cpu::TokenJeffreysBwdParams p;
+  p.policy = policy.data_ptr();
+  p.anchor = anchor.data_ptr();
+  p.ignore_mask = optional_bool_rows(mask, "ignore_mask", n);
+  p.lse_p = lse_p.data_ptr<float>();
+  p.lse_q = lse_q.data_ptr<float>();
+  p.kl_pq = kl.data_ptr<float>();
+  p.grad_div = grad_div.data_ptr<float>();
+  p.grad = grad.data_ptr();
+  p.dtype = float_dtype(policy, "policy");
+  p.n_rows = n;
+  p.vocab = policy.size(1);
+  p.policy_stride = row_stride(policy);
+  p.anchor_stride = row_stride(anchor);
+  p.grad_stride = policy.size(1);
+  p.beta = static_cast<float>(beta);
+  p.temperature = static_cast<float>(temperature);
+  p.num_threads = kernel_threads();
+  raise_status(bond::cpu::token_jeffreys_bwd(p), "token_jeffreys backward");
+  return policy_in.scalar_type() == grad.scalar_type() ? grad : grad.to(policy_in.scalar_type());
+}
+
+}  // namespace bond_py

@@ -1,0 +1,129 @@
+// CPU launchers for token_logprobs (contract: bond_kernels/ops/token_logprobs.py): check tensors, allocate the
+// fp32 outputs, hand raw pointers and strides to csrc/cpu/token_logprobs.cpp, map its status to an error.
+#include <cmath>
+
+
+#include "launchers.h"
+#include "bond/cpu.h"
+#include "common.h"
+
+namespace bond_py {
+namespace {
+
+void check_scalars(double temperature, double softcap) {
+  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite number > 0, got ",
+                    temperature);
+  TORCH_CHECK_VALUE(softcap >= 0.0 && std::isfinite(softcap), "softcap must be a finite number >= 0 (0 disables it), got ",
+                    softcap);
+}
+
+at::Tensor f32_out(const at::Tensor& like, int64_t n) { return like.new_empty({n}, like.options().dtype(at::kFloat)); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tensor& logits, const at::Tensor& labels_in,
+                                                                  double temperature, double softcap,
+                                                                  int64_t ignore_index, bool return_entropy) {
+  check_cpu(logits, "logits");
+  const bond::DType dtype = float_dtype(logits, "logits");
+  const bond::Rows rows = logits_rows(logits, "logits");
+  check_scalars(temperature, softcap);
+  const int64_t n = rows.n_rows, vocab = logits.size(-1);
+  const at::Tensor labels = label_rows(labels_in, n);
+  at::Tensor logp = f32_out(logits, n), lse = f32_out(logits, n), ent = f32_out(logits, return_entropy ? n : 0);
+
+  bond::cpu::TokenLogprobsFwdParams p;
+  p.logits = logits.data_ptr();
+  p.labels = labels.data_ptr<int64_t>();
+  p.logp = logp.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  p.entropy = return_entropy ? ent.data_ptr<float>() : nullptr;
+  p.dtype = dtype;
+  p.rows = rows;
+  p.vocab = vocab;
+  p.temperature = static_cast<float>(temperature);
+  p.softcap = static_cast<float>(softcap);
+  p.ignore_index = ignore_index;
+  p.num_threads = kernel_threads();
+  const int status = bond::cpu::token_logprobs_fwd(p);
+  if (status == bond::kBadLabel) raise_bad_label(labels, vocab, ignore_index);
+  raise_status(status, "token_logprobs");
+  return {logp, lse, ent};
+}
+
+at::Tensor token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& labels_in, const at::Tensor& lse_in,
+                              const at::Tensor& entropy_in, const at::Tensor& grad_logp_in,
+                              const at::Tensor& grad_entropy_in, double temperature, double softcap,
+                              int64_t ignore_index, bool inplace) {
+  check_cpu(logits, "logits");
+  const bond::DType dtype = float_dtype(logits, "logits");
+  const bond::Rows rows = logits_rows(logits, "logits");
+  check_scalars(temperature, softcap);
+  const int64_t n = rows.n_rows, vocab = logits.size(-1);
+  const at::Tensor labels = label_rows(labels_in, n);
+  const at::Tensor lse = f32_rows(lse_in, "lse", n);
+  const at::Tensor grad_logp = f32_rows(grad_logp_in, "grad_logp", n);
+  const bool ent_grad = grad_entropy_in.numel() > 0;
+  at::Tensor grad_entropy, entropy;
+  if (ent_grad) {
+    grad_entropy = f32_rows(grad_entropy_in, "grad_entropy", n);
+    entropy = f32_rows(entropy_in, "entropy", n);
+  }
+  at::Tensor grad = inplace ? logits : logits.new_empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+
+  bond::cpu::TokenLogprobsBwdParams p;
+  p.logits = logits.data_ptr();
+  p.labels = labels.data_ptr<int64_t>();
+  p.lse = lse.data_ptr<float>();
+  p.entropy = ent_grad ? entropy.data_ptr<float>() : nullptr;
+  p.grad_logp = grad_logp.data_ptr<float>();
+  p.grad_entropy = ent_grad ? grad_entropy.data_ptr<float>() : nullptr;
+  p.grad = grad.data_ptr();
+  p.dtype = dtype;
+  p.rows = rows;
+  p.grad_rows = inplace ? rows : contiguous_rows(logits);
+  p.vocab = vocab;
+  p.temperature = static_cast<float>(temperature);
+  p.softcap = static_cast<float>(softcap);
+  p.ignore_index = ignore_index;
+  p.num_threads = kernel_threads();
+  const int status = bond::cpu::token_logprobs_bwd(p);
+  if (status == bond::kBadLabel) raise_bad_label(labels, vocab, ignore_index);
+  raise_status(status, "token_logprobs backward");
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor> token_logprobs_fwd_bwd(const at::Tensor& logits, const at::Tensor& labels_in,
+                                                          const at::Tensor& grad_logp_in, double temperature,
+                                                          double softcap, int64_t ignore_index, bool inplace) {
+  check_cpu(logits, "logits");
+  const bond::DType dtype = float_dtype(logits, "logits");
+  const bond::Rows rows = logits_rows(logits, "logits");
+  check_scalars(temperature, softcap);
+  const int64_t n = rows.n_rows, vocab = logits.size(-1);
+  const at::Tensor labels = label_rows(labels_in, n);
+  const at::Tensor grad_logp = f32_rows(grad_logp_in, "grad_logp", n);
+  at::Tensor logp = f32_out(logits, n);
+  at::Tensor grad = inplace ? logits : logits.new_empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+
+  bond::cpu::TokenLogprobsFwdBwdParams p;
+  p.logits = logits.data_ptr();
+  p.labels = labels.data_ptr<int64_t>();
+  p.grad_logp = grad_logp.data_ptr<float>();
+  p.logp = logp.data_ptr<float>();
+  p.grad = grad.data_ptr();
+  p.dtype = dtype;
+  p.rows = rows;
+  p.grad_rows = inplace ? rows : contiguous_rows(logits);
+  p.vocab = vocab;
+  p.temperature = static_cast<float>(temperature);
+  p.softcap = static_cast<float>(softcap);
+  p.ignore_index = ignore_index;
+  p.num_threads = kernel_threads();
+  const int status = bond::cpu::token_logprobs_fwd_bwd(p);
+  if (status == bond::kBadLabel) raise_bad_label(labels, vocab, ignore_index);
+  raise_status(status, "token_logprobs_and_grad");
+  return {logp, grad};
+}
+
+}  // namespace bond_py
