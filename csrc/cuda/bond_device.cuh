@@ -65,27 +65,33 @@ __device__ __forceinline__ void group_counts(const R* __restrict__ ref_row, cons
   kc = mask_row == nullptr ? static_cast<int>(k) : valid;
 }
 
-// Sum of one double per thread over the block, in a fixed order (shuffle tree, then the warps in index
-// order), so the result is bitwise reproducible.  Every thread must call it; the total is returned to all
-// threads.  `scratch` holds at least 33 doubles of shared memory; the call ends with a barrier so it can be
-// reused at once.
-template <int THREADS>
-__device__ __forceinline__ double block_sum(double v, double* scratch) {
+// Sums of NV doubles per thread over the block, all NV in one round (two barriers in all), in a fixed order
+// (shuffle tree within each warp, then the warps in index order), so results are bitwise reproducible.
+// Every thread must call it; the totals are returned to every thread in `v`.  `scratch` is shared memory of
+// at least 33·NV doubles; the call ends with a barrier, so it can be reused at once.
+template <int THREADS, int NV>
+__device__ __forceinline__ void block_sums(double (&v)[NV], double* scratch) {
   static_assert(THREADS % 32 == 0 && THREADS <= 1024, "block size must be a multiple of 32, at most 1024");
   constexpr int kWarps = THREADS / 32;
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(kFullMask, v, off);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) scratch[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    double w = lane < kWarps ? scratch[lane] : 0.0;
-    for (int off = 16; off > 0; off >>= 1) w += __shfl_down_sync(kFullMask, w, off);
-    if (lane == 0) scratch[32] = w;
+#pragma unroll
+  for (int q = 0; q < NV; ++q) {
+    for (int off = 16; off > 0; off >>= 1) v[q] += __shfl_down_sync(kFullMask, v[q], off);
+    if (lane == 0) scratch[q * 32 + warp] = v[q];
   }
   __syncthreads();
-  const double total = scratch[32];
+  if (warp == 0) {
+#pragma unroll
+    for (int q = 0; q < NV; ++q) {
+      double w = lane < kWarps ? scratch[q * 32 + lane] : 0.0;
+      for (int off = 16; off > 0; off >>= 1) w += __shfl_down_sync(kFullMask, w, off);
+      if (lane == 0) scratch[32 * NV + q] = w;
+    }
+  }
   __syncthreads();
-  return total;
+#pragma unroll
+  for (int q = 0; q < NV; ++q) v[q] = scratch[32 * NV + q];
+  __syncthreads();
 }
 
 }  // namespace detail

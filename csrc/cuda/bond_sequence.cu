@@ -44,7 +44,7 @@ template <typename R>
 __global__ void __launch_bounds__(kThreads)
     bond_sequence_kernel(BondSequenceArgs a, int lanes, int64_t rows, double* __restrict__ partials,
                          unsigned* __restrict__ counter) {
-  __shared__ double scratch[33];
+  __shared__ double scratch[33 * kPartials];
   // Row sums of the returns for per-prompt baselines: rows <= kThreads / 2 whenever m >= 2.
   __shared__ double row_sum[kThreads / 2];
   __shared__ bool is_last;
@@ -119,10 +119,8 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   // Phase 3: block sums in a fixed order, then the last block finishes the batch.
-  const double sums[kPartials] = {detail::block_sum<kThreads>(s_ret, scratch),
-                                  detail::block_sum<kThreads>(s_ple, scratch),
-                                  detail::block_sum<kThreads>(s_kl, scratch),
-                                  detail::block_sum<kThreads>(s_bon, scratch)};
+  double sums[kPartials] = {s_ret, s_ple, s_kl, s_bon};
+  detail::block_sums<kThreads, kPartials>(sums, scratch);
   if (counter != nullptr) {
     if (threadIdx.x == 0) {
       for (int q = 0; q < kPartials; ++q) partials[blockIdx.x * kPartials + q] = sums[q];
@@ -136,17 +134,15 @@ __global__ void __launch_bounds__(kThreads)
     __threadfence();
   }
 
-  double tot[kPartials];
-  if (counter == nullptr) {
-    for (int q = 0; q < kPartials; ++q) tot[q] = sums[q];
-  } else {
+  double tot[kPartials] = {sums[0], sums[1], sums[2], sums[3]};
+  if (counter != nullptr) {
     // Each thread adds a strided slice of the blocks, then one fixed-order block sum: the same order every
     // run.  __ldcg reads through L2: other blocks wrote these, this SM's L1 is not coherent with them.
     for (int q = 0; q < kPartials; ++q) {
-      double v = 0.0;
-      for (int64_t g = threadIdx.x; g < gridDim.x; g += kThreads) v += __ldcg(partials + g * kPartials + q);
-      tot[q] = detail::block_sum<kThreads>(v, scratch);
+      tot[q] = 0.0;
+      for (int64_t g = threadIdx.x; g < gridDim.x; g += kThreads) tot[q] += __ldcg(partials + g * kPartials + q);
     }
+    detail::block_sums<kThreads, kPartials>(tot, scratch);
   }
   if (threadIdx.x == 0) {
     const double dm = static_cast<double>(M), dbj = static_cast<double>(a.B * j);
@@ -173,7 +169,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __global__ void __launch_bounds__(kJBondThreads) jbond_sequence_kernel(JBondSequenceArgs a) {
-  __shared__ double scratch[33];
+  __shared__ double scratch[33 * 5];
   const int64_t B = a.B;
   const float beta = static_cast<float>(a.beta), gamma = static_cast<float>(a.gamma);
   const float pen = static_cast<float>(-a.penalty);
@@ -195,11 +191,9 @@ __global__ void __launch_bounds__(kJBondThreads) jbond_sequence_kernel(JBondSequ
     s_ratio += ratio;
     s_best -= a.best_anchor_logp[b];
   }
-  const double t_ret = detail::block_sum<kJBondThreads>(s_ret, scratch);
-  const double t_rj = detail::block_sum<kJBondThreads>(s_rj, scratch);
-  const double t_bad = detail::block_sum<kJBondThreads>(s_bad, scratch);
-  const double t_ratio = detail::block_sum<kJBondThreads>(s_ratio, scratch);
-  const double t_best = detail::block_sum<kJBondThreads>(s_best, scratch);
+  double t[5] = {s_ret, s_rj, s_bad, s_ratio, s_best};
+  detail::block_sums<kJBondThreads, 5>(t, scratch);
+  const double t_ret = t[0], t_rj = t[1], t_bad = t[2], t_ratio = t[3], t_best = t[4];
   if (threadIdx.x == 0) {
     const double db = static_cast<double>(B);
     a.stats[0] = static_cast<float>(t_rj / db);
@@ -207,7 +201,7 @@ __global__ void __launch_bounds__(kJBondThreads) jbond_sequence_kernel(JBondSequ
     a.stats[2] = static_cast<float>(t_ratio / db);
     a.stats[3] = static_cast<float>(t_best / db);
   }
-  // The same thread reads back the jbond_reward it wrote: no barrier needed beyond block_sum's.
+  // The same thread reads back the jbond_reward it wrote: no barrier needed beyond block_sums'.
   for (int64_t b = threadIdx.x; b < B; b += kJBondThreads) {
     const float ratio = a.policy_logp[b] - a.anchor_logp[b];
     const double ret = static_cast<double>(a.jbond_reward[b] - ratio);
