@@ -100,7 +100,9 @@ def check_labels_in_range(labels: torch.Tensor, vocab: int, ignore_index: int, n
 
 def check_no_nan(x: torch.Tensor, name: str):
     if has_data(x) and x.is_floating_point() and bool(torch.isnan(x).any()):
-        raise ValueError(f"{name} must not contain NaN, got {int(torch.isnan(x).sum())} NaN value(s) ({describe(x)})")
+        raise ValueError(
+            f"{name} must not contain NaN, got {int(torch.isnan(x).sum())} NaN value(s) ({describe(x)})"
+        )
 
 
 def check_rows_nonempty(mask: torch.Tensor, name: str = "ref_mask"):

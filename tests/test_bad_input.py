@@ -60,8 +60,13 @@ def _call_bond(n=2, **over):
     kw = {key: over.pop(key) for key in list(over) if key in args}
     args.update(kw)
     return bk.bond_loss(
-        args["policy_logp"], args["policy_ref_logp"], args["policy_rewards"], args["ref_rewards"], args["bon_logp"],
-        n=n, **over,
+        args["policy_logp"],
+        args["policy_ref_logp"],
+        args["policy_rewards"],
+        args["ref_rewards"],
+        args["bon_logp"],
+        n=n,
+        **over,
     )
 
 
@@ -81,8 +86,12 @@ def _call_jbond(**over):
     kw = {key: over.pop(key) for key in list(over) if key in args}
     args.update(kw)
     return bk.jbond_loss(
-        args["policy_logp"], args["anchor_logp"], args["policy_rewards"], args["anchor_rewards"],
-        args["best_anchor_logp"], **over,
+        args["policy_logp"],
+        args["anchor_logp"],
+        args["policy_rewards"],
+        args["anchor_rewards"],
+        args["best_anchor_logp"],
+        **over,
     )
 
 
@@ -110,11 +119,16 @@ def test_labels_out_of_range(label, backend, validate):
     """
     logits, labels = _tok()
     labels[3] = label
-    msg = _expect(ValueError, "labels", lambda: bk.token_logprobs(logits, labels, backend=backend, validate=validate))
+    msg = _expect(
+        ValueError, "labels", lambda: bk.token_logprobs(logits, labels, backend=backend, validate=validate)
+    )
     assert str(label) in msg
     msg = _expect(
-        ValueError, "labels",
-        lambda: bk.sequence_logprobs(logits.view(2, 3, -1), labels.view(2, 3), backend=backend, validate=validate),
+        ValueError,
+        "labels",
+        lambda: bk.sequence_logprobs(
+            logits.view(2, 3, -1), labels.view(2, 3), backend=backend, validate=validate
+        ),
     )
 
 
@@ -130,34 +144,73 @@ def test_ignored_label_is_not_out_of_range():
 
 TOKEN_CASES = [
     # (id, callable, exception, argument named)
-    ("labels-shape", lambda l, y: bk.token_logprobs(l, y[:-1]), ValueError, "labels"),
-    ("labels-2d-vs-1d", lambda l, y: bk.token_logprobs(l, y.view(2, 3)), ValueError, "labels"),
-    ("integer-logits", lambda l, y: bk.token_logprobs(l.to(torch.int64), y), TypeError, "logits"),
-    ("bool-logits", lambda l, y: bk.token_logprobs(l > 0, y), TypeError, "logits"),
-    ("float-labels", lambda l, y: bk.token_logprobs(l, y.float()), TypeError, "labels"),
-    ("labels-not-tensor", lambda l, y: bk.token_logprobs(l, y.tolist()), TypeError, "labels"),
-    ("logits-not-tensor", lambda l, y: bk.token_logprobs(l.tolist(), y), TypeError, "logits"),
-    ("labels-on-meta", lambda l, y: bk.token_logprobs(l, _meta(y)), ValueError, "labels"),
-    ("logits-on-meta", lambda l, y: bk.token_logprobs(_meta(l), y), ValueError, "labels"),
-    ("empty-vocab", lambda l, y: bk.token_logprobs(l[:, :0], y), ValueError, "logits"),
-    ("all-inf-row", lambda l, y: bk.token_logprobs(l.index_fill(0, torch.tensor([1]), -math.inf), y, backend="torch"),
-     ValueError, "logits"),
-    ("temperature-0", lambda l, y: bk.token_logprobs(l, y, temperature=0.0), ValueError, "temperature"),
-    ("temperature-neg", lambda l, y: bk.token_logprobs(l, y, temperature=-1.0), ValueError, "temperature"),
-    ("temperature-nan", lambda l, y: bk.token_logprobs(l, y, temperature=NAN), ValueError, "temperature"),
-    ("temperature-inf", lambda l, y: bk.token_logprobs(l, y, temperature=math.inf), ValueError, "temperature"),
-    ("temperature-str", lambda l, y: bk.token_logprobs(l, y, temperature="1"), ValueError, "temperature"),
-    ("temperature-tensor", lambda l, y: bk.token_logprobs(l, y, temperature=torch.tensor(1.0)), ValueError, "temperature"),
-    ("softcap-neg", lambda l, y: bk.token_logprobs(l, y, softcap=-30.0), ValueError, "softcap"),
-    ("softcap-inf", lambda l, y: bk.token_logprobs(l, y, softcap=math.inf), ValueError, "softcap"),
-    ("softcap-nan", lambda l, y: bk.token_logprobs(l, y, softcap=NAN), ValueError, "softcap"),
-    ("ignore-index-float", lambda l, y: bk.token_logprobs(l, y, ignore_index=1.5), TypeError, "ignore_index"),
-    ("backend-unknown", lambda l, y: bk.token_logprobs(l, y, backend="pytorch"), ValueError, "backend"),
-    ("backend-not-str", lambda l, y: bk.token_logprobs(l, y, backend=1), ValueError, "backend"),
-    ("fp64-on-cpu-kernels", lambda l, y: bk.token_logprobs(l.double(), y, backend="cpu"), TypeError, "backend"),
-    ("and-grad-shape", lambda l, y: bk.token_logprobs_and_grad(l, y, torch.ones(3)), ValueError, "grad_logp"),
-    ("and-grad-int", lambda l, y: bk.token_logprobs_and_grad(l, y, torch.ones(6, dtype=torch.int64)), TypeError, "grad_logp"),
-    ("and-grad-meta", lambda l, y: bk.token_logprobs_and_grad(l, y, torch.ones(6, device="meta")), ValueError, "grad_logp"),
+    ("labels-shape", lambda lg, y: bk.token_logprobs(lg, y[:-1]), ValueError, "labels"),
+    ("labels-2d-vs-1d", lambda lg, y: bk.token_logprobs(lg, y.view(2, 3)), ValueError, "labels"),
+    ("integer-logits", lambda lg, y: bk.token_logprobs(lg.to(torch.int64), y), TypeError, "logits"),
+    ("bool-logits", lambda lg, y: bk.token_logprobs(lg > 0, y), TypeError, "logits"),
+    ("float-labels", lambda lg, y: bk.token_logprobs(lg, y.float()), TypeError, "labels"),
+    ("labels-not-tensor", lambda lg, y: bk.token_logprobs(lg, y.tolist()), TypeError, "labels"),
+    ("logits-not-tensor", lambda lg, y: bk.token_logprobs(lg.tolist(), y), TypeError, "logits"),
+    ("labels-on-meta", lambda lg, y: bk.token_logprobs(lg, _meta(y)), ValueError, "labels"),
+    ("logits-on-meta", lambda lg, y: bk.token_logprobs(_meta(lg), y), ValueError, "labels"),
+    ("empty-vocab", lambda lg, y: bk.token_logprobs(lg[:, :0], y), ValueError, "logits"),
+    (
+        "all-inf-row",
+        lambda lg, y: bk.token_logprobs(lg.index_fill(0, torch.tensor([1]), -math.inf), y, backend="torch"),
+        ValueError,
+        "logits",
+    ),
+    ("temperature-0", lambda lg, y: bk.token_logprobs(lg, y, temperature=0.0), ValueError, "temperature"),
+    ("temperature-neg", lambda lg, y: bk.token_logprobs(lg, y, temperature=-1.0), ValueError, "temperature"),
+    ("temperature-nan", lambda lg, y: bk.token_logprobs(lg, y, temperature=NAN), ValueError, "temperature"),
+    (
+        "temperature-inf",
+        lambda lg, y: bk.token_logprobs(lg, y, temperature=math.inf),
+        ValueError,
+        "temperature",
+    ),
+    ("temperature-str", lambda lg, y: bk.token_logprobs(lg, y, temperature="1"), ValueError, "temperature"),
+    (
+        "temperature-tensor",
+        lambda lg, y: bk.token_logprobs(lg, y, temperature=torch.tensor(1.0)),
+        ValueError,
+        "temperature",
+    ),
+    ("softcap-neg", lambda lg, y: bk.token_logprobs(lg, y, softcap=-30.0), ValueError, "softcap"),
+    ("softcap-inf", lambda lg, y: bk.token_logprobs(lg, y, softcap=math.inf), ValueError, "softcap"),
+    ("softcap-nan", lambda lg, y: bk.token_logprobs(lg, y, softcap=NAN), ValueError, "softcap"),
+    (
+        "ignore-index-float",
+        lambda lg, y: bk.token_logprobs(lg, y, ignore_index=1.5),
+        TypeError,
+        "ignore_index",
+    ),
+    ("backend-unknown", lambda lg, y: bk.token_logprobs(lg, y, backend="pytorch"), ValueError, "backend"),
+    ("backend-not-str", lambda lg, y: bk.token_logprobs(lg, y, backend=1), ValueError, "backend"),
+    (
+        "fp64-on-cpu-kernels",
+        lambda lg, y: bk.token_logprobs(lg.double(), y, backend="cpu"),
+        TypeError,
+        "backend",
+    ),
+    (
+        "and-grad-shape",
+        lambda lg, y: bk.token_logprobs_and_grad(lg, y, torch.ones(3)),
+        ValueError,
+        "grad_logp",
+    ),
+    (
+        "and-grad-int",
+        lambda lg, y: bk.token_logprobs_and_grad(lg, y, torch.ones(6, dtype=torch.int64)),
+        TypeError,
+        "grad_logp",
+    ),
+    (
+        "and-grad-meta",
+        lambda lg, y: bk.token_logprobs_and_grad(lg, y, torch.ones(6, device="meta")),
+        ValueError,
+        "grad_logp",
+    ),
 ]
 
 
@@ -191,24 +244,86 @@ def test_environment_backend_override_is_validated(monkeypatch):
 
 
 SEQ_CASES = [
-    ("padded-needs-3d", lambda l, y: bk.sequence_logprobs(l, y), ValueError, "logits"),
-    ("packed-needs-2d", lambda l, y: bk.sequence_logprobs(l.view(2, 3, -1), y.view(2, 3), cu_seqlens=torch.tensor([0, 6])),
-     ValueError, "logits"),
-    ("cu-float", lambda l, y: bk.sequence_logprobs(l, y, cu_seqlens=torch.tensor([0.0, 6.0])), ValueError, "cu_seqlens"),
-    ("cu-2d", lambda l, y: bk.sequence_logprobs(l, y, cu_seqlens=torch.tensor([[0, 6]])), ValueError, "cu_seqlens"),
-    ("cu-one-entry", lambda l, y: bk.sequence_logprobs(l, y, cu_seqlens=torch.tensor([0])), ValueError, "cu_seqlens"),
-    ("cu-not-tensor", lambda l, y: bk.sequence_logprobs(l, y, cu_seqlens=[0, 6]), TypeError, "cu_seqlens"),
-    ("cu-past-total", lambda l, y: bk.sequence_logprobs(l, y, cu_seqlens=torch.tensor([0, 2, 9])), ValueError, "cu_seqlens"),
-    ("cu-short-of-total", lambda l, y: bk.sequence_logprobs(l, y, cu_seqlens=torch.tensor([0, 2, 4])), ValueError, "cu_seqlens"),
-    ("cu-not-from-0", lambda l, y: bk.sequence_logprobs(l, y, cu_seqlens=torch.tensor([1, 3, 6])), ValueError, "cu_seqlens"),
-    ("cu-decreasing", lambda l, y: bk.sequence_logprobs(l, y, cu_seqlens=torch.tensor([0, 4, 2, 6])), ValueError, "cu_seqlens"),
-    ("cu-negative", lambda l, y: bk.sequence_logprobs(l, y, cu_seqlens=torch.tensor([0, -2, 6])), ValueError, "cu_seqlens"),
-    ("cu-validate", lambda l, y: bk.sequence_logprobs(l, y, cu_seqlens=torch.tensor([0, 7]), validate=True), ValueError, "cu_seqlens"),
-    ("cu-meta", lambda l, y: bk.sequence_logprobs(l, y, cu_seqlens=torch.tensor([0, 6], device="meta")), ValueError, "cu_seqlens"),
-    ("cu-and-grad", lambda l, y: bk.sequence_logprobs_and_grad(l, y, torch.ones(2), cu_seqlens=torch.tensor([0, 3, 8])),
-     ValueError, "cu_seqlens"),
-    ("seq-coef-shape", lambda l, y: bk.sequence_logprobs_and_grad(l, y, torch.ones(3), cu_seqlens=torch.tensor([0, 3, 6])),
-     ValueError, "seq_coef"),
+    ("padded-needs-3d", lambda lg, y: bk.sequence_logprobs(lg, y), ValueError, "logits"),
+    (
+        "packed-needs-2d",
+        lambda lg, y: bk.sequence_logprobs(lg.view(2, 3, -1), y.view(2, 3), cu_seqlens=torch.tensor([0, 6])),
+        ValueError,
+        "logits",
+    ),
+    (
+        "cu-float",
+        lambda lg, y: bk.sequence_logprobs(lg, y, cu_seqlens=torch.tensor([0.0, 6.0])),
+        ValueError,
+        "cu_seqlens",
+    ),
+    (
+        "cu-2d",
+        lambda lg, y: bk.sequence_logprobs(lg, y, cu_seqlens=torch.tensor([[0, 6]])),
+        ValueError,
+        "cu_seqlens",
+    ),
+    (
+        "cu-one-entry",
+        lambda lg, y: bk.sequence_logprobs(lg, y, cu_seqlens=torch.tensor([0])),
+        ValueError,
+        "cu_seqlens",
+    ),
+    ("cu-not-tensor", lambda lg, y: bk.sequence_logprobs(lg, y, cu_seqlens=[0, 6]), TypeError, "cu_seqlens"),
+    (
+        "cu-past-total",
+        lambda lg, y: bk.sequence_logprobs(lg, y, cu_seqlens=torch.tensor([0, 2, 9])),
+        ValueError,
+        "cu_seqlens",
+    ),
+    (
+        "cu-short-of-total",
+        lambda lg, y: bk.sequence_logprobs(lg, y, cu_seqlens=torch.tensor([0, 2, 4])),
+        ValueError,
+        "cu_seqlens",
+    ),
+    (
+        "cu-not-from-0",
+        lambda lg, y: bk.sequence_logprobs(lg, y, cu_seqlens=torch.tensor([1, 3, 6])),
+        ValueError,
+        "cu_seqlens",
+    ),
+    (
+        "cu-decreasing",
+        lambda lg, y: bk.sequence_logprobs(lg, y, cu_seqlens=torch.tensor([0, 4, 2, 6])),
+        ValueError,
+        "cu_seqlens",
+    ),
+    (
+        "cu-negative",
+        lambda lg, y: bk.sequence_logprobs(lg, y, cu_seqlens=torch.tensor([0, -2, 6])),
+        ValueError,
+        "cu_seqlens",
+    ),
+    (
+        "cu-validate",
+        lambda lg, y: bk.sequence_logprobs(lg, y, cu_seqlens=torch.tensor([0, 7]), validate=True),
+        ValueError,
+        "cu_seqlens",
+    ),
+    (
+        "cu-meta",
+        lambda lg, y: bk.sequence_logprobs(lg, y, cu_seqlens=torch.tensor([0, 6], device="meta")),
+        ValueError,
+        "cu_seqlens",
+    ),
+    (
+        "cu-and-grad",
+        lambda lg, y: bk.sequence_logprobs_and_grad(lg, y, torch.ones(2), cu_seqlens=torch.tensor([0, 3, 8])),
+        ValueError,
+        "cu_seqlens",
+    ),
+    (
+        "seq-coef-shape",
+        lambda lg, y: bk.sequence_logprobs_and_grad(lg, y, torch.ones(3), cu_seqlens=torch.tensor([0, 3, 6])),
+        ValueError,
+        "seq_coef",
+    ),
 ]
 
 
@@ -227,31 +342,90 @@ QUANTILE_CASES = [
     ("nan-ref-reward", lambda r, k: bk.reward_quantiles(r, _with_nan(k, (2, 4))), ValueError, "ref_rewards"),
     ("empty-reference-set", lambda r, k: bk.reward_quantiles(r, k[:, :0]), ValueError, "ref_rewards"),
     ("mismatched-B", lambda r, k: bk.reward_quantiles(r, k[:2]), ValueError, "ref_rewards"),
-    ("mask-empty-row", lambda r, k: bk.reward_quantiles(r, k, ref_mask=torch.ones(3, 5, dtype=torch.bool).index_fill(0, torch.tensor([1]), False)),
-     ValueError, "ref_mask"),
-    ("mask-not-bool", lambda r, k: bk.reward_quantiles(r, k, ref_mask=torch.ones(3, 5)), TypeError, "ref_mask"),
-    ("mask-shape", lambda r, k: bk.reward_quantiles(r, k, ref_mask=torch.ones(3, 4, dtype=torch.bool)), ValueError, "ref_mask"),
-    ("mask-meta", lambda r, k: bk.reward_quantiles(r, k, ref_mask=torch.ones(3, 5, dtype=torch.bool, device="meta")),
-     ValueError, "ref_mask"),
+    (
+        "mask-empty-row",
+        lambda r, k: bk.reward_quantiles(
+            r, k, ref_mask=torch.ones(3, 5, dtype=torch.bool).index_fill(0, torch.tensor([1]), False)
+        ),
+        ValueError,
+        "ref_mask",
+    ),
+    (
+        "mask-not-bool",
+        lambda r, k: bk.reward_quantiles(r, k, ref_mask=torch.ones(3, 5)),
+        TypeError,
+        "ref_mask",
+    ),
+    (
+        "mask-shape",
+        lambda r, k: bk.reward_quantiles(r, k, ref_mask=torch.ones(3, 4, dtype=torch.bool)),
+        ValueError,
+        "ref_mask",
+    ),
+    (
+        "mask-meta",
+        lambda r, k: bk.reward_quantiles(r, k, ref_mask=torch.ones(3, 5, dtype=torch.bool, device="meta")),
+        ValueError,
+        "ref_mask",
+    ),
     ("ref-meta", lambda r, k: bk.reward_quantiles(r, _meta(k)), ValueError, "ref_rewards"),
     ("rewards-1d", lambda r, k: bk.reward_quantiles(r[:, 0], k), ValueError, "rewards"),
     ("rewards-bool", lambda r, k: bk.reward_quantiles(r > 0, k), TypeError, "rewards"),
     ("rewards-complex", lambda r, k: bk.reward_quantiles(r.to(torch.complex64), k), TypeError, "rewards"),
-    ("smoothing-unknown", lambda r, k: bk.reward_quantiles(r, k, smoothing="laplace"), ValueError, "smoothing"),
+    (
+        "smoothing-unknown",
+        lambda r, k: bk.reward_quantiles(r, k, smoothing="laplace"),
+        ValueError,
+        "smoothing",
+    ),
     ("smoothing-zero", lambda r, k: bk.reward_quantiles(r, k, smoothing=0.0), ValueError, "smoothing"),
     ("smoothing-negative", lambda r, k: bk.reward_quantiles(r, k, smoothing=-0.1), ValueError, "smoothing"),
     ("smoothing-above-1", lambda r, k: bk.reward_quantiles(r, k, smoothing=1.5), ValueError, "smoothing"),
     ("smoothing-bool", lambda r, k: bk.reward_quantiles(r, k, smoothing=True), ValueError, "smoothing"),
     ("smoothing-nan", lambda r, k: bk.reward_quantiles(r, k, smoothing=NAN), ValueError, "smoothing"),
     ("backend-unknown", lambda r, k: bk.reward_quantiles(r, k, backend="numpy"), ValueError, "backend"),
-    ("bon-n-zero", lambda r, k: bk.bon_log_prob(torch.zeros(2), torch.ones(2), torch.ones(2), 0), ValueError, "n"),
-    ("bon-n-half", lambda r, k: bk.bon_log_prob(torch.zeros(2), torch.ones(2), torch.ones(2), 0.5), ValueError, "n"),
-    ("bon-n-nan", lambda r, k: bk.bon_log_prob(torch.zeros(2), torch.ones(2), torch.ones(2), NAN), ValueError, "n"),
-    ("bon-n-bool", lambda r, k: bk.bon_log_prob(torch.zeros(2), torch.ones(2), torch.ones(2), True), ValueError, "n"),
-    ("bon-n-str", lambda r, k: bk.bon_log_prob(torch.zeros(2), torch.ones(2), torch.ones(2), "2"), ValueError, "n"),
-    ("bon-p-le-str", lambda r, k: bk.bon_log_prob(torch.zeros(2), "0.5", torch.ones(2), 2), TypeError, "p_le"),
-    ("bon-p-lt-meta", lambda r, k: bk.bon_log_prob(torch.zeros(2), torch.ones(2), torch.ones(2, device="meta"), 2),
-     ValueError, "p_lt"),
+    (
+        "bon-n-zero",
+        lambda r, k: bk.bon_log_prob(torch.zeros(2), torch.ones(2), torch.ones(2), 0),
+        ValueError,
+        "n",
+    ),
+    (
+        "bon-n-half",
+        lambda r, k: bk.bon_log_prob(torch.zeros(2), torch.ones(2), torch.ones(2), 0.5),
+        ValueError,
+        "n",
+    ),
+    (
+        "bon-n-nan",
+        lambda r, k: bk.bon_log_prob(torch.zeros(2), torch.ones(2), torch.ones(2), NAN),
+        ValueError,
+        "n",
+    ),
+    (
+        "bon-n-bool",
+        lambda r, k: bk.bon_log_prob(torch.zeros(2), torch.ones(2), torch.ones(2), True),
+        ValueError,
+        "n",
+    ),
+    (
+        "bon-n-str",
+        lambda r, k: bk.bon_log_prob(torch.zeros(2), torch.ones(2), torch.ones(2), "2"),
+        ValueError,
+        "n",
+    ),
+    (
+        "bon-p-le-str",
+        lambda r, k: bk.bon_log_prob(torch.zeros(2), "0.5", torch.ones(2), 2),
+        TypeError,
+        "p_le",
+    ),
+    (
+        "bon-p-lt-meta",
+        lambda r, k: bk.bon_log_prob(torch.zeros(2), torch.ones(2), torch.ones(2, device="meta"), 2),
+        ValueError,
+        "p_lt",
+    ),
     ("boni-n-zero", lambda r, k: bk.best_of_n_indices(k, 0), ValueError, "n"),
     ("boni-n-float", lambda r, k: bk.best_of_n_indices(k, 2.0), TypeError, "n"),
     ("boni-n-above-k", lambda r, k: bk.best_of_n_indices(k, 6), ValueError, "ref_rewards"),
@@ -283,7 +457,12 @@ BOND_CASES = [
     ("beta-negative", dict(beta=-0.1), ValueError, "beta"),
     ("beta-above-1", dict(beta=1.1), ValueError, "beta"),
     ("beta-nan", dict(beta=NAN), ValueError, "beta"),
-    ("nan-policy-reward", dict(policy_rewards=_with_nan(torch.zeros(3, 2), (0, 1))), ValueError, "policy_rewards"),
+    (
+        "nan-policy-reward",
+        dict(policy_rewards=_with_nan(torch.zeros(3, 2), (0, 1))),
+        ValueError,
+        "policy_rewards",
+    ),
     ("nan-ref-reward", dict(ref_rewards=_with_nan(torch.zeros(3, 5), (2, 2))), ValueError, "ref_rewards"),
     ("empty-reference-set", dict(ref_rewards=torch.zeros(3, 0)), ValueError, "ref_rewards"),
     ("mask-empty-row", dict(ref_mask=_mask_empty_row()), ValueError, "ref_mask"),
@@ -301,8 +480,12 @@ BOND_CASES = [
     ("baseline-int", dict(baseline=torch.zeros(3, 2, dtype=torch.int64)), TypeError, "baseline"),
     ("baseline-meta", dict(baseline=torch.zeros(3, 2, device="meta")), ValueError, "baseline"),
     ("correction-str", dict(correction="False"), TypeError, "correction"),
-    ("meta-policy-rewards", dict(policy_rewards=torch.zeros(3, 2, device="meta"), ref_rewards=torch.zeros(3, 5, device="meta")),
-     ValueError, "policy_rewards"),
+    (
+        "meta-policy-rewards",
+        dict(policy_rewards=torch.zeros(3, 2, device="meta"), ref_rewards=torch.zeros(3, 5, device="meta")),
+        ValueError,
+        "policy_rewards",
+    ),
     ("meta-ref-rewards", dict(ref_rewards=torch.zeros(3, 5, device="meta")), ValueError, "ref_rewards"),
     ("meta-bon-logp", dict(bon_logp=torch.zeros(3, 1, device="meta")), ValueError, "bon_logp"),
     ("meta-ref-logp", dict(policy_ref_logp=torch.zeros(3, 2, device="meta")), ValueError, "policy_ref_logp"),
@@ -329,8 +512,18 @@ JBOND_CASES = [
     ("gamma-negative", dict(gamma=-1.0), ValueError, "gamma"),
     ("gamma-nan", dict(gamma=NAN), ValueError, "gamma"),
     ("penalty-negative", dict(penalty=-math.log(16)), ValueError, "penalty"),
-    ("nan-policy-reward", dict(policy_rewards=torch.tensor([0.0, NAN, 1.0, 2.0])), ValueError, "policy_rewards"),
-    ("nan-anchor-reward", dict(anchor_rewards=_with_nan(torch.zeros(4, 2), (3, 1))), ValueError, "anchor_rewards"),
+    (
+        "nan-policy-reward",
+        dict(policy_rewards=torch.tensor([0.0, NAN, 1.0, 2.0])),
+        ValueError,
+        "policy_rewards",
+    ),
+    (
+        "nan-anchor-reward",
+        dict(anchor_rewards=_with_nan(torch.zeros(4, 2), (3, 1))),
+        ValueError,
+        "anchor_rewards",
+    ),
     ("three-anchors", dict(anchor_rewards=torch.zeros(4, 3)), ValueError, "anchor_rewards"),
     ("B-anchor-rewards", dict(anchor_rewards=torch.zeros(5, 2)), ValueError, "anchor_rewards"),
     ("B-policy-rewards", dict(policy_rewards=torch.zeros(3)), ValueError, "policy_rewards"),
@@ -339,8 +532,12 @@ JBOND_CASES = [
     ("empty-batch", dict(policy_logp=torch.zeros(0)), ValueError, "policy_logp"),
     ("policy-logp-2d", dict(policy_logp=torch.zeros(4, 1)), ValueError, "policy_logp"),
     ("policy-logp-int", dict(policy_logp=torch.zeros(4, dtype=torch.int64)), TypeError, "policy_logp"),
-    ("meta-rewards", dict(policy_rewards=torch.zeros(4, device="meta"), anchor_rewards=torch.zeros(4, 2, device="meta")),
-     ValueError, "policy_rewards"),
+    (
+        "meta-rewards",
+        dict(policy_rewards=torch.zeros(4, device="meta"), anchor_rewards=torch.zeros(4, 2, device="meta")),
+        ValueError,
+        "policy_rewards",
+    ),
     ("meta-anchor-logp", dict(anchor_logp=torch.zeros(4, device="meta")), ValueError, "anchor_logp"),
     ("meta-best-logp", dict(best_anchor_logp=torch.zeros(4, device="meta")), ValueError, "best_anchor_logp"),
 ]
@@ -363,10 +560,24 @@ JEFFREYS_CASES = [
     ("beta-above-1", lambda p: bk.token_jeffreys(p, p, beta=1.01), ValueError, "beta"),
     ("beta-negative", lambda p: bk.token_jeffreys(p, p, beta=-0.01), ValueError, "beta"),
     ("temperature-0", lambda p: bk.token_jeffreys(p, p, temperature=0), ValueError, "temperature"),
-    ("mask-not-bool", lambda p: bk.token_jeffreys(p, p, ignore_mask=torch.zeros(6)), ValueError, "ignore_mask"),
-    ("mask-shape", lambda p: bk.token_jeffreys(p, p, ignore_mask=torch.zeros(5, dtype=torch.bool)), ValueError, "ignore_mask"),
-    ("mask-meta", lambda p: bk.token_jeffreys(p, p, ignore_mask=torch.zeros(6, dtype=torch.bool, device="meta")),
-     ValueError, "ignore_mask"),
+    (
+        "mask-not-bool",
+        lambda p: bk.token_jeffreys(p, p, ignore_mask=torch.zeros(6)),
+        ValueError,
+        "ignore_mask",
+    ),
+    (
+        "mask-shape",
+        lambda p: bk.token_jeffreys(p, p, ignore_mask=torch.zeros(5, dtype=torch.bool)),
+        ValueError,
+        "ignore_mask",
+    ),
+    (
+        "mask-meta",
+        lambda p: bk.token_jeffreys(p, p, ignore_mask=torch.zeros(6, dtype=torch.bool, device="meta")),
+        ValueError,
+        "ignore_mask",
+    ),
     ("backend-unknown", lambda p: bk.token_jeffreys(p, p, backend="jax"), ValueError, "backend"),
 ]
 
@@ -410,7 +621,9 @@ def test_token_ops_do_not_modify_inputs(backend):
     grad_logp = torch.randn(4, 5, generator=g)
     inputs = [logits, labels, anchor, mask, cu, grad_logp]
     before = _snapshot(inputs)
-    logp, ent = bk.token_logprobs(logits, labels, temperature=0.9, softcap=5.0, return_entropy=True, backend=backend)
+    logp, ent = bk.token_logprobs(
+        logits, labels, temperature=0.9, softcap=5.0, return_entropy=True, backend=backend
+    )
     seq = bk.sequence_logprobs(logits, labels, backend=backend)
     packed = bk.sequence_logprobs(logits.view(20, 13), labels.view(20), cu_seqlens=cu, backend=backend)
     div = bk.token_jeffreys(logits, anchor, ignore_mask=mask, backend=backend)

@@ -102,7 +102,13 @@ def _run_tabular_bond(n, seed, steps, batch, m, k, beta, lr, smoothing):
             pool = prob.sample(prob.ref_logp, (batch, n))
             bon_y = pool.gather(1, bk.best_of_n_indices(prob.rewards[pool], n))
         out = bk.bond_loss(
-            logp[ys], prob.ref_logp[ys], prob.rewards[ys], prob.rewards[refs], logp[bon_y], n=n, beta=beta,
+            logp[ys],
+            prob.ref_logp[ys],
+            prob.rewards[ys],
+            prob.rewards[refs],
+            logp[bon_y],
+            n=n,
+            beta=beta,
             smoothing=smoothing,
         )
         opt.zero_grad()
@@ -204,8 +210,12 @@ def _plot_jbond(result, path):
     pk, pq = zip(*result["bon_points"])
     ax.plot(pk, pq, "o", ms=3, color="0.5", label="Best-of-N of this pi_ref (exact), N = 1..64")
     for n in (2, 4, 8, 16):
-        ax.annotate(f"N={n}", result["bon_curve"][n - 1], textcoords="offset points", xytext=(4, -10), fontsize=8)
-    ax.plot(result["kl_to_ref"], result["quantile"], "-", color="tab:red", lw=1.5, label="J-BOND + EMA anchor")
+        ax.annotate(
+            f"N={n}", result["bon_curve"][n - 1], textcoords="offset points", xytext=(4, -10), fontsize=8
+        )
+    ax.plot(
+        result["kl_to_ref"], result["quantile"], "-", color="tab:red", lw=1.5, label="J-BOND + EMA anchor"
+    )
     ax.axhline(2 / 3, color="tab:blue", ls=":", lw=1, label="Best-of-2: 2/3")
     ax.set_xlabel("KL(pi || pi_ref) [nats]")
     ax.set_ylabel("mean reward quantile under pi_ref")
@@ -231,7 +241,9 @@ def test_monte_carlo_bond_reaches_best_of_n(n, beta, seed):
     res = run_tabular_bond(n, seed=seed, beta=beta)
     # KL(pi_ref || pi_BoN) is 1 - log N + O(1/K) here (0.30 for N = 2, 1.59 for N = 4): training must move far.
     assert res["kl_start"] > 0.25
-    assert res["kl_end"] < 0.02, f"exact KL(pi || pi_BoN) = {res['kl_end']:.4f} after training (N = {n}, beta = {beta})"
+    assert res["kl_end"] < 0.02, (
+        f"exact KL(pi || pi_BoN) = {res['kl_end']:.4f} after training (N = {n}, beta = {beta})"
+    )
 
 
 def test_jbond_with_ema_anchor_climbs_past_best_of_2(tmp_path, capsys, record_property):

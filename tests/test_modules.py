@@ -2,7 +2,6 @@
 upstream gradients, torch backend), and EMAAnchor's fused update equals the reference loop."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -31,7 +30,11 @@ def _assert_same(a, b, exact):
 # TokenLogprobs / TokenJeffreys
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("opts", [dict(), dict(temperature=0.8, softcap=6.0, ignore_index=3)], ids=["plain", "temp-softcap-ignore3"])
+@pytest.mark.parametrize(
+    "opts",
+    [dict(), dict(temperature=0.8, softcap=6.0, ignore_index=3)],
+    ids=["plain", "temp-softcap-ignore3"],
+)
 def test_token_logprobs_module_functional_reference(dtype, opts):
     g = _gen(1)
     logits = (2 * torch.randn(3, 4, 19, generator=g)).to(dtype)
@@ -47,7 +50,10 @@ def test_token_logprobs_module_functional_reference(dtype, opts):
     ):
         x = logits.clone().requires_grad_(True)
         logp, ent = fn(x)
-        up = [torch.randn(labels.shape, generator=_gen(7), dtype=logp.dtype), torch.randn(labels.shape, generator=_gen(8), dtype=ent.dtype)]
+        up = [
+            torch.randn(labels.shape, generator=_gen(7), dtype=logp.dtype),
+            torch.randn(labels.shape, generator=_gen(8), dtype=ent.dtype),
+        ]
         (gx,) = _grads([logp, ent], [x], up)
         outs.append((logp.detach(), ent.detach(), gx))
     for other in outs[1:]:
@@ -68,7 +74,9 @@ def test_token_jeffreys_module_functional_reference(beta, temperature):
     outs = []
     for fn in (
         lambda x: mod(x, anc, ignore_mask=mask),
-        lambda x: bk.token_jeffreys(x, anc, beta=beta, temperature=temperature, ignore_mask=mask, backend="torch"),
+        lambda x: bk.token_jeffreys(
+            x, anc, beta=beta, temperature=temperature, ignore_mask=mask, backend="torch"
+        ),
         lambda x: ref.token_jeffreys(x, anc, beta=beta, temperature=temperature, ignore_mask=mask),
     ):
         x = pol.clone().requires_grad_(True)
@@ -95,14 +103,27 @@ def _bond_inputs(dtype, seed=3, b=4, m=3, k=7, j=2):
     )
 
 
-BOND_FIELDS = ("loss", "backward_kl", "forward_ce", "mean_quantile", "kl_to_ref", "p_le", "bon_logp_target",
-               "policy_coef", "bon_coef")
+BOND_FIELDS = (
+    "loss",
+    "backward_kl",
+    "forward_ce",
+    "mean_quantile",
+    "kl_to_ref",
+    "p_le",
+    "bon_logp_target",
+    "policy_coef",
+    "bon_coef",
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
     "opts",
-    [dict(n=4), dict(n=2, beta=0.3, baseline="mean", smoothing=0.1, correction=True), dict(n=3.5, baseline="none", smoothing="none")],
+    [
+        dict(n=4),
+        dict(n=2, beta=0.3, baseline="mean", smoothing=0.1, correction=True),
+        dict(n=3.5, baseline="none", smoothing="none"),
+    ],
     ids=["default", "mean-eps-correction", "none"],
 )
 @pytest.mark.parametrize("masked", [False, True])
@@ -134,14 +155,18 @@ def test_bond_loss_module_functional_reference(dtype, opts, masked):
     for i, (out, gp, gb) in enumerate(results[1:], start=1):
         exact = i == 1 or dtype == torch.float64
         for field in BOND_FIELDS:
-            _assert_same(getattr(results[0][0], field).to(torch.float64), getattr(out, field).to(torch.float64), exact)
+            _assert_same(
+                getattr(results[0][0], field).to(torch.float64), getattr(out, field).to(torch.float64), exact
+            )
         _assert_same(results[0][1], gp, exact)
         _assert_same(results[0][2], gb, exact)
     assert results[0][1].abs().sum() > 0 and results[0][2].abs().sum() > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("opts", [dict(), dict(beta=0.25, gamma=1.5, penalty=2.0, strict=False)], ids=["default", "custom"])
+@pytest.mark.parametrize(
+    "opts", [dict(), dict(beta=0.25, gamma=1.5, penalty=2.0, strict=False)], ids=["default", "custom"]
+)
 def test_jbond_loss_module_functional_reference(dtype, opts):
     g = _gen(6)
     b = 9
@@ -163,11 +188,22 @@ def test_jbond_loss_module_functional_reference(dtype, opts):
         out = fn(args)
         gp, gb = _grads(out.loss, [args[0], args[4]], up)
         results.append((out, gp, gb))
-    fields = ("loss", "reward_mean", "penalised_frac", "kl_to_anchor", "forward_ce", "jbond_reward", "policy_coef", "best_coef")
+    fields = (
+        "loss",
+        "reward_mean",
+        "penalised_frac",
+        "kl_to_anchor",
+        "forward_ce",
+        "jbond_reward",
+        "policy_coef",
+        "best_coef",
+    )
     for i, (out, gp, gb) in enumerate(results[1:], start=1):
         exact = i == 1 or dtype == torch.float64
         for field in fields:
-            _assert_same(getattr(results[0][0], field).to(torch.float64), getattr(out, field).to(torch.float64), exact)
+            _assert_same(
+                getattr(results[0][0], field).to(torch.float64), getattr(out, field).to(torch.float64), exact
+            )
         _assert_same(results[0][1], gp, exact)
         _assert_same(results[0][2], gb, exact)
 
@@ -243,7 +279,7 @@ def test_ema_anchor_one_foreach_call_per_device_dtype_group(monkeypatch):
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(torch.randn(p.shape, generator=_gen(3), dtype=p.dtype))
-        for name, buf in policy.named_buffers():
+        for buf in policy.buffers():
             if buf.is_floating_point():
                 buf.add_(1.0)
             else:

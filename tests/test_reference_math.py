@@ -87,7 +87,9 @@ def test_bon_log_prob_equals_brute_force_enumeration(space, n):
 
     # The same through reward_quantiles: the multiset holding reward r_y w_y times IS pi_ref, so the Monte
     # Carlo estimate with smoothing="none" is exact.
-    multiset = torch.tensor([float(r) for r, w in zip(rewards, weights) for _ in range(w)], dtype=torch.float64)
+    multiset = torch.tensor(
+        [float(r) for r, w in zip(rewards, weights) for _ in range(w)], dtype=torch.float64
+    )
     q_le, q_lt = bk.reward_quantiles(
         torch.tensor([rewards], dtype=torch.float64), multiset.unsqueeze(0), smoothing="none", backend="torch"
     )
@@ -312,8 +314,12 @@ def test_iterated_best_of_n_equals_best_of_product(ties):
     torch.testing.assert_close(three_rounds, _bon_distribution(probs, rewards, 8), rtol=1e-12, atol=1e-15)
     # Rounds of different sizes compose by multiplication in either order: Bo2(Bo3) = Bo3(Bo2) = Bo6.
     bo6 = _bon_distribution(probs, rewards, 6)
-    torch.testing.assert_close(_bon_distribution(_bon_distribution(probs, rewards, 3), rewards, 2), bo6, rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(_bon_distribution(_bon_distribution(probs, rewards, 2), rewards, 3), bo6, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        _bon_distribution(_bon_distribution(probs, rewards, 3), rewards, 2), bo6, rtol=1e-12, atol=1e-15
+    )
+    torch.testing.assert_close(
+        _bon_distribution(_bon_distribution(probs, rewards, 2), rewards, 3), bo6, rtol=1e-12, atol=1e-15
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -351,18 +357,27 @@ def test_reward_quantiles_vs_counting(smoothing, masked, dtype):
     # Integer-valued rewards: many ties between candidates and references; +-inf at the ends.
     rewards = torch.randint(-3, 4, (b, n), generator=g).to(dtype)
     ref_rewards = torch.randint(-3, 4, (b, k), generator=g).to(dtype)
-    rewards[0, 0], rewards[1, 1], ref_rewards[2, 3], ref_rewards[3, 0] = math.inf, -math.inf, math.inf, -math.inf
+    rewards[0, 0], rewards[1, 1], ref_rewards[2, 3], ref_rewards[3, 0] = (
+        math.inf,
+        -math.inf,
+        math.inf,
+        -math.inf,
+    )
     mask = None
     if masked:
         mask = torch.rand(b, k, generator=g) < 0.6
         mask[:, 0] = True  # every row keeps a reference
         mask[4] = False
         mask[4, 5] = True  # a row with exactly one valid reference
-    want_le, want_lt = _count_quantiles(rewards.tolist(), ref_rewards.tolist(), None if mask is None else mask.tolist(), smoothing)
+    want_le, want_lt = _count_quantiles(
+        rewards.tolist(), ref_rewards.tolist(), None if mask is None else mask.tolist(), smoothing
+    )
     want_le = torch.tensor(want_le, dtype=dtype)
     want_lt = torch.tensor(want_lt, dtype=dtype)
     for fn in (
-        lambda: bk.reward_quantiles(rewards, ref_rewards, ref_mask=mask, smoothing=smoothing, backend="torch"),
+        lambda: bk.reward_quantiles(
+            rewards, ref_rewards, ref_mask=mask, smoothing=smoothing, backend="torch"
+        ),
         lambda: ref.reward_quantiles(rewards, ref_rewards, ref_mask=mask, smoothing=smoothing),
     ):
         p_le, p_lt = fn()
@@ -372,7 +387,9 @@ def test_reward_quantiles_vs_counting(smoothing, masked, dtype):
     # Masked-out references must not matter, whatever their value (NaN included: validate skips them).
     if masked:
         poisoned = torch.where(mask, ref_rewards, torch.full_like(ref_rewards, float("nan")))
-        p_le2, p_lt2 = bk.reward_quantiles(rewards, poisoned, ref_mask=mask, smoothing=smoothing, backend="torch")
+        p_le2, p_lt2 = bk.reward_quantiles(
+            rewards, poisoned, ref_mask=mask, smoothing=smoothing, backend="torch"
+        )
         torch.testing.assert_close(p_le2, want_le, rtol=0, atol=1e-7 if dtype == torch.float32 else 1e-15)
 
 
@@ -460,19 +477,40 @@ def test_bond_loss_gradient_is_the_estimator(m, baseline, correction, beta):
     if baseline == "tensor":
         base_arg = torch.randn(bsz, m, generator=g, dtype=torch.float64).requires_grad_(True)
     out = bk.bond_loss(
-        policy_logp, ref_logp, rewards, ref_rewards, bon_logp, n=n, beta=beta, baseline=base_arg, correction=correction
+        policy_logp,
+        ref_logp,
+        rewards,
+        ref_rewards,
+        bon_logp,
+        n=n,
+        beta=beta,
+        baseline=base_arg,
+        correction=correction,
     )
     upstream = torch.randn((), generator=g, dtype=torch.float64)
     out.loss.backward(upstream)
 
     hand_base = base_arg.tolist() if baseline == "tensor" else baseline
     g_pol, g_bon, ret = _hand_bond(
-        policy_logp.tolist(), ref_logp.tolist(), rewards.tolist(), ref_rewards.tolist(), n, beta, hand_base,
-        correction, j,
+        policy_logp.tolist(),
+        ref_logp.tolist(),
+        rewards.tolist(),
+        ref_rewards.tolist(),
+        n,
+        beta,
+        hand_base,
+        correction,
+        j,
     )
-    torch.testing.assert_close(policy_logp.grad, upstream * torch.tensor(g_pol, dtype=torch.float64), rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(bon_logp.grad, upstream * torch.tensor(g_bon, dtype=torch.float64), rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(out.policy_coef, torch.tensor(g_pol, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        policy_logp.grad, upstream * torch.tensor(g_pol, dtype=torch.float64), rtol=1e-12, atol=1e-15
+    )
+    torch.testing.assert_close(
+        bon_logp.grad, upstream * torch.tensor(g_bon, dtype=torch.float64), rtol=1e-12, atol=1e-15
+    )
+    torch.testing.assert_close(
+        out.policy_coef, torch.tensor(g_pol, dtype=torch.float64), rtol=1e-12, atol=1e-15
+    )
     if baseline == "tensor":  # the baseline is a constant: no gradient may reach it
         assert base_arg.grad is None
     # Diagnostics: backward-KL estimate mean(log pi - log pi_BoN), forward CE, KL to the reference.
@@ -521,10 +559,26 @@ def test_bond_expected_gradient_is_the_jeffreys_gradient(beta):
     total = torch.zeros((), dtype=torch.float64)
     for y in range(kk):
         args = (ref_logp[y].view(1, 1), rewards[y].view(1, 1), refs)
-        back = bk.bond_loss(logp[y].view(1, 1), *args, logp[y].view(1, 1).detach(), n=n, beta=1.0, baseline="none",
-                            smoothing="none", correction=True)
-        fwd = bk.bond_loss(logp[y].view(1, 1).detach(), *args, logp[y].view(1, 1), n=n, beta=0.0, baseline="none",
-                           smoothing="none", correction=True)
+        back = bk.bond_loss(
+            logp[y].view(1, 1),
+            *args,
+            logp[y].view(1, 1).detach(),
+            n=n,
+            beta=1.0,
+            baseline="none",
+            smoothing="none",
+            correction=True,
+        )
+        fwd = bk.bond_loss(
+            logp[y].view(1, 1).detach(),
+            *args,
+            logp[y].view(1, 1),
+            n=n,
+            beta=0.0,
+            baseline="none",
+            smoothing="none",
+            correction=True,
+        )
         torch.testing.assert_close(back.bon_logp_target, log_bon[y].view(1, 1), rtol=1e-13, atol=1e-13)
         total = total + beta * logp[y].exp().detach() * back.loss + (1 - beta) * log_bon[y].exp() * fwd.loss
     (grad_est,) = torch.autograd.grad(total, z, retain_graph=True)
@@ -559,18 +613,33 @@ def test_jbond_loss_gradient_is_the_estimator(strict, beta, gamma, bsz):
     g = _gen(31 + bsz)
     logp = (-4 * torch.rand(bsz, generator=g, dtype=torch.float64)).requires_grad_(True)
     anchor_logp = -4 * torch.rand(bsz, generator=g, dtype=torch.float64)
-    rewards = torch.randint(0, 3, (bsz,), generator=g).to(torch.float64)  # ties with the anchors: strict matters
+    rewards = torch.randint(0, 3, (bsz,), generator=g).to(
+        torch.float64
+    )  # ties with the anchors: strict matters
     anchor_rewards = torch.randint(0, 3, (bsz, 2), generator=g).to(torch.float64)
     best = (-4 * torch.rand(bsz, generator=g, dtype=torch.float64)).requires_grad_(True)
     penalty = math.log(16)
-    out = bk.jbond_loss(logp, anchor_logp, rewards, anchor_rewards, best, beta=beta, gamma=gamma, strict=strict)
+    out = bk.jbond_loss(
+        logp, anchor_logp, rewards, anchor_rewards, best, beta=beta, gamma=gamma, strict=strict
+    )
     upstream = torch.randn((), generator=g, dtype=torch.float64)
     out.loss.backward(upstream)
     g_pol, g_best, r_j = _hand_jbond(
-        logp.tolist(), anchor_logp.tolist(), rewards.tolist(), anchor_rewards.tolist(), beta, gamma, penalty, strict
+        logp.tolist(),
+        anchor_logp.tolist(),
+        rewards.tolist(),
+        anchor_rewards.tolist(),
+        beta,
+        gamma,
+        penalty,
+        strict,
     )
-    torch.testing.assert_close(logp.grad, upstream * torch.tensor(g_pol, dtype=torch.float64), rtol=1e-12, atol=1e-15)
-    torch.testing.assert_close(best.grad, upstream * torch.tensor(g_best, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        logp.grad, upstream * torch.tensor(g_pol, dtype=torch.float64), rtol=1e-12, atol=1e-15
+    )
+    torch.testing.assert_close(
+        best.grad, upstream * torch.tensor(g_best, dtype=torch.float64), rtol=1e-12, atol=1e-15
+    )
     assert out.jbond_reward.tolist() == r_j
     assert out.reward_mean.item() == pytest.approx(sum(r_j) / bsz, rel=1e-12, abs=1e-15)
     assert out.penalised_frac.item() == pytest.approx(sum(r < 0 for r in r_j) / bsz, rel=1e-12, abs=1e-15)
@@ -595,8 +664,15 @@ def test_jbond_gamma_term_decreases_kl_to_anchor():
 
     def gamma_loss(z, y):
         logp = z.log_softmax(0)
-        return bk.jbond_loss(logp[y].view(1), anchor[y].view(1), zero, torch.zeros(1, 2, dtype=torch.float64),
-                             zero, beta=0.0, gamma=gamma).loss
+        return bk.jbond_loss(
+            logp[y].view(1),
+            anchor[y].view(1),
+            zero,
+            torch.zeros(1, 2, dtype=torch.float64),
+            zero,
+            beta=0.0,
+            gamma=gamma,
+        ).loss
 
     for y in range(v):
         z = z0.clone().requires_grad_(True)
@@ -658,7 +734,9 @@ def test_token_logprobs_vs_categorical(temperature, softcap):
     labels[1, 2] = labels[2, 0] = -100  # ignored positions
     x[2, 0] = -math.inf  # an all -inf row is fine when its label is ignored
     x = x.requires_grad_(True)
-    logp, ent = bk.token_logprobs(x, labels, temperature=temperature, softcap=softcap, return_entropy=True, backend="torch")
+    logp, ent = bk.token_logprobs(
+        x, labels, temperature=temperature, softcap=softcap, return_entropy=True, backend="torch"
+    )
     assert logp.dtype == torch.float64 and logp.shape == shape
 
     keep = labels != -100
@@ -712,7 +790,10 @@ def test_sequence_logprobs_padded_and_packed_vs_loop():
     lp = torch.randint(0, v, (total,), generator=g)
     cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
     packed = bk.sequence_logprobs(xp, lp, cu_seqlens=cu, backend="torch")
-    want = [sum(Categorical(logits=xp[i]).log_prob(lp[i]).item() for i in range(cu[b], cu[b + 1])) for b in range(4)]
+    want = [
+        sum(Categorical(logits=xp[i]).log_prob(lp[i]).item() for i in range(cu[b], cu[b + 1]))
+        for b in range(4)
+    ]
     torch.testing.assert_close(packed, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 

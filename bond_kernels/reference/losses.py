@@ -8,6 +8,9 @@ import torch
 from .bon import bon_log_prob
 from .quantiles import reward_quantiles
 
+# The J-BOND penalty: E[r_J] = −log 16·(1 − p_le)² equals log p_le at the median p_le = 1/2 (BOND-MATH s. 4).
+LOG16 = math.log(16)
+
 
 class BondOutput(NamedTuple):
     """``bond_loss`` result.  Scalars are 0-dim fp32 tensors; per-sample tensors are detached."""
@@ -129,7 +132,7 @@ def jbond_loss(
     *,
     beta=0.5,
     gamma=0.0,
-    penalty=math.log(16),
+    penalty=LOG16,
     strict=True,
 ):
     """J-BOND loss (BOND-MATH.md section 4), averaged over the B prompts.
