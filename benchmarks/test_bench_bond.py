@@ -1,0 +1,473 @@
+"""GPU benchmarks of the BOND objective: the sequence-level kernel, token_jeffreys, and a whole BOND step.
+
+1. Sequence level, B = 1024 prompts, n = 16 candidates (policy samples) per prompt, k = 64 reference
+   rewards, one Best-of-N sample per prompt (PERFORMANCE.md target: one launch, <= 0.01 ms on an H100):
+   the fused ``bond_sequence`` op (cuda), the whole ``bk.bond_loss`` forward (+ backward), reward_quantiles
+   alone (cuda, triton), J-BOND at B = 1024, each against the torch reference.  Two timings per row:
+   ``triton.testing.do_bench`` (eager launches: includes the host launch overhead whenever the GPU outruns
+   the host) and ``do_bench_cudagraph`` (the same work replayed from a CUDA graph: GPU time only).
+2. ``token_jeffreys`` at N = 8192, V = 128256, bf16 (randn × 4, anchor = policy + noise): Triton against
+   torch eager (the reference) and ``torch.compile`` of it.  Byte floors: forward reads both rows once,
+   2·2·N·V bytes (target >= 0.85 of copy bandwidth); forward + backward adds one more read of both rows and
+   the gradient write, 5·2·N·V.  Fractions are of the device-to-device copy bandwidth measured in the same
+   process.  ``--table`` also times the forward kernel under a few (BLOCK, num_warps) choices.
+3. A whole BOND step on N = 8192 tokens of V = 128256 bf16 logits (32 prompts, one policy sample and one
+   Best-of-N sample each, 128 tokens per sequence): ``sequence_logprobs`` forward + backward + ``bond_loss``,
+   against ``token_logprobs`` forward + backward alone on the same logits (target <= 1.10×), plus the
+   gradient-in-forward variant (coefficients from behaviour log-probs, one read + one write).
+
+Run (GPU only): ``pytest benchmarks/test_bench_bond.py -m gpu`` or ``python benchmarks/test_bench_bond.py
+--table [--out results.md]`` (benchmarks/gpu_check.sh uses the latter).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+# Where the benchmarks run and which backend serves the sequence-level op: module globals, so a CPU smoke
+# run (tiny sizes, "cpu") can exercise every code path of this file before it costs GPU time.
+DEV, SEQ_BACKEND = "cuda", "cuda"
+SEQ_B, SEQ_M, SEQ_K, SEQ_J = 1024, 16, 64, 1
+JF_N, JF_V = 8192, 128256
+STEP_PROMPTS, STEP_T, STEP_V = 32, 128, 128256
+
+
+# --------------------------------------------------------------------------------------------------------
+# 1. sequence level
+# --------------------------------------------------------------------------------------------------------
+def seq_inputs(b=SEQ_B, m=SEQ_M, k=SEQ_K, j=SEQ_J, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    lp = (torch.randn(b, m, device=DEV, generator=g) * 4 - 30).requires_grad_(True)
+    rl = torch.randn(b, m, device=DEV, generator=g) * 4 - 30
+    pr = torch.randn(b, m, device=DEV, generator=g)
+    rr = torch.randn(b, k, device=DEV, generator=g)
+    bl = (torch.randn(b, j, device=DEV, generator=g) * 4 - 30).requires_grad_(True)
+    return lp, rl, pr, rr, bl
+
+
+SEQ_CASES = [
+    "bond_sequence op (cuda), m = 16",
+    "bond_sequence op (cuda), m = 1 (batch LOO, last block)",
+    "bk.bond_loss fwd (fused)",
+    "reference bond_loss fwd",
+    "bk.bond_loss fwd+bwd (fused)",
+    "reference bond_loss fwd+bwd",
+    "reward_quantiles (cuda)",
+    "reward_quantiles (triton)",
+    "reference reward_quantiles",
+    "jbond_sequence op (cuda), B = 1024",
+    "bk.jbond_loss fwd (fused)",
+    "reference jbond_loss fwd",
+]
+
+
+def seq_cases():
+    """{name: (fn, reference name or None)} for the sequence-level rows (names: SEQ_CASES)."""
+    import bond_kernels as bk
+    from bond_kernels import reference as R
+    from bond_kernels.ops.bond_sequence import bond_sequence, jbond_sequence
+
+    lp, rl, pr, rr, bl = seq_inputs()
+    no_mask = torch.empty(0, dtype=torch.bool, device=DEV)
+    lpd, bld = lp.detach(), bl.detach()
+    kw = dict(n=16, beta=0.5, correction=True)
+    up = torch.randn((), device=DEV)
+
+    def fwd_bwd(f):
+        def step():
+            out = f()
+            return torch.autograd.grad(out.loss, (lp, bl), up)
+
+        return step
+
+    jl, jal, jpr = lp[:, 0].detach().requires_grad_(True), rl[:, 0].contiguous(), pr[:, 0].contiguous()
+    jar, jbest = rr[:, :2].contiguous(), bl[:, 0].detach().requires_grad_(True)
+    cases = {
+        "bond_sequence op (cuda), m = 16": (
+            lambda: bond_sequence(lpd, rl, pr, rr, no_mask, bld, 16.0, 0.5, 1, 0.0, True, 0, SEQ_BACKEND), None),
+        "bond_sequence op (cuda), m = 1 (batch LOO, last block)": (
+            lambda: bond_sequence(lpd[:, :1], rl[:, :1], pr[:, :1], rr, no_mask, bld, 16.0, 0.5, 1, 0.0, True, 0,
+                                  SEQ_BACKEND), None),
+        "bk.bond_loss fwd (fused)": (lambda: bk.bond_loss(lp, rl, pr, rr, bl, validate=False, **kw),
+                                     "reference bond_loss fwd"),
+        "reference bond_loss fwd": (lambda: R.bond_loss(lp, rl, pr, rr, bl, **kw), None),
+        "bk.bond_loss fwd+bwd (fused)": (fwd_bwd(lambda: bk.bond_loss(lp, rl, pr, rr, bl, validate=False, **kw)),
+                                         "reference bond_loss fwd+bwd"),
+        "reference bond_loss fwd+bwd": (fwd_bwd(lambda: R.bond_loss(lp, rl, pr, rr, bl, **kw)), None),
+        "reward_quantiles (cuda)": (
+            lambda: bk.reward_quantiles(pr, rr, smoothing="self", backend=SEQ_BACKEND, validate=False),
+            "reference reward_quantiles"),
+        "reward_quantiles (triton)": (
+            lambda: bk.reward_quantiles(pr, rr, smoothing="self", backend="triton", validate=False),
+            "reference reward_quantiles"),
+        "reference reward_quantiles": (lambda: R.reward_quantiles(pr, rr, smoothing="self"), None),
+        "jbond_sequence op (cuda), B = 1024": (
+            lambda: jbond_sequence(jl.detach(), jal, jpr, jar, jbest.detach(), 0.5, 0.1, 2.77, True, SEQ_BACKEND), None),
+        "bk.jbond_loss fwd (fused)": (lambda: bk.jbond_loss(jl, jal, jpr, jar, jbest, gamma=0.1, validate=False),
+                                      "reference jbond_loss fwd"),
+        "reference jbond_loss fwd": (lambda: R.jbond_loss(jl, jal, jpr, jar, jbest, gamma=0.1), None),
+    }
+    assert list(cases) == SEQ_CASES
+    return cases
+
+
+def measure_seq():
+    import triton.testing
+
+    rows = []
+    cases = seq_cases()
+    for name, (fn, _) in cases.items():
+        fn()
+        torch.cuda.synchronize()
+        eager = C.median_ms(fn, warmup=50, rep=200)
+        try:
+            graph = float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+        except Exception as exc:  # a provider that cannot be captured still gets its eager time
+            graph = f"n/a ({type(exc).__name__})"
+        rows.append({"name": name, "eager_ms": eager, "graph_ms": graph, "vs": cases[name][1]})
+    by_name = {r["name"]: r for r in rows}
+    for r in rows:
+        ref = by_name.get(r["vs"]) if r["vs"] else None
+        if ref is not None and isinstance(r["graph_ms"], float) and isinstance(ref["graph_ms"], float):
+            r["speedup"] = f"{ref['graph_ms'] / r['graph_ms']:.1f}× (graph), {ref['eager_ms'] / r['eager_ms']:.1f}× (eager)"
+        else:
+            r["speedup"] = ""
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# 2. token_jeffreys
+# --------------------------------------------------------------------------------------------------------
+def jf_inputs(n=JF_N, v=JF_V, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    z = (torch.randn(n, v, device=DEV, generator=g) * 4).to(torch.bfloat16)
+    a = (z.float() + torch.randn(n, v, device=DEV, generator=g)).to(torch.bfloat16)
+    up = torch.randn(n, device=DEV, generator=g)
+    return z, a, up
+
+
+_COMPILED = {}
+
+
+def _jf_eager(z, a):
+    from bond_kernels import reference as R
+
+    return R.token_jeffreys(z, a, beta=0.5)
+
+
+def _jf_compiled():
+    if "jf" not in _COMPILED:
+        _COMPILED["jf"] = torch.compile(_jf_eager, dynamic=False)
+    return _COMPILED["jf"]
+
+
+JF_PROVIDERS = ["triton", "torch eager", "torch.compile"]
+
+
+def jf_build(mode, provider, z, a, up):
+    import bond_kernels as bk
+
+    f = {
+        "triton": lambda t: bk.token_jeffreys(t, a, beta=0.5, backend="triton"),
+        "torch eager": lambda t: _jf_eager(t, a),
+        "torch.compile": lambda t: _jf_compiled()(t, a),
+    }[provider]
+    if mode == "fwd":
+        return lambda: f(z)
+    zr = z.detach().requires_grad_(True)
+
+    def step():
+        (grad,) = torch.autograd.grad(f(zr), zr, up)
+        return grad
+
+    return step
+
+
+def measure_jf(copy_bps, n=JF_N, v=JF_V, skip=()):
+    from bond_kernels import reference as R
+
+    z, a, up = jf_inputs(n, v)
+    truth = R.token_jeffreys(z[:256].double(), a[:256].double(), beta=0.5)
+    rows = []
+    for mode, passes in (("fwd", 2), ("fwd+bwd", 5)):
+        for provider in JF_PROVIDERS:
+            if any(s in provider for s in skip):
+                continue
+            try:
+                fn = jf_build(mode, provider, z, a, up)
+                out = fn()
+                torch.cuda.synchronize()
+                err = (out[:256].double() - truth).abs().max().item() if mode == "fwd" else None
+                del out
+                peak = C.peak_extra_bytes(fn)
+                ms = C.median_ms(fn)
+            except Exception as exc:  # e.g. torch eager out of memory: keep the other rows
+                rows.append({"mode": mode, "provider": provider, "failed": f"{type(exc).__name__}: {exc}"[:200]})
+                torch.cuda.empty_cache()
+                continue
+            floor = passes * n * v * z.element_size()
+            gbps, frac = C.rate(floor, ms, copy_bps)
+            rows.append({"mode": mode, "provider": provider, "ms": ms, "gbps": gbps, "frac": frac, "peak": peak,
+                         "err": err, "floor": floor})
+            torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_jf(copy_bps, n=JF_N, v=JF_V):
+    """Forward/backward kernel time under a few (BLOCK, num_warps): which caps to keep (ops/triton/token_jeffreys.py)."""
+    from bond_kernels.ops.triton import token_jeffreys as tj
+
+    z, a, up = jf_inputs(n, v)
+    no_mask = torch.empty(0, dtype=torch.bool, device=DEV)
+    div, lse_p, lse_q, kl = tj.token_jeffreys_fwd(z, a, 0.5, 1.0, no_mask)
+    rows = []
+    outs = [torch.empty(n, device=DEV) for _ in range(4)]
+    grad = torch.empty_like(z)
+    for kernel, passes in (("fwd", 2), ("bwd", 3)):
+        for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)):
+            if kernel == "fwd":
+                def fn(block=block, warps=warps):
+                    tj._token_jeffreys_fwd_kernel[(n,)](z, a, no_mask, *outs, v, z.stride(0), a.stride(0), 0.5, 1.0,
+                                                        HAS_IGNORE=False, BLOCK=block, num_warps=warps)
+            else:
+                def fn(block=block, warps=warps):
+                    tj._token_jeffreys_bwd_kernel[(n,)](z, a, no_mask, lse_p, lse_q, kl, up, grad, v, z.stride(0),
+                                                        a.stride(0), grad.stride(0), 0.5, 1.0,
+                                                        HAS_IGNORE=False, BLOCK=block, num_warps=warps)
+            try:
+                fn()
+                ms = C.median_ms(fn, rep=50)
+            except Exception as exc:
+                rows.append([kernel, block, warps, f"FAILED: {type(exc).__name__}", ""])
+                continue
+            frac = C.rate(passes * n * v * z.element_size(), ms, copy_bps)[1]
+            rows.append([kernel, block, warps, f"{ms:.3f}", f"{frac:.2f}"])
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# 3. a whole BOND step
+# --------------------------------------------------------------------------------------------------------
+def step_inputs(prompts=STEP_PROMPTS, t=STEP_T, v=STEP_V, k=16, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    nseq = 2 * prompts  # one policy sample and one Best-of-N sample per prompt
+    x = (torch.randn(nseq, t, v, device=DEV, generator=g) * 4).to(torch.bfloat16)
+    y = torch.randint(0, v, (nseq, t), device=DEV, generator=g)
+    ref_logp = -torch.rand(prompts, 1, device=DEV, generator=g) * 200 - 1400
+    rewards = torch.randn(prompts, 1, device=DEV, generator=g)
+    ref_rewards = torch.randn(prompts, k, device=DEV, generator=g)
+    up = torch.randn(nseq * t, device=DEV, generator=g)
+    return x, y, ref_logp, rewards, ref_rewards, up
+
+
+STEP_PROVIDERS = ["token_logprobs fwd+bwd", "BOND step", "BOND step, grad in forward"]
+
+
+def step_build(provider, x, y, ref_logp, rewards, ref_rewards, up):
+    import bond_kernels as bk
+
+    nseq, t, v = x.shape
+    p = nseq // 2
+    xr = x.detach().requires_grad_(True)
+    if provider == "token_logprobs fwd+bwd":
+        def run():
+            logp = bk.token_logprobs(xr.view(-1, v), y.view(-1))
+            (grad,) = torch.autograd.grad(logp, xr, up)
+            return grad
+
+        return run
+    if provider == "BOND step":
+        def run():
+            seq = bk.sequence_logprobs(xr, y)
+            out = bk.bond_loss(seq[:p].view(p, 1), ref_logp, rewards, ref_rewards, seq[p:].view(p, 1), n=4,
+                               correction=True, validate=False)
+            (grad,) = torch.autograd.grad(out.loss, xr)
+            return grad
+
+        return run
+    if provider == "BOND step, grad in forward":
+        # Coefficients from behaviour log-probs (here: the sampler's, passed in), then one sweep that
+        # computes the log-probs and their gradient together.
+        behaviour = ref_logp + 5.0
+
+        def run():
+            from bond_kernels.ops.bond_sequence import bond_sequence
+
+            no_mask = torch.empty(0, dtype=torch.bool, device=DEV)
+            _, _, pc, bc, _ = bond_sequence(behaviour, ref_logp, rewards, ref_rewards, no_mask, behaviour,
+                                            4.0, 0.5, 1, 0.0, True, 0, SEQ_BACKEND)
+            coef = torch.cat([pc.view(-1), bc.view(-1)])
+            _, grad = bk.sequence_logprobs_and_grad(x, y, coef)
+            return grad
+
+        return run
+    raise KeyError(provider)
+
+
+def measure_step(copy_bps, skip=()):
+    x, y, ref_logp, rewards, ref_rewards, up = step_inputs()
+    rows = []
+    for provider in STEP_PROVIDERS:
+        if any(s in provider for s in skip):
+            continue
+        try:
+            fn = step_build(provider, x, y, ref_logp, rewards, ref_rewards, up)
+            fn()
+            torch.cuda.synchronize()
+            peak = C.peak_extra_bytes(fn)
+            ms = C.median_ms(fn)
+        except Exception as exc:
+            rows.append({"provider": provider, "failed": f"{type(exc).__name__}: {exc}"[:200]})
+            torch.cuda.empty_cache()
+            continue
+        rows.append({"provider": provider, "ms": ms, "peak": peak})
+        torch.cuda.empty_cache()
+    base = next((r["ms"] for r in rows if r["provider"] == "token_logprobs fwd+bwd" and "ms" in r), None)
+    n, v = x.shape[0] * x.shape[1], x.shape[2]
+    for r in rows:
+        if "ms" in r:
+            r["ratio"] = f"{r['ms'] / base:.3f}×" if base else ""
+            floor = (3 if "grad in forward" not in r["provider"] else 2) * n * v * x.element_size()
+            r["frac"] = C.rate(floor, r["ms"], copy_bps)[1]
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# pytest-benchmark
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", SEQ_CASES)
+def test_sequence_level(benchmark, name):
+    fn, _ = seq_cases()[name]
+    fn()
+
+    def timed():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=50, warmup_rounds=5, iterations=1)
+    benchmark.extra_info.update({"case": name, "card": C.card()})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("provider", JF_PROVIDERS)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_token_jeffreys(benchmark, copy_bw, mode, provider):
+    z, a, up = jf_inputs()
+    fn = jf_build(mode, provider, z, a, up)
+    fn()
+
+    def timed():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=10, warmup_rounds=2, iterations=1)
+    ms = C.median_ms(fn)
+    passes = 2 if mode == "fwd" else 5
+    gbps, frac = C.rate(passes * z.numel() * z.element_size(), ms, copy_bw)
+    benchmark.extra_info.update({"ms": ms, "gbps": gbps, "copy_frac": frac, "card": C.card()})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("provider", STEP_PROVIDERS)
+def test_bond_step(benchmark, provider):
+    fn = step_build(provider, *step_inputs())
+    fn()
+
+    def timed():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=10, warmup_rounds=2, iterations=1)
+    benchmark.extra_info.update({"card": C.card()})
+
+
+# --------------------------------------------------------------------------------------------------------
+# script mode
+# --------------------------------------------------------------------------------------------------------
+def _emit(line, out):
+    """Print a line and append it to ``out`` at once, so a run cut off by a timeout keeps its rows."""
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def _fmt(x, spec):
+    return format(x, spec) if isinstance(x, float) else str(x)
+
+
+def table(skip=(), out=None, sweep=True):
+    t0 = time.time()
+    copy_bps = C.copy_bandwidth()
+    head = f"{C.card()}, {C.today()}"
+    _emit(f"### BOND sequence level, B = {SEQ_B}, n = {SEQ_M}, k = {SEQ_K}, j = {SEQ_J} — {head}\n", out)
+    _emit("Medians: do_bench (eager launches) and do_bench_cudagraph (GPU time of a replayed graph).\n", out)
+    _emit(C.markdown_table(["case", "ms (eager)", "ms (CUDA graph)", "speed-up vs torch reference"], []), out)
+    try:
+        for r in measure_seq():
+            _emit(f"| {r['name']} | {_fmt(r['eager_ms'], '.4f')} | {_fmt(r['graph_ms'], '.4f')} | {r['speedup']} |", out)
+    except Exception as exc:
+        _emit(f"| sequence level | FAILED: {type(exc).__name__}: {exc} | | |", out)
+    _emit("", out)
+
+    _emit(f"### token_jeffreys, N = {JF_N}, V = {JF_V}, bf16 — {head}\n", out)
+    _emit(f"Copy bandwidth measured in this run: {copy_bps / C.GB:.0f} GB/s (read + write).  Floors: fwd "
+          "2·2·N·V bytes, fwd+bwd 5·2·N·V.\n", out)
+    _emit(C.markdown_table(["mode", "provider", "ms", "GB/s of floor", "frac of copy BW", "peak extra mem",
+                            "max abs err vs fp64 (256 rows)"], []), out)
+    for r in measure_jf(copy_bps, skip=skip):
+        if "failed" in r:
+            _emit(f"| {r['mode']} | {r['provider']} | FAILED: {r['failed']} | | | | |", out)
+            continue
+        err = "" if r["err"] is None else f"{r['err']:.2g}"
+        _emit(f"| {r['mode']} | {r['provider']} | {r['ms']:.3f} | {r['gbps']:.0f} | {r['frac']:.2f} | "
+              f"{r['peak'] / C.GB:.2f} GB | {err} |", out)
+    _emit("", out)
+
+    if sweep:
+        _emit(f"### token_jeffreys launch configurations, N = {JF_N}, V = {JF_V}, bf16 — {head}\n", out)
+        _emit("Floors: fwd kernel 2·2·N·V bytes, bwd kernel 3·2·N·V.\n", out)
+        _emit(C.markdown_table(["kernel", "BLOCK", "warps", "ms", "frac of copy BW"], []), out)
+        for r in sweep_jf(copy_bps):
+            _emit("| " + " | ".join(str(c) for c in r) + " |", out)
+        _emit("", out)
+        torch.cuda.empty_cache()
+
+    _emit(f"### whole BOND step, N = {STEP_PROMPTS * 2 * STEP_T} tokens ({STEP_PROMPTS} prompts × (policy + BoN) × "
+          f"{STEP_T}), V = {STEP_V}, bf16 — {head}\n", out)
+    _emit("Target: BOND step <= 1.10× token_logprobs fwd+bwd.  Floors: 3·2·N·V bytes through autograd, 2·2·N·V "
+          "with the gradient in the forward.\n", out)
+    _emit(C.markdown_table(["provider", "ms", "× token_logprobs fwd+bwd", "frac of copy BW", "peak extra mem"], []),
+          out)
+    for r in measure_step(copy_bps, skip=skip):
+        if "failed" in r:
+            _emit(f"| {r['provider']} | FAILED: {r['failed']} | | | |", out)
+            continue
+        _emit(f"| {r['provider']} | {r['ms']:.3f} | {r['ratio']} | {r['frac']:.2f} | {r['peak'] / C.GB:.2f} GB |", out)
+    _emit(f"\n<!-- test_bench_bond.py --table took {time.time() - t0:.0f} s -->\n", out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--table", action="store_true", help="print the markdown tables (do_bench medians)")
+    ap.add_argument("--no-sweep", action="store_true", help="leave out the token_jeffreys launch sweep")
+    ap.add_argument("--skip", default="", help="comma-separated substrings of provider names to leave out")
+    ap.add_argument("--out", default=None, help="append the markdown to this file")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: these benchmarks need a GPU", file=sys.stderr)
+        return 2
+    table([s for s in a.skip.split(",") if s], a.out, sweep=not a.no_sweep)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
