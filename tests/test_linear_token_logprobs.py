@@ -304,3 +304,37 @@ def test_bad_tile_override(monkeypatch):
         bk.linear_token_logprobs(
             torch.randn(3, 4), torch.randn(5, 4), torch.randint(0, 5, (3,)), backend="cpu"
         )
+
+
+def test_torch_compile_fullgraph():
+    """The custom ops trace under torch.compile(fullgraph=True) and give the eager values and gradients."""
+    gen = torch.Generator().manual_seed(21)
+    hid, w, b, y = _inputs((2, 5), 8, 31, torch.float32, bias=True, gen=gen)
+    leaves = [t.clone().requires_grad_(True) for t in (hid, w, b)]
+
+    def f(h_, w_, b_, y_):
+        return bk.linear_token_logprobs(h_, w_, y_, bias=b_, return_entropy=True, softcap=2.0, backend="cpu")
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got, want = compiled(*leaves, y), f(*leaves, y)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
+    g = torch.randn(2, 5, generator=gen)
+    ga = torch.autograd.grad((got[0] * g + got[1]).sum(), leaves)
+    ge = torch.autograd.grad((want[0] * g + want[1]).sum(), leaves)
+    for a, e in zip(ga, ge):
+        torch.testing.assert_close(a, e)
+
+
+def test_accumulate_without_fp32_output_matmul(monkeypatch):
+    """The fallback of the fp32 grad_hidden accumulation (bf16 tiles, no out_dtype matmul): row chunks."""
+    monkeypatch.setattr(lin, "_PRODUCT_ROWS", 3)
+    gen = torch.Generator().manual_seed(6)
+    a = torch.randn(10, 7, generator=gen).to(torch.bfloat16)
+    b = torch.randn(7, 5, generator=gen).to(torch.bfloat16)
+    dst = torch.full((10, 5), float("nan"))
+    lin._accumulate(dst, a, b, True)
+    want = a.float() @ b.float()
+    torch.testing.assert_close(dst, want, rtol=1e-2, atol=1e-2)
+    lin._accumulate(dst, a, b, False)
+    torch.testing.assert_close(dst, 2 * want, rtol=1e-2, atol=2e-2)

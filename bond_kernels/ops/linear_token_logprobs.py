@@ -367,11 +367,17 @@ def _accumulate(dst, a, b, first):
         else:
             torch.addmm(dst, a, b, out_dtype=dst.dtype, out=dst)
         return
-    prod = torch.mm(a, b)
-    if first:
-        dst.copy_(prod)
-    else:
-        dst.add_(prod)
+    # No fp32-output matmul: a temporary product in the inputs' dtype, in row chunks so that it stays
+    # small (2048 rows × H = 4096 bf16 is 16 MiB) next to the (rows, H) accumulator.
+    for i in range(0, a.shape[0], _PRODUCT_ROWS):
+        prod = torch.mm(a[i : i + _PRODUCT_ROWS], b)
+        if first:
+            dst[i : i + _PRODUCT_ROWS].copy_(prod)
+        else:
+            dst[i : i + _PRODUCT_ROWS].add_(prod)
+
+
+_PRODUCT_ROWS = 2048
 
 
 _MM_OUT_DTYPE = {}
@@ -429,8 +435,12 @@ def local_backward(
     ent_arg = ent.to(sd).contiguous() if want_ent else lse.new_empty(0)
     acc_dtype = torch.float64 if sd == torch.float64 else torch.float32
     gh = gw = gb = None
-    if need_hidden:
-        gh_dtype = acc_dtype if hidden_grad_fp32 else hidden.dtype
+    gh_dtype = acc_dtype if hidden_grad_fp32 else hidden.dtype
+    # grad_hidden accumulates over vocabulary tiles in fp32.  When the output is fp32 it is its own
+    # accumulator.  Otherwise, with one row block, the output (in hidden's dtype) is only allocated after
+    # the loop, once the last tile is freed: peak = accumulator + tile, not accumulator + tile + output.
+    single_block = n <= plan.rows
+    if need_hidden and (gh_dtype == acc_dtype or not single_block):
         gh = torch.empty(hidden.shape, dtype=gh_dtype, device=dev)
     if need_weight:
         gw = torch.empty(weight.shape, dtype=weight.dtype, device=dev)
@@ -444,7 +454,7 @@ def local_backward(
             h_rows = h_rows.to(plan.compute_dtype)
         loc, in_tile, keep = _local_labels(labels[r0:r1], ignore_index, v_offset, v_local, plan.vocab)
         if need_hidden:
-            direct = gh.dtype == acc_dtype  # accumulate straight into the output rows
+            direct = gh_dtype == acc_dtype  # accumulate straight into the output rows
             acc = gh[r0:r1] if direct else torch.empty(r1 - r0, hidden.shape[1], dtype=acc_dtype, device=dev)
         rows_lse, rows_g = lse[r0:r1].contiguous(), g[r0:r1]
         rows_ent = ent_arg[r0:r1].contiguous() if want_ent else ent_arg
@@ -476,7 +486,11 @@ def local_backward(
                 _accumulate(acc, d, w, k == 0)
             del x, d
         if need_hidden and not direct:
-            gh[r0:r1] = acc
+            if gh is None:  # single row block: the tile is gone, the output replaces the accumulator
+                gh = acc.to(gh_dtype)
+            else:
+                gh[r0:r1] = acc
+            del acc
     if need_bias:
         gb = gb_acc.to(bias.dtype)
     return gh, gw, gb

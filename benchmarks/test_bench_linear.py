@@ -1,0 +1,326 @@
+"""GPU benchmark of the fused linear head + log-probs: ours against torch eager, torch.compile and peers.
+
+Shape (PERFORMANCE.md): N = 8192 tokens, H = 4096, V = 128256, bf16, forward + backward with gradients for
+hidden and weight (a random upstream gradient on the per-token log-probs; the peers that only produce a
+scalar loss run with ``reduction="sum"``, i.e. an upstream gradient of ones).
+
+Accounting:
+  * FLOPs = 6·N·H·V (forward logits 2·N·H·V; backward grad_hidden and grad_weight 4·N·H·V).  A design that
+    does not keep the logits recomputes them in the backward (8·N·H·V of matmuls), which is still counted
+    as 6·N·H·V: the TFLOP/s column is comparable across providers.
+  * "frac of matmul" = (6·N·H·V / time) / the bf16 rate of an 8192³ ``torch.mm`` measured in the same run.
+  * "peak extra GB": peak CUDA memory allocated during one forward + backward above what was allocated
+    before it (inputs and the upstream gradient): the logits a provider keeps, its scratch, AND the two
+    gradients it returns (grad_weight alone is V·H·2 bytes = 1.05 GB here).
+  * "max abs err": log-probs of the first 256 rows against float64 on the same bf16 inputs (scalar-loss
+    peers: their ``reduction="none"`` per-token losses, negated).
+  * "matmuls only" is the floor of our design: the four cuBLAS products of the recompute schedule
+    (2 × h·Wᵀ, dlogits·W, dlogitsᵀ·h) on full-size operands, with nothing else.
+
+Two ways to run (GPU only):
+  * ``pytest benchmarks/test_bench_linear.py -m gpu`` (pytest-benchmark; numbers in extra_info);
+  * ``python benchmarks/test_bench_linear.py --table [--out FILE]`` prints one markdown table (used by
+    benchmarks/gpu_check.sh); ``--n/--h/--v`` change the shape, ``--skip`` leaves providers out.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+N, H, V = 8192, 4096, 128256
+ERR_ROWS = 256
+PROVIDERS = [
+    "ours (triton)",
+    "ours +entropy+T+softcap",
+    "torch eager",
+    "torch.compile",
+    "liger FLCE (sum)",
+    "cut-cross-entropy (sum)",
+    "torch F.linear_cross_entropy chunked (sum)",
+    "matmuls only (floor of ours)",
+]
+HEADER = [
+    "N",
+    "H",
+    "V",
+    "provider",
+    "ms",
+    "TFLOP/s (6NHV)",
+    "frac of matmul",
+    "peak extra GB",
+    "max abs err vs fp64",
+]
+
+
+def matmul_tflops() -> float:
+    """bf16 ``torch.mm`` rate of 8192 × 8192 × 8192 in TFLOP/s (the ceiling of this run)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = C.median_ms(lambda: torch.mm(a, b))
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def inputs(n=N, h=H, v=V, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    hid = torch.randn(n, h, device="cuda", generator=g).to(torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(v, h, device="cuda", generator=g) / h**0.5 * 4).to(torch.bfloat16).requires_grad_(True)
+    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    y[::97] = -100
+    up = torch.randn(n, device="cuda", generator=g)
+    return hid, w, y, up
+
+
+def _eager(hid, w, y):
+    lp = torch.log_softmax((hid @ w.t()).float(), -1)
+    keep = y != -100
+    return lp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * keep
+
+
+_compiled = None
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return liger_fused_linear_cross_entropy
+    except Exception as exc:  # not installed (or broken): the row says so
+        raise LookupError(f"liger-kernel: {type(exc).__name__}: {exc}") from None
+
+
+def _cce():
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        return linear_cross_entropy
+    except Exception as exc:
+        raise LookupError(f"cut-cross-entropy: {type(exc).__name__}: {exc}") from None
+
+
+def _torch_lce():
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(nn, "LinearCrossEntropyOptions"):
+        raise LookupError(f"torch {torch.__version__} has no chunked F.linear_cross_entropy")
+    return lambda hid, w, y, reduction: F.linear_cross_entropy(
+        hid, w, y, reduction=reduction, ignore_index=-100, options=nn.LinearCrossEntropyOptions()
+    )
+
+
+def build(provider, hid, w, y, up):
+    """(step, per_token) where ``step()`` runs forward + backward and ``per_token(h, w, y)`` the log-probs."""
+    import bond_kernels as bk
+
+    global _compiled
+    if provider.startswith("ours"):
+        kw = dict(temperature=0.9, softcap=30.0) if "+" in provider else {}
+        ent = "+entropy" in provider
+
+        def per_token(h_, w_, y_):
+            out = bk.linear_token_logprobs(h_, w_, y_, backend="triton", return_entropy=ent, **kw)
+            return out[0] if ent else out
+
+        def step():
+            out = bk.linear_token_logprobs(hid, w, y, backend="triton", return_entropy=ent, **kw)
+            if ent:
+                torch.autograd.backward(out, (up, up))
+            else:
+                out.backward(up)
+
+        return step, per_token
+    if provider == "torch eager":
+        return (lambda: _eager(hid, w, y).backward(up)), _eager
+    if provider == "torch.compile":
+        if _compiled is None:
+            _compiled = torch.compile(_eager)
+        return (lambda: _compiled(hid, w, y).backward(up)), _compiled
+    if provider.startswith("liger"):
+        f = _liger()
+        return (
+            lambda: f(hid, w, y, reduction="sum").backward()
+        ), lambda h_, w_, y_: -f(h_, w_, y_, reduction="none")
+    if provider.startswith("cut-cross-entropy"):
+        f = _cce()
+        return (
+            lambda: f(hid, w, y, reduction="sum").backward()
+        ), lambda h_, w_, y_: -f(h_, w_, y_, reduction="none")
+    if provider.startswith("torch F.linear_cross_entropy"):
+        f = _torch_lce()
+        return (lambda: f(hid, w, y, "sum").backward()), lambda h_, w_, y_: -f(h_, w_, y_, "none")
+    if provider.startswith("matmuls only"):
+        hd, wd = hid.detach(), w.detach()
+        logits = torch.empty(hd.shape[0], wd.shape[0], device="cuda", dtype=torch.bfloat16)
+        gh, gw = torch.empty_like(hd), torch.empty_like(wd)
+
+        def step():
+            torch.mm(hd, wd.t(), out=logits)  # forward
+            torch.mm(hd, wd.t(), out=logits)  # backward recompute
+            torch.mm(logits, wd, out=gh)
+            torch.mm(logits.t(), hd, out=gw)
+
+        return step, None
+    raise ValueError(provider)
+
+
+def _clear(hid, w):
+    hid.grad = None
+    w.grad = None
+
+
+def measure(provider, tflops_peak, n=N, h=H, v=V):
+    hid, w, y, up = inputs(n, h, v)
+    step, per_token = build(provider, hid, w, y, up)
+
+    def run():
+        _clear(hid, w)
+        step()
+
+    run()  # warm-up: compilation, autotuning, cuBLAS workspaces
+    _clear(hid, w)
+    torch.cuda.synchronize()
+    ms = C.median_ms(run, warmup=5, rep=30)
+    _clear(hid, w)
+    peak = C.peak_extra_bytes(run) if not provider.startswith("matmuls") else float("nan")
+    _clear(hid, w)
+    err = "n/a"
+    if per_token is not None:
+        with torch.no_grad():
+            hs, ys = hid[:ERR_ROWS].detach(), y[:ERR_ROWS]
+            got = per_token(hs, w.detach(), ys).double()
+            kw = dict(temperature=0.9, softcap=30.0) if "+" in provider else {}
+            from bond_kernels.ops.linear_token_logprobs import linear_token_logprobs_reference
+
+            want = linear_token_logprobs_reference(hs.double(), w.detach().double(), ys, **kw)
+            err = f"{(got - want).abs().max().item():.2e}"
+    tflops = 6 * n * h * v / (ms * 1e-3) / 1e12
+    return dict(
+        N=n,
+        H=h,
+        V=v,
+        provider=provider,
+        ms=ms,
+        tflops=tflops,
+        frac=tflops / tflops_peak,
+        peak_gb=peak / C.GB,
+        err=err,
+    )
+
+
+def _row(r):
+    peak = "" if r["peak_gb"] != r["peak_gb"] else f"{r['peak_gb']:.2f}"
+    return [
+        r["N"],
+        r["H"],
+        r["V"],
+        r["provider"],
+        f"{r['ms']:.2f}",
+        f"{r['tflops']:.0f}",
+        f"{r['frac']:.2f}",
+        peak,
+        r["err"],
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------
+# pytest-benchmark
+# --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def matmul_peak():
+    return matmul_tflops()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_linear_token_logprobs(benchmark, matmul_peak, provider):
+    try:
+        row = measure(provider, matmul_peak)
+    except LookupError as exc:
+        pytest.skip(f"peer not installed: {exc}")
+    hid, w, y, up = inputs()
+    step, _ = build(provider, hid, w, y, up)
+
+    def timed():
+        _clear(hid, w)
+        step()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=5, warmup_rounds=1, iterations=1)
+    benchmark.extra_info.update(row)
+    benchmark.extra_info["card"] = C.card()
+
+
+# --------------------------------------------------------------------------------------------------------
+# script mode
+# --------------------------------------------------------------------------------------------------------
+def _emit(line, out):
+    """Print a line and append it to ``out`` at once, so a run cut off by a timeout keeps its rows."""
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def table(skip=(), n=N, h=H, v=V, out=None):
+    peak = matmul_tflops()
+    torch.cuda.empty_cache()
+    _emit(
+        f"### linear_token_logprobs, N = {n}, H = {h}, V = {v}, bf16, fwd+bwd — {C.card()}, {C.today()}\n",
+        out,
+    )
+    _emit(
+        f"bf16 8192³ matmul measured in this run: {peak:.0f} TFLOP/s.  FLOPs counted: 6·N·H·V = "
+        f"{6 * n * h * v / 1e12:.1f} TFLOP.  Peak extra memory includes the returned gradients "
+        f"(grad_weight alone: {v * h * 2 / C.GB:.2f} GB).\n",
+        out,
+    )
+    _emit(C.markdown_table(HEADER, []), out)
+    rows = []
+    for provider in PROVIDERS:
+        if any(s in provider for s in skip):
+            continue
+        t0 = time.time()
+        try:
+            r = measure(provider, peak, n, h, v)
+        except LookupError as exc:
+            _emit(f"| {n} | {h} | {v} | {provider} | unavailable: {exc} | | | | |", out)
+            continue
+        except Exception as exc:  # one failing peer must not lose the other rows
+            _emit(
+                f"| {n} | {h} | {v} | {provider} | FAILED: {type(exc).__name__}: {str(exc)[:200]} | | | | |",
+                out,
+            )
+            torch.cuda.empty_cache()
+            continue
+        torch.cuda.empty_cache()  # the provider's tensors died with measure()
+        rows.append(r)
+        _emit("| " + " | ".join(str(c) for c in _row(r)) + f" |  <!-- {time.time() - t0:.1f} s -->", out)
+    _emit("", out)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--table", action="store_true", help="print the markdown table (do_bench medians)")
+    ap.add_argument("--n", type=int, default=N)
+    ap.add_argument("--h", type=int, default=H)
+    ap.add_argument("--v", type=int, default=V)
+    ap.add_argument("--skip", default="", help="comma-separated substrings of provider names to leave out")
+    ap.add_argument("--out", default=None, help="append the markdown to this file")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: these benchmarks need a GPU", file=sys.stderr)
+        return 2
+    table([s for s in a.skip.split(",") if s], a.n, a.h, a.v, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
