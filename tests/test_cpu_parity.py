@@ -1,0 +1,378 @@
+"""The C++/OpenMP ``cpu`` backend against :mod:`bond_kernels.reference`, through the public API.
+
+Every op x {fp32, bf16, fp16} x the shape table below, on forward values and on gradients with a random
+upstream gradient.  The ground truth is the reference evaluated in float64 on the same (already rounded)
+inputs; the tolerance of each result is the table entry of the dtype it is stored in (``conftest.TOL`` for
+gradients in the logits' dtype, ``VALUE_ATOL`` for the fp32 log-probs / entropies / divergences).  Also:
+torch.compile(fullgraph=True), torch.library.opcheck, bad labels, every instruction set the CPU has,
+determinism across thread counts.
+"""
+
+import pytest
+import torch
+from conftest import TOL, assert_close
+
+import bond_kernels as bk
+from bond_kernels import _ext
+from bond_kernels import reference as ref
+
+pytestmark = pytest.mark.skipif(not _ext.has_cpu(), reason="bond_kernels._C (cpu) is not built")
+
+IGNORE = -100
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# Absolute tolerance of fp32 outputs (log-probs, entropies, divergences) computed in fp32 from inputs of
+# each dtype, against float64 on the same inputs.  The computation is the same for every input dtype (loads
+# are exact), so the bound is one fp32 log-sum-exp over V <= 65543 terms of logits of magnitude ~15.
+VALUE_ATOL = {torch.float32: 3e-5, torch.bfloat16: 3e-5, torch.float16: 3e-5}
+
+# Gradients are stored in the logits' dtype: the conftest table (bf16 keeps 8 mantissa bits, rtol 8e-3).
+GRAD_TOL = {d: TOL[d] for d in DTYPES}
+
+# Shapes of the token tables: name -> why it is here.  ``_make`` builds each one.
+SHAPES = {
+    "7x1271": "odd sizes, no power of two anywhere; V not a multiple of any vector width",
+    "3x65543": "V >= 65536: 32 summation blocks of 2048, indices past 16 bits",
+    "slice": "(9, 700) column slice of a (9, 1000) tensor: row stride 1000 != V, read without a copy",
+    "3d_shift": "logits[:, :-1] of a (2, 6, 333) tensor: 3-D with batch stride 6*333 != 5*333",
+    "ignored": "(12, 513) with every other row ignored",
+    "all_ignored": "(5, 257) with every row ignored: zero log-probs and an all-zero gradient",
+    "neginf": "(6, 900) with a masked vocabulary: a third of each row is -inf (never at the label)",
+}
+
+# (temperature, softcap, return_entropy): plain; tempered with the entropy and its gradient; softcapped.
+OPTIONS = [(1.0, None, False), (0.7, None, True), (1.3, 12.0, True)]
+
+
+def _make(name, dtype):
+    """(logits, labels): logits in ``dtype`` (possibly a non-contiguous view), labels int64 of its leading shape."""
+    if name == "7x1271":
+        x, y = torch.randn(7, 1271) * 4, torch.randint(0, 1271, (7,))
+    elif name == "3x65543":
+        x, y = torch.randn(3, 65543) * 4, torch.randint(0, 65543, (3,))
+    elif name == "slice":
+        x, y = (torch.randn(9, 1000) * 4)[:, :700], torch.randint(0, 700, (9,))
+    elif name == "3d_shift":
+        x, y = (torch.randn(2, 6, 333) * 4)[:, :-1], torch.randint(0, 333, (2, 5))
+    elif name == "ignored":
+        x, y = torch.randn(12, 513) * 4, torch.randint(0, 513, (12,))
+        y[::2] = IGNORE
+    elif name == "all_ignored":
+        x, y = torch.randn(5, 257) * 4, torch.full((5,), IGNORE)
+    elif name == "neginf":
+        x, y = torch.randn(6, 900) * 4, torch.randint(0, 900, (6,))
+        mask = torch.rand(6, 900) < 0.33
+        mask[torch.arange(6), y] = False
+        x = x.masked_fill(mask, float("-inf"))
+    else:
+        raise KeyError(name)
+    # Rounding to bf16/fp16 keeps the view's strides (the slice stays a slice).
+    base = x._base if x._base is not None else x
+    xb = base.to(dtype)
+    x = xb.as_strided(x.shape, x.stride(), x.storage_offset())
+    return x, y
+
+
+def _leaf(x):
+    """A leaf that requires grad with x's (possibly non-contiguous) layout."""
+    return x.detach().requires_grad_(True)
+
+
+def _truth_token(x, y, temperature, softcap, return_entropy, g, gh):
+    """float64 reference values and d/dx of sum(g * logp) (+ sum(gh * entropy))."""
+    xd = x.detach().double().requires_grad_(True)
+    out = ref.token_logprobs(xd, y, temperature=temperature, softcap=softcap, ignore_index=IGNORE,
+                             return_entropy=return_entropy)
+    if return_entropy:
+        lp, ent = out
+        loss = (lp * g.double()).sum() + (ent * gh.double()).sum()
+    else:
+        lp, ent = out, None
+        loss = (lp * g.double()).sum()
+    (grad,) = torch.autograd.grad(loss, xd)
+    return lp.detach(), (ent.detach() if ent is not None else None), grad
+
+
+def _check_value(got, want, dtype):
+    assert got.dtype == torch.float32
+    assert_close(got, want, dtype=torch.float32, rtol=0, atol=VALUE_ATOL[dtype], scale=1.0)
+
+
+def _check_grad(got, want, dtype):
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = GRAD_TOL[dtype]
+    assert_close(got, want, dtype=dtype, rtol=tol["rtol"], atol=tol["atol"])
+
+
+# ------------------------------------------------------------------------------------------------ tokens
+@pytest.mark.parametrize("opts", OPTIONS, ids=["plain", "T0.7+entropy", "softcap12+entropy"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_token_logprobs(shape, dtype, opts):
+    temperature, softcap, return_entropy = opts
+    x, y = _make(shape, dtype)
+    g, gh = torch.randn(y.shape), torch.randn(y.shape)
+    want_lp, want_ent, want_grad = _truth_token(x, y, temperature, softcap, return_entropy, g, gh)
+
+    xl = _leaf(x)
+    out = bk.token_logprobs(xl, y, temperature=temperature, softcap=softcap, ignore_index=IGNORE,
+                            return_entropy=return_entropy, backend="cpu")
+    if return_entropy:
+        lp, ent = out
+        _check_value(ent, want_ent, dtype)
+        ((lp * g).sum() + (ent * gh).sum()).backward()
+    else:
+        lp = out
+        (lp * g).sum().backward()
+    _check_value(lp, want_lp, dtype)
+    _check_grad(xl.grad, want_grad, dtype)
+    keep = y != IGNORE
+    assert torch.all(lp[~keep] == 0)
+    assert torch.all(xl.grad[~keep] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ["7x1271", "3d_shift", "neginf"])
+def test_token_logprobs_inplace_backward(shape, dtype):
+    """inplace=True: the backward writes the gradient over the logits (here a strided view of a bigger
+    buffer, so entries outside the view must stay untouched)."""
+    x, y = _make(shape, dtype)
+    g = torch.randn(y.shape)
+    _, _, want_grad = _truth_token(x, y, 0.9, None, False, g, None)
+    base = (x._base if x._base is not None else x).clone()
+    view = base.as_strided(x.shape, x.stride(), x.storage_offset())
+    before = base.clone()
+    leaf = view.detach().requires_grad_(True)  # shares base's storage
+    lp = bk.token_logprobs(leaf, y, temperature=0.9, backend="cpu", inplace=True)
+    (lp * g).sum().backward()
+    _check_grad(leaf.grad, want_grad, dtype)
+    _check_grad(view, want_grad, dtype)  # the logits buffer itself now holds the gradient
+    outside = torch.ones_like(base, dtype=torch.bool)
+    outside.as_strided(x.shape, x.stride(), x.storage_offset()).fill_(False)
+    assert torch.equal(base[outside], before[outside]), "entries outside the view were written"
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+@pytest.mark.parametrize("opts", [(1.0, None), (0.8, 20.0)], ids=["plain", "T0.8+softcap20"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ["7x1271", "3x65543", "slice", "3d_shift", "ignored", "neginf"])
+def test_token_logprobs_and_grad(shape, dtype, opts, inplace):
+    temperature, softcap = opts
+    x, y = _make(shape, dtype)
+    g = torch.randn(y.shape)
+    want_lp, _, want_grad = _truth_token(x, y, temperature, softcap, False, g, None)
+    xin = x
+    if inplace:  # keep the caller's strided layout: clone the whole buffer and view it the same way
+        base = (x._base if x._base is not None else x).clone()
+        xin = base.as_strided(x.shape, x.stride(), x.storage_offset())
+    before = x.clone()
+    lp, grad = bk.token_logprobs_and_grad(xin, y, g, temperature=temperature, softcap=softcap, backend="cpu",
+                                          inplace=inplace)
+    _check_value(lp, want_lp, dtype)
+    _check_grad(grad, want_grad, dtype)
+    if inplace:
+        assert grad.data_ptr() == xin.data_ptr(), "inplace=True must return the logits buffer"
+        _check_grad(xin, want_grad, dtype)
+    else:
+        assert torch.equal(x, before), "inplace=False must not write into the logits"
+
+
+# --------------------------------------------------------------------------------------------- sequences
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sequence_logprobs_padded(dtype):
+    x, y = _make("3d_shift", dtype)  # (2, 5, 333) strided, with padding positions ignored
+    y[0, 3:] = IGNORE
+    coef = torch.randn(2)
+    xd = x.detach().double().requires_grad_(True)
+    want = ref.sequence_logprobs(xd, y, ignore_index=IGNORE)
+    (want_grad,) = torch.autograd.grad((want * coef.double()).sum(), xd)
+    xl = _leaf(x)
+    seq = bk.sequence_logprobs(xl, y, ignore_index=IGNORE, backend="cpu")
+    (seq * coef).sum().backward()
+    assert seq.shape == (2,)
+    _check_value(seq, want.detach(), dtype)
+    _check_grad(xl.grad, want_grad, dtype)
+    # the gradient-in-forward path gives the same sums and gradient
+    seq2, grad2 = bk.sequence_logprobs_and_grad(x, y, coef, ignore_index=IGNORE, backend="cpu")
+    _check_value(seq2, want.detach(), dtype)
+    _check_grad(grad2, want_grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sequence_logprobs_packed(dtype):
+    total, v = 19, 611
+    x = (torch.randn(total, v) * 4).to(dtype)
+    y = torch.randint(0, v, (total,))
+    y[[2, 11]] = IGNORE
+    cu = torch.tensor([0, 4, 4, 13, 19], dtype=torch.int32)  # includes an empty sequence
+    coef = torch.randn(4)
+    xd = x.double().requires_grad_(True)
+    want = ref.sequence_logprobs(xd, y, cu_seqlens=cu, ignore_index=IGNORE)
+    (want_grad,) = torch.autograd.grad((want * coef.double()).sum(), xd)
+    xl = _leaf(x)
+    seq = bk.sequence_logprobs(xl, y, cu_seqlens=cu, ignore_index=IGNORE, backend="cpu")
+    (seq * coef).sum().backward()
+    _check_value(seq, want.detach(), dtype)
+    assert seq[1] == 0
+    _check_grad(xl.grad, want_grad, dtype)
+    seq2, grad2 = bk.sequence_logprobs_and_grad(x, y, coef, cu_seqlens=cu, ignore_index=IGNORE, backend="cpu")
+    _check_value(seq2, want.detach(), dtype)
+    _check_grad(grad2, want_grad, dtype)
+
+
+# ------------------------------------------------------------------------------------------ quantiles
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("smoothing", ["none", "self", 0.1])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reward_quantiles(dtype, smoothing, masked):
+    b, n, k = 37, 9, 53  # odd sizes
+    # Few distinct levels: many exact ties, where <= and < differ.
+    rewards = (torch.randint(0, 12, (b, n)) * 0.25).to(dtype)
+    refs = (torch.randint(0, 12, (b, k)) * 0.25).to(dtype)
+    refs[0, :3] = torch.tensor([float("inf"), float("-inf"), 1.0]).to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(b, k) < 0.6
+        mask[:, 0] = True  # every prompt keeps a valid sample
+    p_le, p_lt = bk.reward_quantiles(rewards, refs, ref_mask=mask, smoothing=smoothing, backend="cpu")
+    w_le, w_lt = ref.reward_quantiles(rewards, refs, ref_mask=mask, smoothing=smoothing)
+    assert p_le.dtype == torch.float32 and p_le.shape == (b, n)
+    # Counts are exact and the divisions are the reference's fp32 divisions: equal bit for bit.
+    torch.testing.assert_close(p_le, w_le, rtol=0, atol=0)
+    torch.testing.assert_close(p_lt, w_lt, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- jeffreys
+JEFFREYS_SHAPES = {
+    "7x1271": "odd sizes",
+    "3x65543": "V >= 65536",
+    "slice": "policy rows with stride 1000 != V (no copy)",
+    "neginf": "entries masked (-inf) in both models",
+}
+
+
+def _jeffreys_inputs(shape, dtype):
+    x, _ = _make(shape, dtype)
+    if shape == "neginf":
+        a = x.float() + torch.randn(x.shape)  # same -inf pattern (mask), different finite values
+    else:
+        a = torch.randn(x.shape) * 3
+    return x, a.to(dtype)
+
+
+@pytest.mark.parametrize("opts", [(0.5, 1.0, False), (0.2, 0.8, True)], ids=["beta0.5", "beta0.2+T0.8+mask"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(JEFFREYS_SHAPES))
+def test_token_jeffreys(shape, dtype, opts):
+    beta, temperature, use_mask = opts
+    x, a = _jeffreys_inputs(shape, dtype)
+    mask = None
+    if use_mask:
+        mask = torch.zeros(x.shape[0], dtype=torch.bool)
+        mask[1] = True
+    g = torch.randn(x.shape[0])
+    xd = x.detach().double().requires_grad_(True)
+    want = ref.token_jeffreys(xd, a.double(), beta=beta, temperature=temperature, ignore_mask=mask)
+    (want_grad,) = torch.autograd.grad((want * g.double()).sum(), xd)
+    xl = _leaf(x)
+    div = bk.token_jeffreys(xl, a, beta=beta, temperature=temperature, ignore_mask=mask, backend="cpu")
+    (div * g).sum().backward()
+    _check_value(div, want.detach(), dtype)
+    _check_grad(xl.grad, want_grad, dtype)
+    if mask is not None:
+        assert div[1] == 0 and torch.all(xl.grad[1] == 0)
+
+
+# ------------------------------------------------------------------------------------- errors, edges
+def test_out_of_range_label_raises_value_error():
+    x = torch.randn(4, 50)
+    for bad in (50, -1, 10**6):
+        y = torch.tensor([0, 1, bad, 3])
+        with pytest.raises(ValueError, match=r"\blabels\b"):
+            bk.token_logprobs(x, y, backend="cpu")
+        with pytest.raises(ValueError, match=r"\blabels\b"):
+            bk.token_logprobs_and_grad(x, y, torch.ones(4), backend="cpu")
+    with pytest.raises(ValueError, match=r"\blabels\b.*\b50\b"):
+        bk.sequence_logprobs(x.view(2, 2, 50), torch.tensor([[0, 50], [1, 2]]), backend="cpu")
+
+
+def test_all_neginf_row():
+    x = torch.randn(3, 40)
+    x[1] = float("-inf")
+    y = torch.tensor([0, IGNORE, 5])
+    xl = _leaf(x)
+    lp = bk.token_logprobs(xl, y, backend="cpu")  # ignored: fine, and no NaN leaks into the gradient
+    (lp * torch.randn(3)).sum().backward()
+    assert lp[1] == 0 and torch.all(xl.grad[1] == 0) and torch.isfinite(xl.grad).all()
+    with pytest.raises(ValueError, match=r"-inf"):
+        bk.token_logprobs(x, torch.tensor([0, 1, 5]), backend="cpu")
+
+
+def test_every_isa_matches_reference():
+    """The baseline, AVX2 and AVX-512 clones of the kernels (those this CPU has) agree with the reference."""
+    cpu = _ext.require().cpu
+    active = cpu._isa()
+    x, y = _make("7x1271", torch.bfloat16)
+    g, gh = torch.randn(7), torch.randn(7)
+    want_lp, want_ent, want_grad = _truth_token(x, y, 0.9, 9.0, True, g, gh)
+    try:
+        for isa in cpu._supported_isas():
+            cpu._set_isa(isa)
+            xl = _leaf(x)
+            lp, ent = bk.token_logprobs(xl, y, temperature=0.9, softcap=9.0, return_entropy=True, backend="cpu")
+            ((lp * g).sum() + (ent * gh).sum()).backward()
+            _check_value(lp, want_lp, torch.bfloat16)
+            _check_value(ent, want_ent, torch.bfloat16)
+            _check_grad(xl.grad, want_grad, torch.bfloat16)
+    finally:
+        cpu._set_isa(active)
+
+
+def test_deterministic_across_runs_and_threads():
+    x, y = _make("ignored", torch.float32)
+    g = torch.randn(y.shape)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, max(2, threads), max(2, threads)):
+            torch.set_num_threads(n)
+            lp, grad = bk.token_logprobs_and_grad(x, y, g, backend="cpu")
+            outs.append((lp, grad))
+    finally:
+        torch.set_num_threads(threads)
+    for lp, grad in outs[1:]:
+        assert torch.equal(lp, outs[0][0]) and torch.equal(grad, outs[0][1])
+
+
+# ------------------------------------------------------------------------------ torch.compile, opcheck
+def test_torch_compile_fullgraph():
+    x, y = _make("7x1271", torch.float32)
+    g = torch.randn(7)
+
+    def f(logits, labels):
+        lp, ent = bk.token_logprobs(logits, labels, temperature=0.8, return_entropy=True, backend="cpu")
+        return (lp * g).sum() + ent.sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    xa, xb = _leaf(x), _leaf(x)
+    la, lb = f(xa, y), compiled(xb, y)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(lb, la, rtol=0, atol=0)
+    torch.testing.assert_close(xb.grad, xa.grad, rtol=0, atol=0)
+
+
+def test_opcheck_custom_ops():
+    from bond_kernels.ops import reward_quantiles as rq_ops
+    from bond_kernels.ops import token_jeffreys as tj_ops
+    from bond_kernels.ops import token_logprobs as tl_ops
+
+    x = torch.randn(5, 97, requires_grad=True)
+    y = torch.randint(0, 97, (5,))
+    y[2] = IGNORE
+    torch.library.opcheck(tl_ops.token_logprobs_fwd, (x, y, 0.9, 0.0, IGNORE, True, False, "cpu"))
+    torch.library.opcheck(tl_ops.token_logprobs_fwd_bwd, (x.detach(), y, torch.randn(5), 1.0, 5.0, IGNORE, "cpu"))
+    a = torch.randn(5, 97)
+    torch.library.opcheck(tj_ops.token_jeffreys_fwd, (x, a, 0.3, 1.0, torch.empty(0, dtype=torch.bool), "cpu"))
+    r, k = torch.randn(3, 4), torch.randn(3, 6)
+    torch.library.opcheck(rq_ops.reward_quantiles, (r, k, torch.empty(0, dtype=torch.bool), 1, 0.0, "cpu"))
