@@ -15,15 +15,16 @@ import triton
 
 # Per-iteration block cap of the streaming sweeps (forward, backward, the two-sweep gradient-in-forward).
 # 4096 columns at 8 warps is 16 values per thread: the fp32 copy of the block plus the two per-lane
-# accumulators of the online log-sum-exp (running sum, entropy term) stay near 50 live registers, far from
-# the 255-register limit where ptxas starts spilling; larger blocks only add registers, the loop already
-# keeps 8 KB (bf16) per program in flight.  Measured alternatives are owed (BENCHMARKS.md, GPU section).
+# accumulators of the online log-sum-exp (running sum, entropy term).  ptxas (triton 3.6 and 3.9, sm_90)
+# gives these kernels 53-80 registers per thread and no spills, i.e. 3-4 programs (24-32 warps) per SM,
+# each with 8 KB (bf16) of loads in flight per iteration.  Larger blocks add registers and cut the
+# programs per SM.  Timings of the alternatives are owed (benchmarks: --sweep; BENCHMARKS.md, GPU section).
 MAX_BLOCK = 4096
 
 # Largest row the gradient-in-forward kernel keeps whole in registers (one read of the logits instead of
-# two sweeps).  16384 columns at 16 warps is 32 fp32 values per thread plus the softmax and gradient of
-# the same values: about 100 live registers.  Beyond that the row spills to local memory, which costs more
-# than the second sweep it saves.
+# two sweeps).  16384 columns at 16 warps is 32 fp32 values per thread: ptxas gives 113-128 registers and
+# no spills (one program per SM).  A longer row would spill to local memory, which costs more than the
+# second sweep it saves.
 SINGLE_PASS_MAX = 16384
 
 

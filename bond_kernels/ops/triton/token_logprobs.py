@@ -39,7 +39,7 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 # Initial running max: finite, so that exp2(m_old − m_new) and (m_old − m_new)·0 stay NaN-free while a row
 # has seen only −inf (masked vocabulary) entries; any real logit·log2(e)/T is far above it.
-_M_INIT = -1.0e30
+_M_INIT = tl.constexpr(-1.0e30)  # a constexpr: jit code may only read constexpr globals
 
 
 # --------------------------------------------------------------------------------------------------------
