@@ -5,7 +5,7 @@
 #   bash benchmarks/fetch_peer_wheels.sh     # once, on the CPU machine: peer wheels into .whl/
 #   device run, carry [".whl"], timeout_s 560:  bash benchmarks/gpu_check.sh
 #
-# Files written under $OUT (or ./gpu_out when OUT is unset), flat, at most 7:
+# Files written under $OUT (or ./out/gpu_check when OUT is unset), flat, at most 7:
 #   env.txt  build.log  gpu_tests.log  bench.log  results.md  sweep.md  summary.md
 #
 # Knobs (environment):
@@ -19,7 +19,7 @@
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-OUT="${OUT:-$ROOT/gpu_out}"
+OUT="${OUT:-$ROOT/out/gpu_check}"  # /out/ is git-ignored
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
