@@ -9,24 +9,27 @@ Design (chosen on analysis; the GPU measurement is owed, see BENCHMARKS.md):
   What decides the result is therefore how close each matmul runs to the card's measured bf16 rate, and
   how little else runs beside them.
 * Why cuBLAS tiles and not a fused Triton tile-matmul with an online log-sum-exp across vocabulary tiles:
-  cuBLAS reaches the measured rate on these shapes (8192 × 4096 × 4096 tiles) by construction, while a
-  Triton matmul on H100 (wgmma through triton 3.6) is typically 10–20 % below it, and the fused backward
-  needs either atomics on ``grad_h``/``grad_W`` (non-deterministic) or a second kernel per operand.  The
-  per-token work between the matmuls is memory-bound and small next to them: one read and one write of a
-  tile (the Triton token kernels) per 2·rows·H·vocab FLOPs, i.e. 2 bytes per 2·H = 8192 FLOPs at H = 4096.
+  the target is a fraction of the ``torch.mm`` (cuBLAS) rate, and cuBLAS runs these tile shapes
+  (8192 × 4096 × 4096) at that rate by construction; a hand-written Triton matmul can at best match it
+  (not measured here), and a fused backward needs either atomics on ``grad_h``/``grad_W`` (run-to-run
+  differences) or a second kernel per operand.  The per-token work between the matmuls is memory-bound and
+  small next to them: per logit the four matmuls do 8·H = 32768 FLOPs (45 ps at 723 TFLOP/s) while the
+  token kernels move 6 bytes (forward read; backward read + write: 2 ps at 3 TB/s), about 4 %.
 * Why tiles over the vocabulary (whole N per tile up to 8192 rows) rather than chunks of rows with the
   whole vocabulary: chunking rows makes ``grad_W`` (V × H, 1.05 GB in bf16) an accumulator that is read
   and written once per chunk — 32 chunks of 256 rows move 67 GB, about 22 ms at 3 TB/s, and round ``grad_W``
   to bf16 32 times.  Tiling the vocabulary writes each ``grad_W`` tile exactly once (cuBLAS accumulates in
-  fp32 inside) and accumulates only ``grad_h`` (N × H fp32, 134 MB) across tiles, 32 read-modify-writes
-  of which cost about 2.8 GB of traffic (< 1 ms).
+  fp32 inside) and accumulates only ``grad_h`` (N × H fp32, 134 MB) across tiles: 32 read-modify-writes,
+  8.6 GB of traffic inside the matmul epilogues (2.9 ms if none of it overlapped the math; larger tiles
+  halve it at +67 MB each doubling).
 * The forward combines per-tile log-sum-exps at the end (one ``logsumexp`` over a (tiles, N) array), so a
   tile costs one ``addmm`` and one token-kernel launch; the backward costs one ``addmm`` (recompute), the
   token backward kernel (in place), :func:`fixup_column0_triton` (the O(N) correction for rows whose label
   lies in another tile), and two matmuls.
 * Memory (analysis at N = 8192, H = 4096, V = 128256, bf16): the 64 MiB logits tile, the 134 MB fp32
-  ``grad_h`` accumulator, the two gradients (1.05 GB + 67 MB) and O(N · tiles) statistics: about 1.25 GB
-  peak over the inputs, gradients included; the gradients alone are 1.12 GB.
+  ``grad_h`` accumulator, ``grad_W`` (1.05 GB; the bf16 ``grad_h``, 67 MB, is allocated after the last
+  tile is freed) and O(N · tiles) statistics: about 1.26 GB peak over the inputs, gradients included (the
+  gradients alone are 1.12 GB; the target is 1.2 GB).
 
 Accuracy: the tiles hold the logits in the input dtype, exactly as ``(h @ W.T).float().log_softmax()`` does
 in eager PyTorch; everything after the matmul runs in fp32.
