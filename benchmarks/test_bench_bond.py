@@ -91,27 +91,44 @@ def seq_cases():
     jar, jbest = rr[:, :2].contiguous(), bl[:, 0].detach().requires_grad_(True)
     cases = {
         "bond_sequence op (cuda), m = 16": (
-            lambda: bond_sequence(lpd, rl, pr, rr, no_mask, bld, 16.0, 0.5, 1, 0.0, True, 0, SEQ_BACKEND), None),
+            lambda: bond_sequence(lpd, rl, pr, rr, no_mask, bld, 16.0, 0.5, 1, 0.0, True, 0, SEQ_BACKEND),
+            None,
+        ),
         "bond_sequence op (cuda), m = 1 (batch LOO, last block)": (
-            lambda: bond_sequence(lpd[:, :1], rl[:, :1], pr[:, :1], rr, no_mask, bld, 16.0, 0.5, 1, 0.0, True, 0,
-                                  SEQ_BACKEND), None),
-        "bk.bond_loss fwd (fused)": (lambda: bk.bond_loss(lp, rl, pr, rr, bl, validate=False, **kw),
-                                     "reference bond_loss fwd"),
+            lambda: bond_sequence(
+                lpd[:, :1], rl[:, :1], pr[:, :1], rr, no_mask, bld, 16.0, 0.5, 1, 0.0, True, 0, SEQ_BACKEND
+            ),
+            None,
+        ),
+        "bk.bond_loss fwd (fused)": (
+            lambda: bk.bond_loss(lp, rl, pr, rr, bl, validate=False, **kw),
+            "reference bond_loss fwd",
+        ),
         "reference bond_loss fwd": (lambda: R.bond_loss(lp, rl, pr, rr, bl, **kw), None),
-        "bk.bond_loss fwd+bwd (fused)": (fwd_bwd(lambda: bk.bond_loss(lp, rl, pr, rr, bl, validate=False, **kw)),
-                                         "reference bond_loss fwd+bwd"),
+        "bk.bond_loss fwd+bwd (fused)": (
+            fwd_bwd(lambda: bk.bond_loss(lp, rl, pr, rr, bl, validate=False, **kw)),
+            "reference bond_loss fwd+bwd",
+        ),
         "reference bond_loss fwd+bwd": (fwd_bwd(lambda: R.bond_loss(lp, rl, pr, rr, bl, **kw)), None),
         "reward_quantiles (cuda)": (
             lambda: bk.reward_quantiles(pr, rr, smoothing="self", backend=SEQ_BACKEND, validate=False),
-            "reference reward_quantiles"),
+            "reference reward_quantiles",
+        ),
         "reward_quantiles (triton)": (
             lambda: bk.reward_quantiles(pr, rr, smoothing="self", backend="triton", validate=False),
-            "reference reward_quantiles"),
+            "reference reward_quantiles",
+        ),
         "reference reward_quantiles": (lambda: R.reward_quantiles(pr, rr, smoothing="self"), None),
         "jbond_sequence op (cuda), B = 1024": (
-            lambda: jbond_sequence(jl.detach(), jal, jpr, jar, jbest.detach(), 0.5, 0.1, 2.77, True, SEQ_BACKEND), None),
-        "bk.jbond_loss fwd (fused)": (lambda: bk.jbond_loss(jl, jal, jpr, jar, jbest, gamma=0.1, validate=False),
-                                      "reference jbond_loss fwd"),
+            lambda: jbond_sequence(
+                jl.detach(), jal, jpr, jar, jbest.detach(), 0.5, 0.1, 2.77, True, SEQ_BACKEND
+            ),
+            None,
+        ),
+        "bk.jbond_loss fwd (fused)": (
+            lambda: bk.jbond_loss(jl, jal, jpr, jar, jbest, gamma=0.1, validate=False),
+            "reference jbond_loss fwd",
+        ),
         "reference jbond_loss fwd": (lambda: R.jbond_loss(jl, jal, jpr, jar, jbest, gamma=0.1), None),
     }
     assert list(cases) == SEQ_CASES
@@ -136,7 +153,9 @@ def measure_seq():
     for r in rows:
         ref = by_name.get(r["vs"]) if r["vs"] else None
         if ref is not None and isinstance(r["graph_ms"], float) and isinstance(ref["graph_ms"], float):
-            r["speedup"] = f"{ref['graph_ms'] / r['graph_ms']:.1f}× (graph), {ref['eager_ms'] / r['eager_ms']:.1f}× (eager)"
+            r["speedup"] = (
+                f"{ref['graph_ms'] / r['graph_ms']:.1f}× (graph), {ref['eager_ms'] / r['eager_ms']:.1f}× (eager)"
+            )
         else:
             r["speedup"] = ""
     return rows
@@ -209,13 +228,25 @@ def measure_jf(copy_bps, n=JF_N, v=JF_V, skip=()):
                 peak = C.peak_extra_bytes(fn)
                 ms = C.median_ms(fn)
             except Exception as exc:  # e.g. torch eager out of memory: keep the other rows
-                rows.append({"mode": mode, "provider": provider, "failed": f"{type(exc).__name__}: {exc}"[:200]})
+                rows.append(
+                    {"mode": mode, "provider": provider, "failed": f"{type(exc).__name__}: {exc}"[:200]}
+                )
                 torch.cuda.empty_cache()
                 continue
             floor = passes * n * v * z.element_size()
             gbps, frac = C.rate(floor, ms, copy_bps)
-            rows.append({"mode": mode, "provider": provider, "ms": ms, "gbps": gbps, "frac": frac, "peak": peak,
-                         "err": err, "floor": floor})
+            rows.append(
+                {
+                    "mode": mode,
+                    "provider": provider,
+                    "ms": ms,
+                    "gbps": gbps,
+                    "frac": frac,
+                    "peak": peak,
+                    "err": err,
+                    "floor": floor,
+                }
+            )
             torch.cuda.empty_cache()
     return rows
 
@@ -233,14 +264,45 @@ def sweep_jf(copy_bps, n=JF_N, v=JF_V):
     for kernel, passes in (("fwd", 2), ("bwd", 3)):
         for block, warps in ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)):
             if kernel == "fwd":
+
                 def fn(block=block, warps=warps):
-                    tj._token_jeffreys_fwd_kernel[(n,)](z, a, no_mask, *outs, v, z.stride(0), a.stride(0), 0.5, 1.0,
-                                                        HAS_IGNORE=False, BLOCK=block, num_warps=warps)
+                    tj._token_jeffreys_fwd_kernel[(n,)](
+                        z,
+                        a,
+                        no_mask,
+                        *outs,
+                        v,
+                        z.stride(0),
+                        a.stride(0),
+                        0.5,
+                        1.0,
+                        HAS_IGNORE=False,
+                        BLOCK=block,
+                        num_warps=warps,
+                    )
             else:
+
                 def fn(block=block, warps=warps):
-                    tj._token_jeffreys_bwd_kernel[(n,)](z, a, no_mask, lse_p, lse_q, kl, up, grad, v, z.stride(0),
-                                                        a.stride(0), grad.stride(0), 0.5, 1.0,
-                                                        HAS_IGNORE=False, BLOCK=block, num_warps=warps)
+                    tj._token_jeffreys_bwd_kernel[(n,)](
+                        z,
+                        a,
+                        no_mask,
+                        lse_p,
+                        lse_q,
+                        kl,
+                        up,
+                        grad,
+                        v,
+                        z.stride(0),
+                        a.stride(0),
+                        grad.stride(0),
+                        0.5,
+                        1.0,
+                        HAS_IGNORE=False,
+                        BLOCK=block,
+                        num_warps=warps,
+                    )
+
             try:
                 fn()
                 ms = C.median_ms(fn, rep=50)
@@ -277,6 +339,7 @@ def step_build(provider, x, y, ref_logp, rewards, ref_rewards, up):
     p = nseq // 2
     xr = x.detach().requires_grad_(True)
     if provider == "token_logprobs fwd+bwd":
+
         def run():
             logp = bk.token_logprobs(xr.view(-1, v), y.view(-1))
             (grad,) = torch.autograd.grad(logp, xr, up)
@@ -284,10 +347,19 @@ def step_build(provider, x, y, ref_logp, rewards, ref_rewards, up):
 
         return run
     if provider == "BOND step":
+
         def run():
             seq = bk.sequence_logprobs(xr, y)
-            out = bk.bond_loss(seq[:p].view(p, 1), ref_logp, rewards, ref_rewards, seq[p:].view(p, 1), n=4,
-                               correction=True, validate=False)
+            out = bk.bond_loss(
+                seq[:p].view(p, 1),
+                ref_logp,
+                rewards,
+                ref_rewards,
+                seq[p:].view(p, 1),
+                n=4,
+                correction=True,
+                validate=False,
+            )
             (grad,) = torch.autograd.grad(out.loss, xr)
             return grad
 
@@ -301,8 +373,21 @@ def step_build(provider, x, y, ref_logp, rewards, ref_rewards, up):
             from bond_kernels.ops.bond_sequence import bond_sequence
 
             no_mask = torch.empty(0, dtype=torch.bool, device=DEV)
-            _, _, pc, bc, _ = bond_sequence(behaviour, ref_logp, rewards, ref_rewards, no_mask, behaviour,
-                                            4.0, 0.5, 1, 0.0, True, 0, SEQ_BACKEND)
+            _, _, pc, bc, _ = bond_sequence(
+                behaviour,
+                ref_logp,
+                rewards,
+                ref_rewards,
+                no_mask,
+                behaviour,
+                4.0,
+                0.5,
+                1,
+                0.0,
+                True,
+                0,
+                SEQ_BACKEND,
+            )
             coef = torch.cat([pc.view(-1), bc.view(-1)])
             _, grad = bk.sequence_logprobs_and_grad(x, y, coef)
             return grad
@@ -413,23 +498,45 @@ def table(skip=(), out=None, sweep=True):
     _emit(C.markdown_table(["case", "ms (eager)", "ms (CUDA graph)", "speed-up vs torch reference"], []), out)
     try:
         for r in measure_seq():
-            _emit(f"| {r['name']} | {_fmt(r['eager_ms'], '.4f')} | {_fmt(r['graph_ms'], '.4f')} | {r['speedup']} |", out)
+            _emit(
+                f"| {r['name']} | {_fmt(r['eager_ms'], '.4f')} | {_fmt(r['graph_ms'], '.4f')} | {r['speedup']} |",
+                out,
+            )
     except Exception as exc:
         _emit(f"| sequence level | FAILED: {type(exc).__name__}: {exc} | | |", out)
     _emit("", out)
 
     _emit(f"### token_jeffreys, N = {JF_N}, V = {JF_V}, bf16 — {head}\n", out)
-    _emit(f"Copy bandwidth measured in this run: {copy_bps / C.GB:.0f} GB/s (read + write).  Floors: fwd "
-          "2·2·N·V bytes, fwd+bwd 5·2·N·V.\n", out)
-    _emit(C.markdown_table(["mode", "provider", "ms", "GB/s of floor", "frac of copy BW", "peak extra mem",
-                            "max abs err vs fp64 (256 rows)"], []), out)
+    _emit(
+        f"Copy bandwidth measured in this run: {copy_bps / C.GB:.0f} GB/s (read + write).  Floors: fwd "
+        "2·2·N·V bytes, fwd+bwd 5·2·N·V.\n",
+        out,
+    )
+    _emit(
+        C.markdown_table(
+            [
+                "mode",
+                "provider",
+                "ms",
+                "GB/s of floor",
+                "frac of copy BW",
+                "peak extra mem",
+                "max abs err vs fp64 (256 rows)",
+            ],
+            [],
+        ),
+        out,
+    )
     for r in measure_jf(copy_bps, skip=skip):
         if "failed" in r:
             _emit(f"| {r['mode']} | {r['provider']} | FAILED: {r['failed']} | | | | |", out)
             continue
         err = "" if r["err"] is None else f"{r['err']:.2g}"
-        _emit(f"| {r['mode']} | {r['provider']} | {r['ms']:.3f} | {r['gbps']:.0f} | {r['frac']:.2f} | "
-              f"{r['peak'] / C.GB:.2f} GB | {err} |", out)
+        _emit(
+            f"| {r['mode']} | {r['provider']} | {r['ms']:.3f} | {r['gbps']:.0f} | {r['frac']:.2f} | "
+            f"{r['peak'] / C.GB:.2f} GB | {err} |",
+            out,
+        )
     _emit("", out)
 
     if sweep:
@@ -441,17 +548,30 @@ def table(skip=(), out=None, sweep=True):
         _emit("", out)
         torch.cuda.empty_cache()
 
-    _emit(f"### whole BOND step, N = {STEP_PROMPTS * 2 * STEP_T} tokens ({STEP_PROMPTS} prompts × (policy + BoN) × "
-          f"{STEP_T}), V = {STEP_V}, bf16 — {head}\n", out)
-    _emit("Target: BOND step <= 1.10× token_logprobs fwd+bwd.  Floors: 3·2·N·V bytes through autograd, 2·2·N·V "
-          "with the gradient in the forward.\n", out)
-    _emit(C.markdown_table(["provider", "ms", "× token_logprobs fwd+bwd", "frac of copy BW", "peak extra mem"], []),
-          out)
+    _emit(
+        f"### whole BOND step, N = {STEP_PROMPTS * 2 * STEP_T} tokens ({STEP_PROMPTS} prompts × (policy + BoN) × "
+        f"{STEP_T}), V = {STEP_V}, bf16 — {head}\n",
+        out,
+    )
+    _emit(
+        "Target: BOND step <= 1.10× token_logprobs fwd+bwd.  Floors: 3·2·N·V bytes through autograd, 2·2·N·V "
+        "with the gradient in the forward.\n",
+        out,
+    )
+    _emit(
+        C.markdown_table(
+            ["provider", "ms", "× token_logprobs fwd+bwd", "frac of copy BW", "peak extra mem"], []
+        ),
+        out,
+    )
     for r in measure_step(copy_bps, skip=skip):
         if "failed" in r:
             _emit(f"| {r['provider']} | FAILED: {r['failed']} | | | |", out)
             continue
-        _emit(f"| {r['provider']} | {r['ms']:.3f} | {r['ratio']} | {r['frac']:.2f} | {r['peak'] / C.GB:.2f} GB |", out)
+        _emit(
+            f"| {r['provider']} | {r['ms']:.3f} | {r['ratio']} | {r['frac']:.2f} | {r['peak'] / C.GB:.2f} GB |",
+            out,
+        )
     _emit(f"\n<!-- test_bench_bond.py --table took {time.time() - t0:.0f} s -->\n", out)
 
 

@@ -26,7 +26,12 @@ SHAPES = [
     (5, 4, 16, 3),  # m > 1: per-prompt baselines
     (3, 2, 1, 1),  # k = 1: quantiles are 0, 1/2 or 1
     (33, 16, 64, 1),  # the benchmark's n = 16, k = 64 at a small B
-    (70, 1, 300, 0),  # no Best-of-N samples (forward_ce is NaN, as the mean of nothing); enough work for OpenMP
+    (
+        70,
+        1,
+        300,
+        0,
+    ),  # no Best-of-N samples (forward_ce is NaN, as the mean of nothing); enough work for OpenMP
 ]
 SMOOTHING = ["self", "none", 0.25]
 BASELINE_NAMES = ["loo", "mean", "none"]
@@ -88,8 +93,13 @@ def test_bond_loss_matches_reference(shape, smoothing, correction):
             inputs = _bond_inputs(b, m, k, j)
             mask = inputs[-1] if masked else None
             _check_bond(
-                inputs[:-1] + (mask,), n=4, beta=0.3, baseline=baseline, smoothing=smoothing,
-                correction=correction, ref_mask=mask,
+                inputs[:-1] + (mask,),
+                n=4,
+                beta=0.3,
+                baseline=baseline,
+                smoothing=smoothing,
+                correction=correction,
+                ref_mask=mask,
             )
 
 
@@ -260,7 +270,9 @@ def test_custom_ops_opcheck():
         bond_sequence, (lp.detach(), rl, pr, rr, mask, bl.detach(), 4.0, 0.5, 1, 0.0, True, 0, "cpu")
     )
     lp, al, pr, ar, best = _jbond_inputs(5)
-    torch.library.opcheck(jbond_sequence, (lp.detach(), al, pr, ar, best.detach(), 0.5, 0.1, 2.0, True, "cpu"))
+    torch.library.opcheck(
+        jbond_sequence, (lp.detach(), al, pr, ar, best.detach(), 0.5, 0.1, 2.0, True, "cpu")
+    )
 
 
 def test_compile_fullgraph_traces_the_fused_losses():
@@ -289,8 +301,18 @@ def test_compile_fullgraph_traces_the_fused_losses():
 def _launch(**over):
     lp, rl, pr, rr, bl, mask = _bond_inputs(4, 3, 6, 2)
     args = dict(
-        policy_logp=lp.detach(), policy_ref_logp=rl, policy_rewards=pr, ref_rewards=rr, ref_mask=mask,
-        bon_logp=bl.detach(), n=4.0, beta=0.5, mode=1, eps=0.0, correction=False, baseline=0,
+        policy_logp=lp.detach(),
+        policy_ref_logp=rl,
+        policy_rewards=pr,
+        ref_rewards=rr,
+        ref_mask=mask,
+        bon_logp=bl.detach(),
+        n=4.0,
+        beta=0.5,
+        mode=1,
+        eps=0.0,
+        correction=False,
+        baseline=0,
     )
     args.update(over)
     return kernels("cpu").bond_sequence(*args.values())
@@ -301,10 +323,22 @@ def _launch(**over):
     [
         (dict(policy_logp=torch.zeros(4, 3, dtype=torch.float16)), TypeError, "policy_logp must be float32"),
         (dict(policy_ref_logp=torch.zeros(4, 2)), ValueError, "policy_ref_logp must have size 3"),
-        (dict(policy_rewards=torch.zeros(4, 3, dtype=torch.int64)), TypeError, "policy_rewards must be float32 or float64"),
-        (dict(ref_rewards=torch.zeros(4, 6, dtype=torch.float64)), TypeError, "ref_rewards must have policy_rewards' dtype"),
+        (
+            dict(policy_rewards=torch.zeros(4, 3, dtype=torch.int64)),
+            TypeError,
+            "policy_rewards must be float32 or float64",
+        ),
+        (
+            dict(ref_rewards=torch.zeros(4, 6, dtype=torch.float64)),
+            TypeError,
+            "ref_rewards must have policy_rewards' dtype",
+        ),
         (dict(ref_rewards=torch.zeros(5, 6)), ValueError, "ref_rewards must have B = 4"),
-        (dict(ref_mask=torch.ones(4, 5, dtype=torch.bool)), ValueError, "ref_mask must have ref_rewards' shape"),
+        (
+            dict(ref_mask=torch.ones(4, 5, dtype=torch.bool)),
+            ValueError,
+            "ref_mask must have ref_rewards' shape",
+        ),
         (dict(ref_mask=torch.ones(4, 6)), TypeError, "ref_mask must be a bool tensor"),
         (dict(bon_logp=torch.zeros(3, 2)), ValueError, "bon_logp must have size 4"),
         (dict(n=0.5), ValueError, "n must be a number >= 1"),

@@ -63,7 +63,11 @@ def test_reward_quantiles_exact(b, n, k, backend, device):
             for smoothing in ("none", "self", 0.3):
                 got = bk.reward_quantiles(r, rr, ref_mask=m, smoothing=smoothing, backend=backend)
                 exp = R.reward_quantiles(r, rr, ref_mask=m, smoothing=smoothing)
-                assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1]), (ties, m is not None, smoothing)
+                assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1]), (
+                    ties,
+                    m is not None,
+                    smoothing,
+                )
 
 
 def test_reward_quantiles_infinite_and_masked_nan(device):
@@ -130,10 +134,23 @@ def test_bond_loss_matches_reference(b, m, k, j, device):
         for smoothing in ("self", "none", 0.2):
             for baseline in ("loo", "mean", "none"):
                 lp, rl, pr, rr, bl, mask = _bond_inputs(b, m, k, j, device)
-                _check_bond((lp, rl, pr, rr, bl), n=4, beta=0.3, baseline=baseline, smoothing=smoothing,
-                            correction=correction)
-                _check_bond((lp, rl, pr, rr, bl), n=2.5, beta=0.7, baseline=baseline, smoothing=smoothing,
-                            correction=correction, ref_mask=mask)
+                _check_bond(
+                    (lp, rl, pr, rr, bl),
+                    n=4,
+                    beta=0.3,
+                    baseline=baseline,
+                    smoothing=smoothing,
+                    correction=correction,
+                )
+                _check_bond(
+                    (lp, rl, pr, rr, bl),
+                    n=2.5,
+                    beta=0.7,
+                    baseline=baseline,
+                    smoothing=smoothing,
+                    correction=correction,
+                    ref_mask=mask,
+                )
 
 
 def test_bond_loss_fp64_rewards(device):

@@ -61,15 +61,38 @@ def bond_sequence(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     p_le, log_bon, policy_coef, bon_coef, stats = kernels(backend).bond_sequence(
-        policy_logp, policy_ref_logp, policy_rewards, ref_rewards, ref_mask, bon_logp, n, beta, mode, eps,
-        correction, baseline,
+        policy_logp,
+        policy_ref_logp,
+        policy_rewards,
+        ref_rewards,
+        ref_mask,
+        bon_logp,
+        n,
+        beta,
+        mode,
+        eps,
+        correction,
+        baseline,
     )
     return p_le, log_bon, policy_coef, bon_coef, stats
 
 
 @bond_sequence.register_fake
-def _(policy_logp, policy_ref_logp, policy_rewards, ref_rewards, ref_mask, bon_logp, n, beta, mode, eps,
-      correction, baseline, backend):
+def _(
+    policy_logp,
+    policy_ref_logp,
+    policy_rewards,
+    ref_rewards,
+    ref_mask,
+    bon_logp,
+    n,
+    beta,
+    mode,
+    eps,
+    correction,
+    baseline,
+    backend,
+):
     f32 = dict(dtype=torch.float32, device=policy_logp.device)
     return (
         torch.empty(policy_logp.shape, **f32),
@@ -94,14 +117,32 @@ def jbond_sequence(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     jbond_reward, policy_coef, best_coef, stats = kernels(backend).jbond_sequence(
-        policy_logp, anchor_logp, policy_rewards, anchor_rewards, best_anchor_logp, beta, gamma, penalty, strict
+        policy_logp,
+        anchor_logp,
+        policy_rewards,
+        anchor_rewards,
+        best_anchor_logp,
+        beta,
+        gamma,
+        penalty,
+        strict,
     )
     return jbond_reward, policy_coef, best_coef, stats
 
 
 @jbond_sequence.register_fake
-def _(policy_logp, anchor_logp, policy_rewards, anchor_rewards, best_anchor_logp, beta, gamma, penalty, strict,
-      backend):
+def _(
+    policy_logp,
+    anchor_logp,
+    policy_rewards,
+    anchor_rewards,
+    best_anchor_logp,
+    beta,
+    gamma,
+    penalty,
+    strict,
+    backend,
+):
     f32 = dict(dtype=torch.float32, device=policy_logp.device)
     b = policy_logp.shape[0]
     return torch.empty(b, **f32), torch.empty(b, **f32), torch.empty(b, **f32), torch.empty(4, **f32)

@@ -31,14 +31,23 @@ def _launch_config(n: int, k: int):
 @triton.jit
 def _reward_quantiles_kernel(
     # pointers
-    rewards_ptr, ref_ptr, mask_ptr, p_le_ptr, p_lt_ptr,
+    rewards_ptr,
+    ref_ptr,
+    mask_ptr,
+    p_le_ptr,
+    p_lt_ptr,
     # sizes
-    B, n, k,
+    B,
+    n,
+    k,
     # scalars
     eps,
     # constexpr
-    MODE: tl.constexpr, HAS_MASK: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # int64 rows: row·k overflows int32 for B·k > 2^31 reference rewards.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -96,10 +105,20 @@ def reward_quantiles(rewards, ref_rewards, ref_mask, mode, eps):
     block_r, block_n, block_k, warps = _launch_config(n, k)
     grid = (triton.cdiv(b, block_r),)
     _reward_quantiles_kernel[grid](
-        rewards, ref_rewards, mask, p_le, p_lt,
-        b, n, k,
+        rewards,
+        ref_rewards,
+        mask,
+        p_le,
+        p_lt,
+        b,
+        n,
+        k,
         float(eps),
-        MODE=int(mode), HAS_MASK=has_mask, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k,
+        MODE=int(mode),
+        HAS_MASK=has_mask,
+        BLOCK_R=block_r,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
         num_warps=warps,
     )
     return p_le, p_lt

@@ -55,13 +55,23 @@ def _launch_config(n_cols: int, cap: int):
 @triton.jit
 def _token_jeffreys_fwd_kernel(
     # pointers
-    policy_ptr, anchor_ptr, ignore_ptr, div_ptr, lse_p_ptr, lse_q_ptr, kl_ptr,
+    policy_ptr,
+    anchor_ptr,
+    ignore_ptr,
+    div_ptr,
+    lse_p_ptr,
+    lse_q_ptr,
+    kl_ptr,
     # sizes and strides
-    V, stride_p, stride_a,
+    V,
+    stride_p,
+    stride_a,
     # scalars
-    beta, inv_t,
+    beta,
+    inv_t,
     # constexpr
-    HAS_IGNORE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_IGNORE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row·stride overflows int32 at 16384 × 256000
     p_row = policy_ptr + row * stride_p
@@ -118,13 +128,25 @@ def _token_jeffreys_fwd_kernel(
 @triton.jit
 def _token_jeffreys_bwd_kernel(
     # pointers
-    policy_ptr, anchor_ptr, ignore_ptr, lse_p_ptr, lse_q_ptr, kl_ptr, grad_div_ptr, grad_ptr,
+    policy_ptr,
+    anchor_ptr,
+    ignore_ptr,
+    lse_p_ptr,
+    lse_q_ptr,
+    kl_ptr,
+    grad_div_ptr,
+    grad_ptr,
     # sizes and strides
-    V, stride_p, stride_a, stride_g,
+    V,
+    stride_p,
+    stride_a,
+    stride_g,
     # scalars
-    beta, inv_t,
+    beta,
+    inv_t,
     # constexpr
-    HAS_IGNORE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_IGNORE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     p_row = policy_ptr + row * stride_p
@@ -178,10 +200,18 @@ def token_jeffreys_fwd(policy, anchor, beta, temperature, ignore_mask):
     ignore, has_ignore = _ignore_arg(ignore_mask, outs[0])
     block, warps = _launch_config(v, FWD_MAX_BLOCK)
     _token_jeffreys_fwd_kernel[(n,)](
-        policy, anchor, ignore, *outs,
-        v, policy.stride(0), anchor.stride(0),
-        float(beta), 1.0 / float(temperature),
-        HAS_IGNORE=has_ignore, BLOCK=block, num_warps=warps,
+        policy,
+        anchor,
+        ignore,
+        *outs,
+        v,
+        policy.stride(0),
+        anchor.stride(0),
+        float(beta),
+        1.0 / float(temperature),
+        HAS_IGNORE=has_ignore,
+        BLOCK=block,
+        num_warps=warps,
     )
     return tuple(outs)
 
@@ -196,10 +226,22 @@ def token_jeffreys_bwd(policy, anchor, lse_p, lse_q, kl_pq, grad_div, beta, temp
     ignore, has_ignore = _ignore_arg(ignore_mask, lse_p)
     block, warps = _launch_config(v, BWD_MAX_BLOCK)
     _token_jeffreys_bwd_kernel[(n,)](
-        policy, anchor, ignore, lse_p.contiguous(), lse_q.contiguous(), kl_pq.contiguous(),
-        grad_div.float().contiguous(), grad,
-        v, policy.stride(0), anchor.stride(0), grad.stride(0),
-        float(beta), 1.0 / float(temperature),
-        HAS_IGNORE=has_ignore, BLOCK=block, num_warps=warps,
+        policy,
+        anchor,
+        ignore,
+        lse_p.contiguous(),
+        lse_q.contiguous(),
+        kl_pq.contiguous(),
+        grad_div.float().contiguous(),
+        grad,
+        v,
+        policy.stride(0),
+        anchor.stride(0),
+        grad.stride(0),
+        float(beta),
+        1.0 / float(temperature),
+        HAS_IGNORE=has_ignore,
+        BLOCK=block,
+        num_warps=warps,
     )
     return grad
