@@ -48,13 +48,26 @@ def _extensions():
     from torch.utils import cpp_extension
 
     cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    glue = [p for p in _rel(glob.glob(os.path.join(ROOT, "python", "src", "*.cpp"))) if not p.endswith("cuda_ops.cpp")]
+    glue = [
+        p
+        for p in _rel(glob.glob(os.path.join(ROOT, "python", "src", "*.cpp")))
+        if not p.endswith("cuda_ops.cpp")
+    ]
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "python", "src")]
     # -O3 for the auto-vectorised row loops; -ffp-contract=fast lets the AVX2/AVX-512 clones use FMA in the exp
     # polynomial (ISO C++ mode would forbid contraction); -fno-math-errno keeps std::log inline;
     # -fno-trapping-math lets GCC if-convert the exp's range selects (without it the AVX2 loops stay scalar:
-    # one core, 16 x 32000 fp32 rows, AVX2 forward 3.5 -> 0.8 ns/element); -g0 halves the build time.  No -march: the ISA is chosen at run time (csrc/include/bond/isa.h).
-    cxx_flags = ["-O3", "-g0", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-fno-trapping-math", "-fvisibility=hidden"]
+    # one core, 16 x 32000 fp32 rows, AVX2 forward 3.5 -> 0.8 ns/element); -g0 halves the build time.
+    # No -march: the ISA is chosen at run time (csrc/include/bond/isa.h), so the wheel runs on any x86-64.
+    cxx_flags = [
+        "-O3",
+        "-g0",
+        "-fopenmp",
+        "-ffp-contract=fast",
+        "-fno-math-errno",
+        "-fno-trapping-math",
+        "-fvisibility=hidden",
+    ]
     link_flags = ["-fopenmp"]
     if sys.platform == "darwin":  # Apple clang has no -fopenmp; the kernels then run single-threaded
         cxx_flags = [f for f in cxx_flags if f != "-fopenmp"]

@@ -81,8 +81,9 @@ def _leaf(x):
 def _truth_token(x, y, temperature, softcap, return_entropy, g, gh):
     """float64 reference values and d/dx of sum(g * logp) (+ sum(gh * entropy))."""
     xd = x.detach().double().requires_grad_(True)
-    out = ref.token_logprobs(xd, y, temperature=temperature, softcap=softcap, ignore_index=IGNORE,
-                             return_entropy=return_entropy)
+    out = ref.token_logprobs(
+        xd, y, temperature=temperature, softcap=softcap, ignore_index=IGNORE, return_entropy=return_entropy
+    )
     if return_entropy:
         lp, ent = out
         loss = (lp * g.double()).sum() + (ent * gh.double()).sum()
@@ -115,8 +116,15 @@ def test_token_logprobs(shape, dtype, opts):
     want_lp, want_ent, want_grad = _truth_token(x, y, temperature, softcap, return_entropy, g, gh)
 
     xl = _leaf(x)
-    out = bk.token_logprobs(xl, y, temperature=temperature, softcap=softcap, ignore_index=IGNORE,
-                            return_entropy=return_entropy, backend="cpu")
+    out = bk.token_logprobs(
+        xl,
+        y,
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=IGNORE,
+        return_entropy=return_entropy,
+        backend="cpu",
+    )
     if return_entropy:
         lp, ent = out
         _check_value(ent, want_ent, dtype)
@@ -166,8 +174,9 @@ def test_token_logprobs_and_grad(shape, dtype, opts, inplace):
         base = (x._base if x._base is not None else x).clone()
         xin = base.as_strided(x.shape, x.stride(), x.storage_offset())
     before = x.clone()
-    lp, grad = bk.token_logprobs_and_grad(xin, y, g, temperature=temperature, softcap=softcap, backend="cpu",
-                                          inplace=inplace)
+    lp, grad = bk.token_logprobs_and_grad(
+        xin, y, g, temperature=temperature, softcap=softcap, backend="cpu", inplace=inplace
+    )
     _check_value(lp, want_lp, dtype)
     _check_grad(grad, want_grad, dtype)
     if inplace:
@@ -319,7 +328,9 @@ def test_every_isa_matches_reference():
         for isa in cpu._supported_isas():
             cpu._set_isa(isa)
             xl = _leaf(x)
-            lp, ent = bk.token_logprobs(xl, y, temperature=0.9, softcap=9.0, return_entropy=True, backend="cpu")
+            lp, ent = bk.token_logprobs(
+                xl, y, temperature=0.9, softcap=9.0, return_entropy=True, backend="cpu"
+            )
             ((lp * g).sum() + (ent * gh).sum()).backward()
             _check_value(lp, want_lp, torch.bfloat16)
             _check_value(ent, want_ent, torch.bfloat16)
@@ -371,8 +382,12 @@ def test_opcheck_custom_ops():
     y = torch.randint(0, 97, (5,))
     y[2] = IGNORE
     torch.library.opcheck(tl_ops.token_logprobs_fwd, (x, y, 0.9, 0.0, IGNORE, True, False, "cpu"))
-    torch.library.opcheck(tl_ops.token_logprobs_fwd_bwd, (x.detach(), y, torch.randn(5), 1.0, 5.0, IGNORE, "cpu"))
+    torch.library.opcheck(
+        tl_ops.token_logprobs_fwd_bwd, (x.detach(), y, torch.randn(5), 1.0, 5.0, IGNORE, "cpu")
+    )
     a = torch.randn(5, 97)
-    torch.library.opcheck(tj_ops.token_jeffreys_fwd, (x, a, 0.3, 1.0, torch.empty(0, dtype=torch.bool), "cpu"))
+    torch.library.opcheck(
+        tj_ops.token_jeffreys_fwd, (x, a, 0.3, 1.0, torch.empty(0, dtype=torch.bool), "cpu")
+    )
     r, k = torch.randn(3, 4), torch.randn(3, 6)
     torch.library.opcheck(rq_ops.reward_quantiles, (r, k, torch.empty(0, dtype=torch.bool), 1, 0.0, "cpu"))
