@@ -1,0 +1,175 @@
+"""``bond-kernels demo`` (the main job): the pieces (language, reward, sampler, log-probs) and a shrunken run."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from bond_kernels import cli, demo
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Small enough for CI (about 10 s on 2 shared cores), large enough that every stage runs: the reference
+# is pretrained, J-BOND takes steps, the trajectory gets several points, Best-of-8 has whole groups.
+SMALL = (
+    "--steps 6 --pretrain-steps 30 --batch-size 8 --eval-prompts 16 --eval-k 8 --eval-samples 2 --eval-every 2 --quiet"
+).split()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The models are tiny: on a shared 2-core machine two spinning OpenMP threads per process made these
+    # tests 6x slower (48 s against 8 s); the demo itself runs on one thread by default for the same reason.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["demo", "--out", str(out), "--seed", "3", *SMALL])
+    assert rc == 0
+    png, js = out / "demo.png", out / "metrics.json"
+    assert png.exists() and png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    m = json.loads(js.read_text())
+    for row in (m["reference"], m["policy"], *(m["best_of_n"][str(n)] for n in demo.BON_SIZES)):
+        assert _finite(row["reward"]) and 0.0 <= row["quantile"] <= 1.0
+    assert _finite(m["policy"]["kl_to_ref"]) and _finite(m["policy"]["kl_to_ref_stderr"])
+    t = m["training"]
+    assert t["tokens"] == 6 * 3 * 8 * 12 and _finite(t["tokens_per_s"]) and t["tokens_per_s"] > 0
+    assert m["backend"]["ran"] in ("cpu", "torch", "triton", "cuda")
+    assert m["backend"]["token_logprobs"] in ("cpu", "torch", "triton", "cuda")
+    assert m["backend"]["logprob_path"] in ("integrations.transformers", "logits")
+    assert m["versions"]["torch"] == torch.__version__ and m["date"]
+    assert [p["step"] for p in m["trajectory"]] == [0, 2, 4, 6]
+    assert len(m["history"]) == 6 and all(_finite(h["kl_to_ref"]) for h in m["history"])
+    # Best-of-N of the reference: the reward can only go up with N (same pool, nested maxima in expectation
+    # and here exactly, since Best-of-2n of a group is the max of two Best-of-n winners).
+    rewards = [m["reference"]["reward"]] + [m["best_of_n"][str(n)]["reward"] for n in demo.BON_SIZES]
+    assert rewards == sorted(rewards)
+    printed = capsys.readouterr().out
+    assert "Best-of-8 of π_ref" in printed and "J-BOND policy (6 steps)" in printed and "tokens/s" in printed
+
+
+def test_demo_rejects_bad_flags(tmp_path):
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
+        cli.main(["demo", "--out", str(tmp_path), "--steps", "0"])
+    with pytest.raises(SystemExit, match="--batch-size must be >= 2"):
+        cli.main(["demo", "--out", str(tmp_path), "--batch-size", "1"])
+
+
+def test_reward_counts_targets_and_breaks_ties():
+    g = demo.Grammar(32, seed=0)
+    assert 1 <= g.target < 32 and abs(g.target_freq - 0.04) < 0.02
+    other = next(t for t in range(1, 32) if t != g.target)
+    none = torch.full((12,), other)
+    two = none.clone()
+    two[[3, 7]] = g.target
+    r = g.reward(torch.stack([none, two]))
+    w = g.weights
+    assert torch.allclose(r[0], 0.1 * w[other])
+    assert torch.allclose(r[1], 2 + 0.1 * (10 * w[other] + 2 * w[g.target]) / 12)
+    # Random responses with the same number of targets almost never tie: the quantiles see a continuum.
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randint(1, 32, (512, 12), generator=gen)
+    rewards = g.reward(y)
+    assert rewards.unique().numel() > 500
+
+
+def test_reference_is_trained_and_not_uniform():
+    torch.manual_seed(0)
+    g = demo.Grammar(32, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    model = demo.build_model(32)
+    before = demo.next_token_entropy(model, g, count=64, length=16, generator=gen, device="cpu")
+    demo.pretrain_reference(
+        model,
+        g,
+        steps=60,
+        batch=64,
+        length=16,
+        lr=3e-3,
+        generator=gen,
+        device="cpu",
+        progress=lambda it, **kw: _Quiet(it),
+    )
+    after = demo.next_token_entropy(model, g, count=64, length=16, generator=gen, device="cpu")
+    # Untrained: close to uniform (log 32 = 3.47).  Trained: well below it, towards the language's own
+    # entropy rate (about 1.3 nats), which a uniform reference could never reach.
+    assert before > 0.9 * math.log(32)
+    assert after < 0.6 * math.log(32) and after > g.entropy_rate - 0.2
+
+
+class _Quiet:
+    def __init__(self, it):
+        self.it = it
+
+    def __iter__(self):
+        return iter(self.it)
+
+    def set_postfix(self, **kw):
+        pass
+
+
+def _naive_sample(model, prompts, length):
+    """Full forward per token (no KV cache): the sampler's oracle."""
+    x = prompts
+    for _ in range(length):
+        probs = torch.softmax(model(input_ids=x).logits[:, -1].float(), dim=-1)
+        x = torch.cat([x, torch.multinomial(probs, 1)], dim=1)
+    return x
+
+
+@torch.no_grad()
+def test_sampler_uses_the_cache_correctly():
+    torch.manual_seed(0)
+    model = demo.build_model(40).eval()
+    g = demo.Grammar(40, seed=2)
+    prompts = g.sample(64, 4, torch.Generator().manual_seed(5))
+    torch.manual_seed(7)
+    fast = demo.sample(model, prompts, 10)
+    torch.manual_seed(7)
+    slow = _naive_sample(model, prompts, 10)
+    assert fast.shape == (64, 14) and fast.dtype == torch.int64
+    assert torch.equal(fast[:, :4], prompts)
+    assert int(fast.min()) >= 0 and int(fast.max()) < 40
+    # Same RNG stream, same probabilities up to rounding: the draws agree (a wrong cache position or an
+    # off-by-one would change the distribution and the draws).
+    assert (fast == slow).float().mean() > 0.99
+    # chunked sampling gives the same shapes and keeps the prompts
+    chunked = demo.sample(model, prompts, 3, chunk=16)
+    assert chunked.shape == (64, 7) and torch.equal(chunked[:, :4], prompts)
+
+
+@pytest.mark.parametrize("path", ["logits", "auto"])
+def test_sequence_logprobs_matches_log_softmax(path, monkeypatch):
+    monkeypatch.setitem(demo._path, "use", path)
+    torch.manual_seed(0)
+    model = demo.build_model(48)
+    x = torch.randint(0, 48, (5, 11))
+    p_len = 4
+    lp = demo.seq_logp(model, x, p_len)
+    logits = model(input_ids=x).logits.double()
+    ref = torch.log_softmax(logits, -1)[:, :-1].gather(-1, x[:, 1:, None]).squeeze(-1)[:, p_len - 1 :].sum(-1)
+    torch.testing.assert_close(lp.double(), ref, rtol=1e-4, atol=1e-4)
+    # gradients reach the parameters the same way, with a random upstream gradient
+    up = torch.randn(5, dtype=torch.float64)
+    (g1,) = torch.autograd.grad((lp.double() * up).sum(), model.lm_head.weight)
+    (g2,) = torch.autograd.grad((ref * up).sum(), model.lm_head.weight)
+    torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-5)
+
+
+def test_bon_curve_is_exact_best_of_n():
+    curve = demo.bon_curve(8)
+    assert curve[0] == (0.0, 0.5)
+    kl, q = curve[1]
+    assert kl == pytest.approx(math.log(2) - 0.5) and q == pytest.approx(2 / 3)
+    assert all(a[0] < b[0] and a[1] < b[1] for a, b in zip(curve, curve[1:]))
