@@ -10,8 +10,10 @@ Byte accounting (``_common.logprob_floor_bytes``, `elt` bytes per logit; O(N) te
   * ``fwd_bwd``  gradient computed in the forward sweep (``token_logprobs_and_grad``): one read, one write:
     2·N·V·elt (cpu backend only; eager has no such path, so its ratio is against eager fwd+bwd).
 GB/s is that floor divided by the median time, for every provider (eager moves several times the floor:
-``log_softmax`` writes a full fp32 copy, and its backward reads two and writes two).  Each row also
-records ``ratio_vs_eager`` = eager median / this median for the same shape and mode, and the peak extra
+``log_softmax`` writes a full fp32 copy, and its backward reads two and writes two).  Each cpu row also
+records ``ratio_vs_eager`` = eager median / cpu median for the same shape and mode, both timed in one
+interleaved loop (eager, cpu, eager, cpu, ...) so that both see the same machine load: on a shared 2-core
+machine the absolute times drift by 2x from minute to minute, the ratio much less.  And the peak extra
 resident memory of one call (the process's high-water mark above its resident size before the call, reset
 through /proc/self/clear_refs; outputs and the gradient count), in units of the logits' size.
 
@@ -41,8 +43,6 @@ SHAPES = [(2048, 32000, torch.float32), (512, 32000, torch.bfloat16), (128, 1282
 MODES = ["fwd", "fwd+bwd", "fwd_bwd"]
 PROVIDERS = ["torch eager", "cpu"]
 ROUNDS = 5  # medians of 5 calls after one warm-up: the whole file stays under ~90 s on 2 cores
-
-_eager_ms = {}  # (shape, mode) -> eager median, so the cpu rows can state their ratio
 
 
 def _fresh_mappings_above_1mib():
@@ -117,6 +117,19 @@ def median_ms(fn, rounds=ROUNDS):
     return statistics.median(times)
 
 
+def paired_ms(fn_a, fn_b, rounds=ROUNDS):
+    """Medians of fn_a and fn_b timed alternately (one warm-up each)."""
+    fn_a()
+    fn_b()
+    ta, tb = [], []
+    for _ in range(rounds):
+        for fn, out in ((fn_a, ta), (fn_b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def _status_kb(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -140,15 +153,15 @@ def peak_extra_bytes(fn):
 
 
 def row_info(provider, mode, n, v, dtype, ms, inputs, fn):
-    """The accounting of one row: floor bytes, GB/s, ratio to eager (timed here if not yet), extra memory."""
+    """The accounting of one row: floor bytes, GB/s, ratio to eager (paired timing), extra memory."""
     x, y, g = inputs
     nbytes = C.logprob_floor_bytes(mode, n, v, x.element_size())
     extra = peak_extra_bytes(fn)
-    key = (n, v, dtype, mode if mode != "fwd_bwd" else "fwd+bwd")
-    if provider == "torch eager":
-        _eager_ms[key] = ms
-    elif key not in _eager_ms:
-        _eager_ms[key] = median_ms(make_fn("torch eager", key[3], x, y, g))
+    ratio = 1.0
+    if provider != "torch eager":
+        eager_mode = "fwd" if mode == "fwd" else "fwd+bwd"  # fwd_bwd is judged against eager fwd+bwd
+        eager_ms, cpu_ms = paired_ms(make_fn("torch eager", eager_mode, x, y, g), fn)
+        ratio = eager_ms / cpu_ms
     info = {
         "shape": f"{n}x{v}",
         "dtype": str(dtype).replace("torch.", ""),
@@ -157,7 +170,7 @@ def row_info(provider, mode, n, v, dtype, ms, inputs, fn):
         "median_ms": round(ms, 3),
         "floor_bytes": nbytes,
         "GB/s": round(nbytes / (ms * 1e-3) / C.GB, 2),
-        "ratio_vs_eager": round(_eager_ms[key] / ms, 2),
+        "ratio_vs_eager": round(ratio, 2),
         "extra_mem_x_logits": None if extra is None else round(extra / (n * v * x.element_size()), 2),
         "threads": torch.get_num_threads(),
         "isa": _ext.require().cpu._isa(),

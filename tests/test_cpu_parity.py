@@ -391,3 +391,13 @@ def test_opcheck_custom_ops():
     )
     r, k = torch.randn(3, 4), torch.randn(3, 6)
     torch.library.opcheck(rq_ops.reward_quantiles, (r, k, torch.empty(0, dtype=torch.bool), 1, 0.0, "cpu"))
+
+
+def test_empty_batch():
+    """(B, 0, V) and (0, V) logits: empty results and an empty gradient, no error."""
+    for shape in [(2, 0, 7), (0, 7)]:
+        x = torch.randn(shape)
+        y = torch.zeros(shape[:-1], dtype=torch.long)
+        lp, grad = bk.token_logprobs_and_grad(x, y, torch.zeros(shape[:-1]), backend="cpu")
+        assert lp.shape == shape[:-1] and grad.shape == shape
+        assert bk.token_logprobs(x, y, backend="cpu").shape == shape[:-1]

@@ -54,7 +54,7 @@ struct Rows {
 
   static Rows matrix(index_t n, index_t row_stride) { return Rows{n, 1, row_stride, 0}; }
   static Rows batched(index_t b, index_t t, index_t stride_b, index_t stride_t) {
-    return Rows{b * t, t, stride_b, stride_t};
+    return Rows{b * t, t > 0 ? t : 1, stride_b, stride_t};  // T = 0: no rows (inner 1 keeps offset() defined)
   }
   index_t offset(index_t r) const {
     return inner == 1 ? r * stride_outer : (r / inner) * stride_outer + (r % inner) * stride_inner;
