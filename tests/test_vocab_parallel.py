@@ -290,9 +290,15 @@ def _worker(rank, world, port, tile):
         _check_errors(rank, world)
     except BaseException:
         traceback.print_exc()
-        raise
-    finally:
-        dist.destroy_process_group()
+        raise  # the parent sees the exception and terminates the other ranks
+    teardown()
+
+
+def teardown():
+    """Leave together: without the barrier, rank 0 (the TCPStore host) can tear down c10d while another
+    rank still talks to it, and a gloo thread then aborts the process (seen as SIGABRT, 1 run in ~6)."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_world(world, worker=_worker, extra=(), deadline_s=120.0):
