@@ -6,7 +6,6 @@ it has to fall back it says so once through ``logging``.  An explicit backend th
 raises ``RuntimeError`` with the reason.
 """
 
-import functools
 import importlib.util
 import logging
 import os
@@ -30,7 +29,8 @@ OPS = {
 
 # Preference order of ``auto`` per device type.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
-# Per-op overrides of the ``auto`` order (measured: see BENCHMARKS.md).
+# Per-op overrides of the ``auto`` order.  reward_quantiles prefers the CUDA C++ kernel until a GPU run
+# shows the Triton one faster (BENCHMARKS.md, "GPU: BOND objective", owed).
 _AUTO_ORDER_OP = {
     ("reward_quantiles", "cuda"): ("cuda", "triton", "torch"),
     ("bond_sequence", "cuda"): ("cuda", "torch"),
@@ -42,8 +42,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_REASON = {}  # memo (a dict rather than lru_cache, so torch.compile does not trace a cache wrapper)
+
+
 def _triton_import_reason():
+    if "reason" not in _TRITON_REASON:
+        _TRITON_REASON["reason"] = _find_triton_problem()
+    return _TRITON_REASON["reason"]
+
+
+def _find_triton_problem():
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
     try:
@@ -68,7 +76,12 @@ def availability(backend: str, device_type: str):
             return False, f"the cuda backend takes CUDA tensors, got {device_type} tensors"
         if not _ext.has_cuda():
             mod, reason = _ext.load()
-            return False, reason if mod is None else "_C was built without CUDA kernels (no nvcc or CPU-only torch at build time)"
+            return (
+                False,
+                reason
+                if mod is None
+                else "_C was built without CUDA kernels (no nvcc or CPU-only torch at build time)",
+            )
         return True, "ok"
     if backend == "triton":
         reason = _triton_import_reason()
@@ -78,7 +91,10 @@ def availability(backend: str, device_type: str):
             return True, "ok"
         if device_type == "cpu" and interpreting():
             return True, "ok (TRITON_INTERPRET=1)"
-        return False, f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device_type} tensors"
+        return (
+            False,
+            f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU), got {device_type} tensors",
+        )
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -118,7 +134,10 @@ def resolve(op: str, backend, device: torch.device) -> str:
         ok, reason = availability(name, dev)
         if ok:
             if skipped:
-                _say_once((op, dev, name), f"bond_kernels: {op} on {dev} falls back to {name!r} ({'; '.join(skipped)})")
+                _say_once(
+                    (op, dev, name),
+                    f"bond_kernels: {op} on {dev} falls back to {name!r} ({'; '.join(skipped)})",
+                )
             return name
         skipped.append(f"{name}: {reason}")
     return "torch"

@@ -1,18 +1,27 @@
 """Guarded loading of the compiled extension ``bond_kernels._C`` (C++ CPU kernels, CUDA kernels if built)."""
 
-import functools
-
 import torch  # noqa: F401  (must be imported first: _C links against libc10/libtorch)
 
+# Memo of ``load()``.  A plain dict, not functools.lru_cache: torch.compile reads a dict without tracing
+# into (and warning about) a cache wrapper.
+_LOADED = {}
 
-@functools.lru_cache(maxsize=None)
+
 def load():
     """Return ``(module or None, reason)``; never raises."""
-    try:
-        from . import _C
-    except ImportError as exc:  # not built, or built against another torch
-        return None, f"bond_kernels._C could not be imported ({exc}); build it with `pip install --no-build-isolation -e .`"
-    return _C, "ok"
+    result = _LOADED.get("_C")
+    if result is None:
+        try:
+            from . import _C
+
+            result = (_C, "ok")
+        except ImportError as exc:  # not built, or built against another torch
+            result = (
+                None,
+                f"bond_kernels._C could not be imported ({exc}); build it with `pip install --no-build-isolation -e .`",
+            )
+        _LOADED["_C"] = result
+    return result
 
 
 def has_cpu() -> bool:

@@ -37,7 +37,10 @@ def info(as_dict: bool = False):
     }
     if as_dict:
         return data
-    lines = [f"{k:>14}: {data[k]}" for k in ("bond_kernels", "python", "torch", "torch_cuda", "triton", "cuda_device", "extension")]
+    lines = [
+        f"{k:>14}: {data[k]}"
+        for k in ("bond_kernels", "python", "torch", "torch_cuda", "triton", "cuda_device", "extension")
+    ]
     lines.append("      backends:")
     for name, devs in data["backends"].items():
         for dev, st in devs.items():

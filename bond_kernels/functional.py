@@ -8,6 +8,7 @@ import torch
 from . import _backend
 from . import _validate as V
 from . import reference as ref
+from .reference.losses import LOG16
 
 __all__ = [
     "best_of_n_indices",
@@ -31,8 +32,14 @@ def _token_args(logits, labels, temperature, softcap, ignore_index):
     V.float_tensor(logits, "logits")
     V.label_tensor(labels, logits)
     if logits.shape[-1] == 0:
-        raise ValueError(f"logits must have a non-empty vocabulary (last) dimension, got {V.describe(logits)}")
-    return V.positive_float(temperature, "temperature"), V.softcap_value(softcap), V.integer(ignore_index, "ignore_index")
+        raise ValueError(
+            f"logits must have a non-empty vocabulary (last) dimension, got {V.describe(logits)}"
+        )
+    return (
+        V.positive_float(temperature, "temperature"),
+        V.softcap_value(softcap),
+        V.integer(ignore_index, "ignore_index"),
+    )
 
 
 def _pick(op, backend, x: torch.Tensor):
@@ -41,7 +48,9 @@ def _pick(op, backend, x: torch.Tensor):
         return "torch"
     name = _backend.resolve(op, backend, x.device)
     if name != "torch" and x.dtype == torch.float64:
-        raise TypeError(f"backend {name!r} takes fp32, bf16 or fp16 inputs; fp64 runs on backend='torch', got fp64")
+        raise TypeError(
+            f"backend {name!r} takes fp32, bf16 or fp16 inputs; fp64 runs on backend='torch', got fp64"
+        )
     return name
 
 
@@ -101,8 +110,15 @@ def token_logprobs(
         from . import distributed
 
         return distributed.token_logprobs(
-            logits, labels, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-            return_entropy=return_entropy, backend=backend, inplace=inplace, process_group=process_group,
+            logits,
+            labels,
+            temperature=temperature,
+            softcap=softcap,
+            ignore_index=ignore_index,
+            return_entropy=return_entropy,
+            backend=backend,
+            inplace=inplace,
+            process_group=process_group,
         )
     temperature, softcap, ignore_index = _token_args(logits, labels, temperature, softcap, ignore_index)
     name = _pick("token_logprobs", backend, logits)
@@ -110,7 +126,11 @@ def token_logprobs(
         _check_reference_rows(logits, labels, ignore_index)
     if name == "torch":
         return ref.token_logprobs(
-            logits, labels, temperature=temperature, softcap=softcap or None, ignore_index=ignore_index,
+            logits,
+            labels,
+            temperature=temperature,
+            softcap=softcap or None,
+            ignore_index=ignore_index,
             return_entropy=return_entropy,
         )
     from .ops.token_logprobs import token_logprobs_fwd
@@ -119,8 +139,14 @@ def token_logprobs(
         empty = logits.new_zeros(labels.shape, dtype=torch.float32) + logits.sum() * 0
         return (empty, empty.clone()) if return_entropy else empty
     logp, _, ent = token_logprobs_fwd(
-        _as_rows(logits), _flat_labels(labels), temperature, softcap, ignore_index, bool(return_entropy),
-        bool(inplace), name,
+        _as_rows(logits),
+        _flat_labels(labels),
+        temperature,
+        softcap,
+        ignore_index,
+        bool(return_entropy),
+        bool(inplace),
+        name,
     )
     logp = logp.view(labels.shape)
     if return_entropy:
@@ -131,11 +157,15 @@ def token_logprobs(
 def _sequence_layout(logits, labels, cu_seqlens, validate=False):
     if cu_seqlens is None:
         if logits.dim() != 3:
-            raise ValueError(f"logits must be (B, T, V) for padded sequences (or pass cu_seqlens), got {V.describe(logits)}")
+            raise ValueError(
+                f"logits must be (B, T, V) for padded sequences (or pass cu_seqlens), got {V.describe(logits)}"
+            )
         return None
     V.tensor(cu_seqlens, "cu_seqlens")
     if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor of B+1 offsets, got {V.describe(cu_seqlens)}")
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32/int64 tensor of B+1 offsets, got {V.describe(cu_seqlens)}"
+        )
     if logits.dim() != 2:
         raise ValueError(f"logits must be (total, V) with cu_seqlens, got {V.describe(logits)}")
     V.same_device(logits, cu_seqlens, "logits", "cu_seqlens")
@@ -178,13 +208,26 @@ def sequence_logprobs(
         from . import distributed
 
         return distributed.sequence_logprobs(
-            logits, labels, cu_seqlens=cu_seqlens, temperature=temperature, softcap=softcap,
-            ignore_index=ignore_index, backend=backend, inplace=inplace, process_group=process_group,
+            logits,
+            labels,
+            cu_seqlens=cu_seqlens,
+            temperature=temperature,
+            softcap=softcap,
+            ignore_index=ignore_index,
+            backend=backend,
+            inplace=inplace,
+            process_group=process_group,
         )
     cu = _sequence_layout(logits, labels, cu_seqlens, validate)
     logp = token_logprobs(
-        logits, labels, temperature=temperature, softcap=softcap, ignore_index=ignore_index, backend=backend,
-        inplace=inplace, validate=validate,
+        logits,
+        labels,
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        backend=backend,
+        inplace=inplace,
+        validate=validate,
     )
     if cu is None:
         return logp.sum(-1)
@@ -212,14 +255,18 @@ def token_logprobs_and_grad(
     temperature, softcap, ignore_index = _token_args(logits, labels, temperature, softcap, ignore_index)
     V.float_tensor(grad_logp, "grad_logp", min_dim=0)
     if tuple(grad_logp.shape) != tuple(labels.shape):
-        raise ValueError(f"grad_logp must have the labels' shape {tuple(labels.shape)}, got {V.describe(grad_logp)}")
+        raise ValueError(
+            f"grad_logp must have the labels' shape {tuple(labels.shape)}, got {V.describe(grad_logp)}"
+        )
     V.same_device(logits, grad_logp, "logits", "grad_logp")
     name = _pick("token_logprobs", backend, logits)
     if name == "torch":
         _check_reference_rows(logits, labels, ignore_index)
         with torch.enable_grad():
             x = logits.detach().requires_grad_(True)
-            logp = ref.token_logprobs(x, labels, temperature=temperature, softcap=softcap or None, ignore_index=ignore_index)
+            logp = ref.token_logprobs(
+                x, labels, temperature=temperature, softcap=softcap or None, ignore_index=ignore_index
+            )
             (grad,) = torch.autograd.grad(logp, x, grad_logp.to(logp.dtype))
         if inplace:
             logits.data.copy_(grad)
@@ -231,11 +278,19 @@ def token_logprobs_and_grad(
         rows = _as_rows(logits)
         g = grad_logp.reshape(-1).float().contiguous()
         if inplace:
-            if rows.data_ptr() != logits.data_ptr() or rows.shape[-1] != logits.shape[-1] or logits.stride(-1) != 1:
+            if (
+                rows.data_ptr() != logits.data_ptr()
+                or rows.shape[-1] != logits.shape[-1]
+                or logits.stride(-1) != 1
+            ):
                 raise ValueError("inplace=True needs logits whose last dimension is contiguous")
-            logp = token_logprobs_fwd_bwd_inplace(rows, _flat_labels(labels), g, temperature, softcap, ignore_index, name)
+            logp = token_logprobs_fwd_bwd_inplace(
+                rows, _flat_labels(labels), g, temperature, softcap, ignore_index, name
+            )
             return logp.view(labels.shape), logits
-        logp, grad = token_logprobs_fwd_bwd(rows, _flat_labels(labels), g, temperature, softcap, ignore_index, name)
+        logp, grad = token_logprobs_fwd_bwd(
+            rows, _flat_labels(labels), g, temperature, softcap, ignore_index, name
+        )
     return logp.view(labels.shape), grad.view(logits.shape)
 
 
@@ -261,7 +316,9 @@ def sequence_logprobs_and_grad(
     V.float_tensor(seq_coef, "seq_coef")
     nseq = labels.shape[0] if cu is None else cu.numel() - 1
     if tuple(seq_coef.shape) != (nseq,):
-        raise ValueError(f"seq_coef must have shape ({nseq},), one coefficient per sequence, got {V.describe(seq_coef)}")
+        raise ValueError(
+            f"seq_coef must have shape ({nseq},), one coefficient per sequence, got {V.describe(seq_coef)}"
+        )
     if cu is None:
         token_coef = seq_coef.float().unsqueeze(-1).expand(labels.shape)
     else:
@@ -269,8 +326,14 @@ def sequence_logprobs_and_grad(
         seq_id = torch.searchsorted(cu.long()[1:], positions, right=True).clamp_max(nseq - 1)
         token_coef = seq_coef.float()[seq_id]
     logp, grad = token_logprobs_and_grad(
-        logits, labels, token_coef.contiguous(), temperature=temperature, softcap=softcap,
-        ignore_index=ignore_index, backend=backend, inplace=inplace,
+        logits,
+        labels,
+        token_coef.contiguous(),
+        temperature=temperature,
+        softcap=softcap,
+        ignore_index=ignore_index,
+        backend=backend,
+        inplace=inplace,
     )
     seq = logp.sum(-1) if cu is None else _segsum(logp, cu)
     return seq, grad
@@ -300,7 +363,9 @@ def _reward_tensor(x, name, *, dims=2):
     return x
 
 
-def _check_quantile_inputs(rewards, ref_rewards, ref_mask, validate, names=("rewards", "ref_rewards", "ref_mask")):
+def _check_quantile_inputs(
+    rewards, ref_rewards, ref_mask, validate, names=("rewards", "ref_rewards", "ref_mask")
+):
     r_name, k_name, m_name = names
     rewards = _reward_tensor(rewards, r_name)
     ref_rewards = _reward_tensor(ref_rewards, k_name)
@@ -310,13 +375,17 @@ def _check_quantile_inputs(rewards, ref_rewards, ref_mask, validate, names=("rew
             f"{k_name} must have one row per prompt like {r_name} (B = {rewards.shape[0]}), got {V.describe(ref_rewards)}"
         )
     if ref_rewards.shape[1] == 0:
-        raise ValueError(f"{k_name} must hold at least one reference sample per prompt (k >= 1), got {V.describe(ref_rewards)}")
+        raise ValueError(
+            f"{k_name} must hold at least one reference sample per prompt (k >= 1), got {V.describe(ref_rewards)}"
+        )
     if ref_mask is not None:
         V.tensor(ref_mask, m_name)
         if ref_mask.dtype != torch.bool:
             raise TypeError(f"{m_name} must be a bool tensor, got {V.describe(ref_mask)}")
         if tuple(ref_mask.shape) != tuple(ref_rewards.shape):
-            raise ValueError(f"{m_name} must have {k_name}'s shape {tuple(ref_rewards.shape)}, got {V.describe(ref_mask)}")
+            raise ValueError(
+                f"{m_name} must have {k_name}'s shape {tuple(ref_rewards.shape)}, got {V.describe(ref_mask)}"
+            )
         V.same_device(ref_rewards, ref_mask, k_name, m_name)
     if validate:
         V.check_no_nan(rewards, r_name)
@@ -344,7 +413,11 @@ def reward_quantiles(rewards, ref_rewards, *, ref_mask=None, smoothing="none", b
         return ref.reward_quantiles(rewards, ref_rewards, ref_mask=ref_mask, smoothing=smoothing)
     from .ops.reward_quantiles import reward_quantiles as _op
 
-    mask = ref_mask.contiguous() if ref_mask is not None else torch.empty(0, dtype=torch.bool, device=rewards.device)
+    mask = (
+        ref_mask.contiguous()
+        if ref_mask is not None
+        else torch.empty(0, dtype=torch.bool, device=rewards.device)
+    )
     return _op(rewards.float().contiguous(), ref_rewards.float().contiguous(), mask, mode, eps, name)
 
 
@@ -359,8 +432,11 @@ def bon_log_prob(ref_logp, p_le, p_lt, n):
         if not isinstance(t, (torch.Tensor, numbers.Real)) or isinstance(t, bool):
             raise TypeError(f"{name} must be a tensor or a number, got {type(t).__name__}")
     # 0-dim tensors broadcast like numbers (torch lets a CPU scalar meet a CUDA tensor); others share a device.
-    tensors = [(name, t) for name, t in (("ref_logp", ref_logp), ("p_le", p_le), ("p_lt", p_lt))
-               if isinstance(t, torch.Tensor) and t.dim() > 0]
+    tensors = [
+        (name, t)
+        for name, t in (("ref_logp", ref_logp), ("p_le", p_le), ("p_lt", p_lt))
+        if isinstance(t, torch.Tensor) and t.dim() > 0
+    ]
     for name, t in tensors[1:]:
         V.same_device(tensors[0][1], t, tensors[0][0], name)
     return ref.bon_log_prob(ref_logp, p_le, p_lt, n)
@@ -373,7 +449,9 @@ def best_of_n_indices(ref_rewards, n, *, validate=True):
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if ref_rewards.shape[1] < n:
-        raise ValueError(f"ref_rewards must hold at least n = {n} samples per prompt, got {V.describe(ref_rewards)}")
+        raise ValueError(
+            f"ref_rewards must hold at least n = {n} samples per prompt, got {V.describe(ref_rewards)}"
+        )
     if validate:
         V.check_no_nan(ref_rewards, "ref_rewards")
     return ref.best_of_n_indices(ref_rewards, n)
@@ -416,10 +494,14 @@ def bond_loss(
         policy_rewards, ref_rewards, ref_mask, validate, names=("policy_rewards", "ref_rewards", "ref_mask")
     )
     if tuple(policy_rewards.shape) != shape:
-        raise ValueError(f"policy_rewards must have policy_logp's shape {shape}, got {V.describe(policy_rewards)}")
+        raise ValueError(
+            f"policy_rewards must have policy_logp's shape {shape}, got {V.describe(policy_rewards)}"
+        )
     _logp_tensor(bon_logp, "bon_logp", dims=2)
     if bon_logp.shape[0] != shape[0]:
-        raise ValueError(f"bon_logp must have B = {shape[0]} rows like policy_logp, got {V.describe(bon_logp)}")
+        raise ValueError(
+            f"bon_logp must have B = {shape[0]} rows like policy_logp, got {V.describe(bon_logp)}"
+        )
     V.best_of(n)
     beta = V.unit_interval(beta, "beta")
     _smoothing(smoothing)
@@ -431,7 +513,11 @@ def bond_loss(
         V.same_device(policy_logp, baseline, "policy_logp", "baseline")
     elif baseline not in ("loo", "mean", "none"):
         raise ValueError(f"baseline must be 'loo', 'mean', 'none' or a tensor, got {baseline!r}")
-    for name, t in (("policy_ref_logp", policy_ref_logp), ("policy_rewards", policy_rewards), ("bon_logp", bon_logp)):
+    for name, t in (
+        ("policy_ref_logp", policy_ref_logp),
+        ("policy_rewards", policy_rewards),
+        ("bon_logp", bon_logp),
+    ):
         V.same_device(policy_logp, t, "policy_logp", name)
     # fp64 log-probs keep fp64 end to end and a tensor baseline is the reference's feature: both run the spec.
     if policy_logp.dtype == torch.float64 or isinstance(baseline, torch.Tensor):
@@ -448,8 +534,17 @@ def bond_loss(
             name = _backend.resolve("bond_sequence", "auto", policy_logp.device)
     if name == "torch":
         return ref.bond_loss(
-            policy_logp, policy_ref_logp, policy_rewards, ref_rewards, bon_logp, n=n, beta=beta,
-            baseline=baseline, smoothing=smoothing, correction=correction, ref_mask=ref_mask,
+            policy_logp,
+            policy_ref_logp,
+            policy_rewards,
+            ref_rewards,
+            bon_logp,
+            n=n,
+            beta=beta,
+            baseline=baseline,
+            smoothing=smoothing,
+            correction=correction,
+            ref_mask=ref_mask,
         )
     from .ops.bond_sequence import BASELINES, bond_sequence
 
@@ -457,17 +552,38 @@ def bond_loss(
     # compared in fp64 when either is fp64 (as the reference does), else in fp32.
     mode, eps = _smoothing(smoothing)
     rdt = torch.float64 if torch.float64 in (policy_rewards.dtype, ref_rewards.dtype) else torch.float32
-    mask = ref_mask.contiguous() if ref_mask is not None else torch.empty(0, dtype=torch.bool, device=policy_logp.device)
+    mask = (
+        ref_mask.contiguous()
+        if ref_mask is not None
+        else torch.empty(0, dtype=torch.bool, device=policy_logp.device)
+    )
     p_le, log_bon, policy_coef, bon_coef, stats = bond_sequence(
-        policy_logp.detach().float().contiguous(), policy_ref_logp.detach().float().contiguous(),
-        policy_rewards.detach().to(rdt).contiguous(), ref_rewards.detach().to(rdt).contiguous(), mask,
-        bon_logp.detach().float().contiguous(), float(n), beta, mode, eps, bool(correction), BASELINES[baseline], name,
+        policy_logp.detach().float().contiguous(),
+        policy_ref_logp.detach().float().contiguous(),
+        policy_rewards.detach().to(rdt).contiguous(),
+        ref_rewards.detach().to(rdt).contiguous(),
+        mask,
+        bon_logp.detach().float().contiguous(),
+        float(n),
+        beta,
+        mode,
+        eps,
+        bool(correction),
+        BASELINES[baseline],
+        name,
     )
     # The coefficients are constants: the gradient reaches each sequence's tokens as one number per sequence.
     loss = (policy_coef * policy_logp.float()).sum() + (bon_coef * bon_logp.float()).sum()
     return ref.BondOutput(
-        loss=loss, backward_kl=stats[0], forward_ce=stats[1], mean_quantile=stats[2], kl_to_ref=stats[3],
-        p_le=p_le, bon_logp_target=log_bon, policy_coef=policy_coef, bon_coef=bon_coef,
+        loss=loss,
+        backward_kl=stats[0],
+        forward_ce=stats[1],
+        mean_quantile=stats[2],
+        kl_to_ref=stats[3],
+        p_le=p_le,
+        bon_logp_target=log_bon,
+        policy_coef=policy_coef,
+        bon_coef=bon_coef,
     )
 
 
@@ -480,7 +596,7 @@ def jbond_loss(
     *,
     beta=0.5,
     gamma=0.0,
-    penalty=math.log(16),
+    penalty=LOG16,
     strict=True,
     validate=True,
 ):
@@ -501,14 +617,30 @@ def jbond_loss(
         raise ValueError(f"policy_rewards must have shape ({b},), got {V.describe(policy_rewards)}")
     anchor_rewards = _reward_tensor(anchor_rewards, "anchor_rewards")
     if tuple(anchor_rewards.shape) != (b, 2):
-        raise ValueError(f"anchor_rewards must have shape ({b}, 2): two anchor samples per prompt, got {V.describe(anchor_rewards)}")
+        raise ValueError(
+            f"anchor_rewards must have shape ({b}, 2): two anchor samples per prompt, got {V.describe(anchor_rewards)}"
+        )
     beta = V.unit_interval(beta, "beta")
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or gamma < 0 or not math.isfinite(gamma):
+    if (
+        isinstance(gamma, bool)
+        or not isinstance(gamma, numbers.Real)
+        or gamma < 0
+        or not math.isfinite(gamma)
+    ):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
-    if isinstance(penalty, bool) or not isinstance(penalty, numbers.Real) or penalty < 0 or not math.isfinite(penalty):
+    if (
+        isinstance(penalty, bool)
+        or not isinstance(penalty, numbers.Real)
+        or penalty < 0
+        or not math.isfinite(penalty)
+    ):
         raise ValueError(f"penalty must be a finite number >= 0, got {penalty!r}")
-    for name, t in (("anchor_logp", anchor_logp), ("policy_rewards", policy_rewards),
-                    ("anchor_rewards", anchor_rewards), ("best_anchor_logp", best_anchor_logp)):
+    for name, t in (
+        ("anchor_logp", anchor_logp),
+        ("policy_rewards", policy_rewards),
+        ("anchor_rewards", anchor_rewards),
+        ("best_anchor_logp", best_anchor_logp),
+    ):
         V.same_device(policy_logp, t, "policy_logp", name)
     if validate:
         V.check_no_nan(policy_rewards, "policy_rewards")
@@ -526,28 +658,50 @@ def jbond_loss(
             name = _backend.resolve("bond_sequence", "auto", policy_logp.device)
     if name == "torch":
         return ref.jbond_loss(
-            policy_logp, anchor_logp, policy_rewards, anchor_rewards, best_anchor_logp, beta=beta, gamma=gamma,
-            penalty=penalty, strict=strict,
+            policy_logp,
+            anchor_logp,
+            policy_rewards,
+            anchor_rewards,
+            best_anchor_logp,
+            beta=beta,
+            gamma=gamma,
+            penalty=penalty,
+            strict=strict,
         )
     from .ops.bond_sequence import jbond_sequence
 
     # The reference computes in policy_logp's dtype (fp32 here): rewards and anchor log-probs are cast to it.
     jbond_reward, policy_coef, best_coef, stats = jbond_sequence(
-        policy_logp.detach().float().contiguous(), anchor_logp.detach().float().contiguous(),
-        policy_rewards.detach().float().contiguous(), anchor_rewards.detach().float().contiguous(),
-        best_anchor_logp.detach().float().contiguous(), beta, float(gamma), float(penalty), bool(strict), name,
+        policy_logp.detach().float().contiguous(),
+        anchor_logp.detach().float().contiguous(),
+        policy_rewards.detach().float().contiguous(),
+        anchor_rewards.detach().float().contiguous(),
+        best_anchor_logp.detach().float().contiguous(),
+        beta,
+        float(gamma),
+        float(penalty),
+        bool(strict),
+        name,
     )
     loss = (policy_coef * policy_logp.float()).sum() + (best_coef * best_anchor_logp.float()).sum()
     return ref.JBondOutput(
-        loss=loss, reward_mean=stats[0], penalised_frac=stats[1], kl_to_anchor=stats[2], forward_ce=stats[3],
-        jbond_reward=jbond_reward, policy_coef=policy_coef, best_coef=best_coef,
+        loss=loss,
+        reward_mean=stats[0],
+        penalised_frac=stats[1],
+        kl_to_anchor=stats[2],
+        forward_ce=stats[3],
+        jbond_reward=jbond_reward,
+        policy_coef=policy_coef,
+        best_coef=best_coef,
     )
 
 
 # --------------------------------------------------------------------------------------------------------
 # token-level Jeffreys divergence
 # --------------------------------------------------------------------------------------------------------
-def token_jeffreys(policy_logits, anchor_logits, *, beta=0.5, temperature=1.0, ignore_mask=None, backend="auto"):
+def token_jeffreys(
+    policy_logits, anchor_logits, *, beta=0.5, temperature=1.0, ignore_mask=None, backend="auto"
+):
     """Per-row ``β·KL(p‖q) + (1−β)·KL(q‖p)``, ``p = softmax(policy/T)``, ``q = softmax(anchor/T)``; (...) fp32.
 
     policy_logits, anchor_logits: (..., V) float of the same shape; ignore_mask (...) bool or None.
@@ -567,7 +721,9 @@ def token_jeffreys(policy_logits, anchor_logits, *, beta=0.5, temperature=1.0, i
     if ignore_mask is not None:
         V.tensor(ignore_mask, "ignore_mask")
         if ignore_mask.dtype != torch.bool or tuple(ignore_mask.shape) != lead:
-            raise ValueError(f"ignore_mask must be a bool tensor of shape {lead}, got {V.describe(ignore_mask)}")
+            raise ValueError(
+                f"ignore_mask must be a bool tensor of shape {lead}, got {V.describe(ignore_mask)}"
+            )
         V.same_device(policy_logits, ignore_mask, "policy_logits", "ignore_mask")
     fp64 = anchor_logits.dtype == torch.float64
     name = _pick("token_jeffreys", backend, policy_logits if not fp64 else anchor_logits)
@@ -588,7 +744,9 @@ def token_jeffreys(policy_logits, anchor_logits, *, beta=0.5, temperature=1.0, i
         if ignore_mask is not None
         else torch.empty(0, dtype=torch.bool, device=policy_logits.device)
     )
-    div, *_ = token_jeffreys_fwd(rows(policy_logits), rows(anchor_logits.detach()), beta, temperature, mask, name)
+    div, *_ = token_jeffreys_fwd(
+        rows(policy_logits), rows(anchor_logits.detach()), beta, temperature, mask, name
+    )
     return div.view(lead)
 
 
@@ -614,7 +772,9 @@ def _linear_args(hidden, weight, labels, bias, temperature, softcap, ignore_inde
     if bias is not None:
         V.float_tensor(bias, "bias")
         if tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},), one entry per weight row, got {V.describe(bias)}")
+            raise ValueError(
+                f"bias must have shape ({weight.shape[0]},), one entry per weight row, got {V.describe(bias)}"
+            )
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {V.describe(bias)}")
         V.same_device(hidden, bias, "hidden", "bias")
@@ -622,9 +782,15 @@ def _linear_args(hidden, weight, labels, bias, temperature, softcap, ignore_inde
     if labels.dtype not in V.LABEL_DTYPES:
         raise TypeError(f"labels must be an int64 (or int32) tensor, got {V.describe(labels)}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {V.describe(labels)}")
+        raise ValueError(
+            f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {V.describe(labels)}"
+        )
     V.same_device(hidden, labels, "hidden", "labels")
-    return V.positive_float(temperature, "temperature"), V.softcap_value(softcap), V.integer(ignore_index, "ignore_index")
+    return (
+        V.positive_float(temperature, "temperature"),
+        V.softcap_value(softcap),
+        V.integer(ignore_index, "ignore_index"),
+    )
 
 
 def linear_token_logprobs(
@@ -658,10 +824,20 @@ def linear_token_logprobs(
         from . import distributed
 
         return distributed.linear_token_logprobs(
-            hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap, ignore_index=ignore_index,
-            return_entropy=return_entropy, backend=backend, process_group=process_group,
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            temperature=temperature,
+            softcap=softcap,
+            ignore_index=ignore_index,
+            return_entropy=return_entropy,
+            backend=backend,
+            process_group=process_group,
         )
-    temperature, softcap, ignore_index = _linear_args(hidden, weight, labels, bias, temperature, softcap, ignore_index)
+    temperature, softcap, ignore_index = _linear_args(
+        hidden, weight, labels, bias, temperature, softcap, ignore_index
+    )
     name = _pick("linear_token_logprobs", backend, hidden)
     if validate or name == "torch":
         V.check_labels_in_range(labels, weight.shape[0], ignore_index)
@@ -669,15 +845,29 @@ def linear_token_logprobs(
 
     if name == "torch":
         return lin.linear_token_logprobs_reference(
-            hidden, weight, labels, bias=bias, temperature=temperature, softcap=softcap or None,
-            ignore_index=ignore_index, return_entropy=return_entropy,
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            temperature=temperature,
+            softcap=softcap or None,
+            ignore_index=ignore_index,
+            return_entropy=return_entropy,
         )
     if labels.numel() == 0:
         empty = hidden.new_zeros(labels.shape, dtype=torch.float32) + (hidden.sum() + weight.sum()) * 0
         return (empty, empty.clone()) if return_entropy else empty
     rows = hidden.reshape(-1, hidden.shape[-1])
     logp, _, ent = lin.linear_token_logprobs_fwd(
-        rows, weight, bias, _flat_labels(labels), temperature, softcap, ignore_index, bool(return_entropy), name
+        rows,
+        weight,
+        bias,
+        _flat_labels(labels),
+        temperature,
+        softcap,
+        ignore_index,
+        bool(return_entropy),
+        name,
     )
     logp = logp.view(labels.shape)
     if return_entropy:

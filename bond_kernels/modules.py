@@ -1,11 +1,10 @@
 """``nn.Module`` wrappers: they hold configuration only and call :mod:`bond_kernels.functional`."""
 
-import math
-
 import torch
 from torch import nn
 
 from . import functional as F
+from .reference.losses import LOG16
 
 __all__ = ["BondLoss", "EMAAnchor", "JBondLoss", "TokenJeffreys", "TokenLogprobs"]
 
@@ -13,15 +12,22 @@ __all__ = ["BondLoss", "EMAAnchor", "JBondLoss", "TokenJeffreys", "TokenLogprobs
 class TokenLogprobs(nn.Module):
     """``forward(logits, labels)`` -> :func:`bond_kernels.token_logprobs` with the stored options."""
 
-    def __init__(self, *, temperature=1.0, softcap=None, ignore_index=-100, return_entropy=False, backend="auto"):
+    def __init__(
+        self, *, temperature=1.0, softcap=None, ignore_index=-100, return_entropy=False, backend="auto"
+    ):
         super().__init__()
         self.temperature, self.softcap, self.ignore_index = temperature, softcap, ignore_index
         self.return_entropy, self.backend = return_entropy, backend
 
     def forward(self, logits, labels):
         return F.token_logprobs(
-            logits, labels, temperature=self.temperature, softcap=self.softcap, ignore_index=self.ignore_index,
-            return_entropy=self.return_entropy, backend=self.backend,
+            logits,
+            labels,
+            temperature=self.temperature,
+            softcap=self.softcap,
+            ignore_index=self.ignore_index,
+            return_entropy=self.return_entropy,
+            backend=self.backend,
         )
 
     def extra_repr(self):
@@ -34,12 +40,27 @@ class BondLoss(nn.Module):
 
     def __init__(self, n, *, beta=0.5, baseline="loo", smoothing="self", correction=False):
         super().__init__()
-        self.n, self.beta, self.baseline, self.smoothing, self.correction = n, beta, baseline, smoothing, correction
+        self.n, self.beta, self.baseline, self.smoothing, self.correction = (
+            n,
+            beta,
+            baseline,
+            smoothing,
+            correction,
+        )
 
     def forward(self, policy_logp, policy_ref_logp, policy_rewards, ref_rewards, bon_logp, ref_mask=None):
         return F.bond_loss(
-            policy_logp, policy_ref_logp, policy_rewards, ref_rewards, bon_logp, n=self.n, beta=self.beta,
-            baseline=self.baseline, smoothing=self.smoothing, correction=self.correction, ref_mask=ref_mask,
+            policy_logp,
+            policy_ref_logp,
+            policy_rewards,
+            ref_rewards,
+            bon_logp,
+            n=self.n,
+            beta=self.beta,
+            baseline=self.baseline,
+            smoothing=self.smoothing,
+            correction=self.correction,
+            ref_mask=ref_mask,
         )
 
     def extra_repr(self):
@@ -50,14 +71,21 @@ class JBondLoss(nn.Module):
     """``forward(policy_logp, anchor_logp, policy_rewards, anchor_rewards, best_anchor_logp)`` ->
     :class:`JBondOutput`, the loss of :func:`bond_kernels.jbond_loss` with the stored options."""
 
-    def __init__(self, *, beta=0.5, gamma=0.0, penalty=math.log(16), strict=True):
+    def __init__(self, *, beta=0.5, gamma=0.0, penalty=LOG16, strict=True):
         super().__init__()
         self.beta, self.gamma, self.penalty, self.strict = beta, gamma, penalty, strict
 
     def forward(self, policy_logp, anchor_logp, policy_rewards, anchor_rewards, best_anchor_logp):
         return F.jbond_loss(
-            policy_logp, anchor_logp, policy_rewards, anchor_rewards, best_anchor_logp, beta=self.beta,
-            gamma=self.gamma, penalty=self.penalty, strict=self.strict,
+            policy_logp,
+            anchor_logp,
+            policy_rewards,
+            anchor_rewards,
+            best_anchor_logp,
+            beta=self.beta,
+            gamma=self.gamma,
+            penalty=self.penalty,
+            strict=self.strict,
         )
 
     def extra_repr(self):
@@ -73,7 +101,11 @@ class TokenJeffreys(nn.Module):
 
     def forward(self, policy_logits, anchor_logits, ignore_mask=None):
         return F.token_jeffreys(
-            policy_logits, anchor_logits, beta=self.beta, temperature=self.temperature, ignore_mask=ignore_mask,
+            policy_logits,
+            anchor_logits,
+            beta=self.beta,
+            temperature=self.temperature,
+            ignore_mask=ignore_mask,
             backend=self.backend,
         )
 
@@ -107,11 +139,15 @@ class EMAAnchor:
         theirs.update(dict(policy_module.named_buffers()))
         if mine.keys() != theirs.keys():
             missing = sorted(set(mine) ^ set(theirs))[:5]
-            raise ValueError(f"policy_module must have the anchor's parameters and buffers; these differ: {missing}")
+            raise ValueError(
+                f"policy_module must have the anchor's parameters and buffers; these differ: {missing}"
+            )
         for name, a in mine.items():
             p = theirs[name]
             if a.shape != p.shape:
-                raise ValueError(f"policy_module.{name} has shape {tuple(p.shape)}, the anchor's has {tuple(a.shape)}")
+                raise ValueError(
+                    f"policy_module.{name} has shape {tuple(p.shape)}, the anchor's has {tuple(a.shape)}"
+                )
             yield a, p
 
     @torch.no_grad()

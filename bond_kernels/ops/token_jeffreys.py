@@ -26,7 +26,9 @@ def token_jeffreys_fwd(
     ignore_mask: torch.Tensor,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    div, lse_p, lse_q, kl_pq = kernels(backend).token_jeffreys_fwd(policy, anchor, beta, temperature, ignore_mask)
+    div, lse_p, lse_q, kl_pq = kernels(backend).token_jeffreys_fwd(
+        policy, anchor, beta, temperature, ignore_mask
+    )
     return div, lse_p, lse_q, kl_pq
 
 
@@ -73,7 +75,16 @@ def _backward(ctx, grad_div, *_):
     if grad_div is None:
         return None, None, None, None, None, None
     grad = token_jeffreys_bwd(
-        policy, anchor, lse_p, lse_q, kl_pq, grad_div.float().contiguous(), beta, temperature, ignore_mask, backend
+        policy,
+        anchor,
+        lse_p,
+        lse_q,
+        kl_pq,
+        grad_div.float().contiguous(),
+        beta,
+        temperature,
+        ignore_mask,
+        backend,
     )
     return grad, None, None, None, None, None
 

@@ -50,7 +50,11 @@ def token_logprobs_fwd(
 def _(logits, labels, temperature, softcap, ignore_index, return_entropy, inplace_backward, backend):
     n = labels.shape[0]
     f32 = dict(dtype=torch.float32, device=logits.device)
-    return logits.new_empty(n, **f32), logits.new_empty(n, **f32), logits.new_empty(n if return_entropy else 0, **f32)
+    return (
+        logits.new_empty(n, **f32),
+        logits.new_empty(n, **f32),
+        logits.new_empty(n if return_entropy else 0, **f32),
+    )
 
 
 @torch.library.custom_op("bond_kernels::token_logprobs_bwd", mutates_args=())
