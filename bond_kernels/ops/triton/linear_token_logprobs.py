@@ -28,8 +28,8 @@ Design (chosen on analysis; the GPU measurement is owed, see BENCHMARKS.md):
   lies in another tile), and two matmuls.
 * Memory (analysis at N = 8192, H = 4096, V = 128256, bf16): the 64 MiB logits tile, the 134 MB fp32
   ``grad_h`` accumulator, ``grad_W`` (1.05 GB; the bf16 ``grad_h``, 67 MB, is allocated after the last
-  tile is freed) and O(N · tiles) statistics: about 1.26 GB peak over the inputs, gradients included (the
-  gradients alone are 1.12 GB; the target is 1.2 GB).
+  tile is freed) and O(N · tiles) statistics: about 1.26e9 bytes = 1.17 GiB peak over the inputs,
+  gradients included (the gradients alone are 1.12e9 bytes; the target, 1.2 in PERFORMANCE.md's GiB).
 
 Accuracy: the tiles hold the logits in the input dtype, exactly as ``(h @ W.T).float().log_softmax()`` does
 in eager PyTorch; everything after the matmul runs in fp32.
