@@ -6,6 +6,7 @@ measured in the same process (bytes read + bytes written), so results carry acro
 """
 
 import datetime
+import os
 import platform
 
 import torch
@@ -21,12 +22,18 @@ def card() -> str:
         tv = triton.__version__
     except Exception:  # triton is optional for the CPU benchmarks
         tv = "none"
-    dev = (
-        torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"CPU {platform.processor() or platform.machine()}"
-    )
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {cpu_name()}"
     return f"{dev}, torch {torch.__version__}, triton {tv}"
+
+
+def cpu_name() -> str:
+    """'Intel(R) Xeon(R) Processor, 2 cores' from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def today() -> str:
