@@ -16,8 +16,20 @@
 #   GPU_CHECK_BENCH      benchmark scripts (default: every benchmarks/test_bench_*.py with a --table mode)
 #   GPU_CHECK_BENCH_ARGS extra arguments for every --table run (e.g. "--skip torch.compile")
 #   GPU_CHECK_SWEEP=0    skip the launch-configuration sweep
+#   GPU_CHECK_ONLY       token | bond | linear: only that issue's GPU tests and benchmark (sets the two above
+#                        unless given; a whole default run may not fit one device call, so a session short on
+#                        device time runs `GPU_CHECK_ONLY=token` first, then the others in later calls)
 set -u
 cd "$(dirname "$0")/.."
+case "${GPU_CHECK_ONLY:-}" in
+  "") ;;
+  token) : "${GPU_CHECK_TESTS:=tests/test_gpu_token_logprobs.py}" "${GPU_CHECK_BENCH:=benchmarks/test_bench_token_logprobs.py}" ;;
+  bond) : "${GPU_CHECK_TESTS:=tests/test_gpu_bond.py}" "${GPU_CHECK_BENCH:=benchmarks/test_bench_bond.py}"
+        GPU_CHECK_SWEEP=${GPU_CHECK_SWEEP:-0} ;;
+  linear) : "${GPU_CHECK_TESTS:=tests/test_gpu_linear.py}" "${GPU_CHECK_BENCH:=benchmarks/test_bench_linear.py}"
+          GPU_CHECK_SWEEP=${GPU_CHECK_SWEEP:-0} ;;
+  *) echo "GPU_CHECK_ONLY must be token, bond or linear, got '$GPU_CHECK_ONLY'" >&2; exit 2 ;;
+esac
 ROOT=$PWD
 OUT="${OUT:-$ROOT/out/gpu_check}"  # /out/ is git-ignored
 mkdir -p "$OUT"
@@ -101,8 +113,11 @@ esac
 if [ -n "${GPU_CHECK_BENCH:-}" ]; then
   read -r -a SCRIPTS <<< "$GPU_CHECK_BENCH"
 else
+  # the token log-prob table first: it is the hot path every other number builds on
   SCRIPTS=()
-  for f in benchmarks/test_bench_*.py; do grep -q -- "--table" "$f" && SCRIPTS+=("$f"); done
+  for f in benchmarks/test_bench_token_logprobs.py benchmarks/test_bench_*.py; do
+    grep -q -- "--table" "$f" && [[ ! " ${SCRIPTS[*]} " == *" $f "* ]] && SCRIPTS+=("$f")
+  done
 fi
 n=${#SCRIPTS[@]}
 i=0
@@ -130,6 +145,8 @@ if [ "${GPU_CHECK_SWEEP:-1}" != "0" ] && [ "$(left)" -gt 60 ]; then
   timeout "$(cap 90)" $PY benchmarks/test_bench_token_logprobs.py --sweep --out "$OUT/sweep.md" >> "$OUT/bench.log" 2>&1
   rc=$?
   note "launch sweep: rc=$rc in $((SECONDS - t0)) s (sweep.md)"
+elif [ "${GPU_CHECK_SWEEP:-1}" = "0" ]; then
+  note "launch sweep: off (GPU_CHECK_SWEEP=0)"
 else
   note "launch sweep: skipped ($(left) s left)"
 fi
