@@ -1,4 +1,5 @@
-"""The ``bond-kernels`` command: ``info``, ``demo`` (the J-BOND main job) and ``bench``."""
+"""The ``bond-kernels`` command: ``info`` (versions, backends and why one is missing) and ``demo`` (the
+J-BOND main job).  Benchmarks run through pytest: ``pytest benchmarks/ --benchmark-only``."""
 
 import argparse
 import sys

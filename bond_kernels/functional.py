@@ -201,8 +201,9 @@ def sequence_logprobs(
 
     Padded: logits (B, T, V), labels (B, T).  Packed: logits (total, V), labels (total,), cu_seqlens (B+1,)
     int offsets (sequence b is rows ``cu[b]:cu[b+1]``).  The sums are O(N) work on top of
-    :func:`token_logprobs`; no extra pass touches the (N, V) logits.  ``process_group``: vocabulary-sharded
-    logits, see :func:`bond_kernels.distributed.sequence_logprobs`.
+    :func:`token_logprobs`; no extra pass touches the (N, V) logits.  ``inplace=True``: the backward writes
+    the gradient into the logits buffer, **destroying the logits** (as in :func:`token_logprobs`).
+    ``process_group``: vocabulary-sharded logits, see :func:`bond_kernels.distributed.sequence_logprobs`.
     """
     if process_group is not None:
         from . import distributed
@@ -310,7 +311,8 @@ def sequence_logprobs_and_grad(
 
     seq_coef: (B,) float per-sequence upstream coefficients known before the pass (for example
     ``BondOutput.policy_coef`` computed from behaviour log-probs).  Layout as :func:`sequence_logprobs`.
-    Returns ``(seq_logp (B,) fp32, grad_logits)``.
+    Returns ``(seq_logp (B,) fp32, grad_logits)``.  ``inplace=True`` returns the logits tensor itself as
+    ``grad_logits``: the gradient overwrites the logits, **destroying them**.
     """
     cu = _sequence_layout(logits, labels, cu_seqlens)
     V.float_tensor(seq_coef, "seq_coef")

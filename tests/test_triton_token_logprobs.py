@@ -95,6 +95,28 @@ def test_values_and_gradients(n, v, dtype, temperature, softcap, return_entropy)
     assert torch.all(logp[ignored] == 0) and torch.all(grad[ignored] == 0)
 
 
+@pytest.mark.parametrize("ignore_index", [0, 7])
+def test_ignore_index_that_is_a_vocabulary_id(ignore_index):
+    """An ignore_index inside [0, V): rows with that label give 0 and no gradient, every other row is scored
+    (labels of -100 do not occur: with this ignore_index they would be out of range)."""
+    n, v = 11, 1029
+    x, _ = _case(n, v, torch.float32)
+    y = torch.randint(0, v, (n,))
+    y[::3] = ignore_index
+    g, g_ent = torch.randn(n), torch.randn(n)
+    xt = x.clone().requires_grad_(True)
+    logp, ent = bk.token_logprobs(
+        xt, y, ignore_index=ignore_index, temperature=1.2, return_entropy=True, backend="triton"
+    )
+    (grad,) = torch.autograd.grad((logp * g).sum() + (ent * g_ent).sum(), xt)
+    r_logp, r_ent, r_grad = _reference(x, y, g, g_ent, 1.2, None, True, ignore_index=ignore_index)
+    torch.testing.assert_close(logp.double(), r_logp, atol=FP32_OUT_ATOL, rtol=0)
+    torch.testing.assert_close(ent.double(), r_ent, atol=FP32_OUT_ATOL, rtol=0)
+    assert_close(grad, r_grad, scale=max(r_grad.abs().max().item(), g.abs().max().item()))
+    ignored = y == ignore_index
+    assert torch.all(logp[ignored] == 0) and torch.all(grad[ignored] == 0) and torch.all(logp[~ignored] < 0)
+
+
 def test_fp16_values_and_gradients():
     x, y = _case(9, 3001, torch.float16)
     g, g_ent = torch.randn(9), torch.randn(9)
