@@ -8,6 +8,9 @@ torch.compile(fullgraph=True), torch.library.opcheck, bad labels, every instruct
 determinism across thread counts.
 """
 
+import os
+import sys
+
 import pytest
 import torch
 from conftest import TOL, assert_close
@@ -401,3 +404,40 @@ def test_empty_batch():
         lp, grad = bk.token_logprobs_and_grad(x, y, torch.zeros(shape[:-1]), backend="cpu")
         assert lp.shape == shape[:-1] and grad.shape == shape
         assert bk.token_logprobs(x, y, backend="cpu").shape == shape[:-1]
+
+
+# ------------------------------------------------------------------------------- large, fresh gradients
+def test_gradient_buffers_above_8_mib_get_huge_page_advice_and_stay_exact():
+    """Gradients of >= 8 MiB are allocated with transparent-huge-page advice (python/src/common.h): the
+    advice must reach the kernel on Linux and change no value (fwd+bwd, gradient-in-forward, Jeffreys)."""
+    cpu = _ext.require().cpu
+    n, v = 80, 40_003  # 12.8 MB of fp32 gradient, V odd
+    x = torch.randn(n, v) * 4
+    y = torch.randint(0, v, (n,))
+    y[::7] = IGNORE
+    g = torch.randn(n)
+    thp = os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled") and sys.platform.startswith("linux")
+    advised = cpu._advise_huge_pages(torch.empty_like(x))
+    assert (advised >= 8 << 20) if thp else (advised >= 0)
+    assert cpu._advise_huge_pages(torch.empty(1000)) == 0  # small buffers are left alone
+
+    want_lp, _, want_grad = _truth_token(x, y, 1.0, None, False, g, None)
+    xl = _leaf(x)
+    lp = bk.token_logprobs(xl, y, backend="cpu")
+    (lp * g).sum().backward()
+    _check_value(lp, want_lp, torch.float32)
+    _check_grad(xl.grad, want_grad, torch.float32)
+
+    lp2, grad2 = bk.token_logprobs_and_grad(x, y, g, backend="cpu")
+    _check_value(lp2, want_lp, torch.float32)
+    _check_grad(grad2, want_grad, torch.float32)
+
+    a = torch.randn(n, v) * 3
+    xd = x.double().requires_grad_(True)
+    want = ref.token_jeffreys(xd, a.double(), beta=0.3)
+    (want_j,) = torch.autograd.grad((want * g.double()).sum(), xd)
+    xl = _leaf(x)
+    div = bk.token_jeffreys(xl, a, beta=0.3, backend="cpu")
+    (div * g).sum().backward()
+    _check_value(div, want.detach(), torch.float32)
+    _check_grad(xl.grad, want_j, torch.float32)

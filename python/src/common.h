@@ -12,6 +12,7 @@
 #include <c10/util/Exception.h>
 
 #include "bond/common.h"
+#include "bond/cpu.h"
 
 namespace bond_py {
 
@@ -57,6 +58,15 @@ inline bond::Rows contiguous_rows(const at::Tensor& t) {
 }
 
 inline int64_t num_rows(const at::Tensor& logits) { return logits.numel() / logits.size(-1); }
+
+// A contiguous tensor shaped like `like` that a kernel is about to write in full (an (N, V) gradient).  Large
+// ones get transparent-huge-page advice first (bond/cpu.h): the first-touch page faults of a fresh buffer
+// otherwise cost more than the kernel that fills it.
+inline at::Tensor new_written_like(const at::Tensor& like) {
+  at::Tensor out = like.new_empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  bond::cpu::advise_huge_pages(out.data_ptr(), static_cast<std::size_t>(out.nbytes()));
+  return out;
+}
 
 // A 1-D fp32 per-row tensor of length n (contiguous copy if needed).
 inline at::Tensor f32_rows(const at::Tensor& t, const char* name, int64_t n) {

@@ -2,6 +2,7 @@
 // built with nvcc).  bond_kernels/_ext.py reads hasattr(_C, "cpu") / hasattr(_C, "cuda") as availability.
 #include "bindings.h"  // pybind11 + tensor casters (lighter than torch/extension.h: 6 s vs 25 s to compile)
 #include "bond/cpu.h"
+#include "common.h"
 
 namespace py = pybind11;
 
@@ -53,6 +54,13 @@ PYBIND11_MODULE(_C, m) {
   cpu.def("_isa", &active_isa_name, "instruction set the CPU kernels use now");
   cpu.def("_set_isa", &set_isa_by_name, py::arg("isa"), "cap the instruction set (tests, benchmarks)");
   cpu.def("_supported_isas", &supported_isas, "instruction sets this CPU supports, narrowest first");
+  cpu.def(
+      "_advise_huge_pages",
+      [](const at::Tensor& t) {
+        bond_py::check_cpu(t, "t");
+        return static_cast<int64_t>(bond::cpu::advise_huge_pages(t.data_ptr(), static_cast<std::size_t>(t.nbytes())));
+      },
+      py::arg("t"), "bytes of t advised to use transparent huge pages (0 when skipped; tests)");
   register_bond_sequence_cpu(cpu);
 
 #ifdef BOND_WITH_CUDA

@@ -84,7 +84,7 @@ at::Tensor token_jeffreys_bwd(const at::Tensor& policy_in, const at::Tensor& anc
   const int64_t n = policy.size(0);
   const at::Tensor lse_p = f32_rows(lse_p_in, "lse_p", n), lse_q = f32_rows(lse_q_in, "lse_q", n);
   const at::Tensor kl = f32_rows(kl_pq_in, "kl_pq", n), grad_div = f32_rows(grad_div_in, "grad_div", n);
-  at::Tensor grad = policy.new_empty(policy.sizes(), policy.options().memory_format(at::MemoryFormat::Contiguous));  // contiguous (N, V)
+  at::Tensor grad = new_written_like(policy);  // contiguous (N, V)
 
   bond::cpu::TokenJeffreysBwdParams p;
   p.policy = policy.data_ptr();

@@ -69,7 +69,7 @@ at::Tensor token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& labels
     grad_entropy = f32_rows(grad_entropy_in, "grad_entropy", n);
     entropy = f32_rows(entropy_in, "entropy", n);
   }
-  at::Tensor grad = inplace ? logits : logits.new_empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = inplace ? logits : new_written_like(logits);
 
   bond::cpu::TokenLogprobsBwdParams p;
   p.logits = logits.data_ptr();
@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> token_logprobs_fwd_bwd(const at::Tensor& logi
   const at::Tensor labels = label_rows(labels_in, n);
   const at::Tensor grad_logp = f32_rows(grad_logp_in, "grad_logp", n);
   at::Tensor logp = f32_out(logits, n);
-  at::Tensor grad = inplace ? logits : logits.new_empty(logits.sizes(), logits.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor grad = inplace ? logits : new_written_like(logits);
 
   bond::cpu::TokenLogprobsFwdBwdParams p;
   p.logits = logits.data_ptr();
