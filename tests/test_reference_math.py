@@ -721,6 +721,40 @@ def test_jbond_reward_facts_by_sampling(policy):
         assert out.reward_mean.item() == pytest.approx(-0.924, abs=0.005)
 
 
+def test_jbond_backward_only_fixed_point_by_sampling():
+    """BOND-MATH section 4: the maximiser of E_pi[r_J] - KL(pi || pi_anchor) is
+    pi* ∝ pi_anchor · exp(-log16 · (1 - U)^2), U the anchor quantile of y, about 0.209 nats from the anchor
+    with E[U] ≈ 0.676 (Best-of-2: 0.193, 2/3).
+
+    Sampled: the J-BOND reward of jbond_loss, averaged per bin of U, estimates E[r_J | U]; it must match
+    -log16·(1 - U)^2 within Z_TOL standard errors, and the tilted distribution built from those sampled
+    averages (not from the formula) must land on the stated KL and E[U]."""
+    g = _gen(53)
+    samples, bins = 400_000, 40
+    u = torch.rand(samples, generator=g, dtype=torch.float64)  # continuous rewards: r(y) = U under pi_anchor
+    anchor_rewards = torch.rand(samples, 2, generator=g, dtype=torch.float64)
+    zeros = torch.zeros(samples, dtype=torch.float64)
+    r_j = bk.jbond_loss(zeros, zeros, u, anchor_rewards, zeros).jbond_reward
+    idx = (u * bins).long().clamp_(max=bins - 1)
+    count = torch.bincount(idx, minlength=bins).double()
+    mean = torch.bincount(idx, weights=r_j, minlength=bins) / count
+    centre = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    lo, hi = centre - 0.5 / bins, centre + 0.5 / bins
+    # exact bin average of -log16 (1-U)^2 over [lo, hi)
+    want = -math.log(16) * ((1 - lo) ** 3 - (1 - hi) ** 3) / (3 / bins)
+    p_bad = -want / math.log(16)
+    se = math.log(16) * torch.sqrt(p_bad * (1 - p_bad) / count)
+    assert torch.all((mean - want).abs() <= Z_TOL * se + 1e-12), (mean - want).abs().max()
+    # pi*(bin) ∝ exp(E[r_J | bin]) under the uniform anchor: KL(pi* || anchor) and E_pi*[U]
+    w = torch.exp(mean)
+    p = w / w.sum()
+    kl = float((p * torch.log(p * bins)).sum())
+    e_u = float((p * centre).sum())
+    assert kl == pytest.approx(0.209, abs=0.006)
+    assert e_u == pytest.approx(0.676, abs=0.004)
+    assert kl > math.log(2) - 0.5 and e_u > 2 / 3  # a little past exact Best-of-2 (0.193 nats, 2/3)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Per-token log-probs and Jeffreys divergence against torch.distributions
 # ----------------------------------------------------------------------------------------------------
