@@ -190,18 +190,41 @@ def test_token_logprobs_and_grad(shape, dtype, opts, inplace):
 
 
 # --------------------------------------------------------------------------------------------- sequences
+def _padded(name, dtype):
+    """(logits (B, T, V), labels (B, T)) for the padded-sequence table."""
+    if name == "3d_shift":
+        x, y = _make("3d_shift", dtype)  # (2, 5, 333) strided view, trailing padding ignored
+        y[0, 3:] = IGNORE
+        return x, y
+    if name == "long_vocab":  # V >= 65536, one all-padding sequence
+        x = (torch.randn(3, 2, 65543) * 4).to(dtype)
+        y = torch.randint(0, 65543, (3, 2))
+        y[1] = IGNORE
+        return x, y
+    if name == "neginf_odd":  # odd sizes, a masked third of the vocabulary, ragged padding
+        x = torch.randn(5, 7, 611) * 4
+        y = torch.randint(0, 611, (5, 7))
+        mask = torch.rand(5, 7, 611) < 0.33
+        mask.scatter_(-1, y.unsqueeze(-1), False)
+        y[2, 4:] = IGNORE
+        y[4, 1:] = IGNORE
+        return x.masked_fill(mask, float("-inf")).to(dtype), y
+    raise KeyError(name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sequence_logprobs_padded(dtype):
-    x, y = _make("3d_shift", dtype)  # (2, 5, 333) strided, with padding positions ignored
-    y[0, 3:] = IGNORE
-    coef = torch.randn(2)
+@pytest.mark.parametrize("shape", ["3d_shift", "long_vocab", "neginf_odd"])
+def test_sequence_logprobs_padded(shape, dtype):
+    x, y = _padded(shape, dtype)
+    b = x.shape[0]
+    coef = torch.randn(b)
     xd = x.detach().double().requires_grad_(True)
     want = ref.sequence_logprobs(xd, y, ignore_index=IGNORE)
     (want_grad,) = torch.autograd.grad((want * coef.double()).sum(), xd)
     xl = _leaf(x)
     seq = bk.sequence_logprobs(xl, y, ignore_index=IGNORE, backend="cpu")
     (seq * coef).sum().backward()
-    assert seq.shape == (2,)
+    assert seq.shape == (b,)
     _check_value(seq, want.detach(), dtype)
     _check_grad(xl.grad, want_grad, dtype)
     # the gradient-in-forward path gives the same sums and gradient
@@ -210,22 +233,35 @@ def test_sequence_logprobs_padded(dtype):
     _check_grad(grad2, want_grad, dtype)
 
 
+# (total rows, V, cu_seqlens): an empty sequence in the middle; V >= 65536; one sequence; all empty at the end
+PACKED = {
+    "empty_middle": (19, 611, [0, 4, 4, 13, 19]),
+    "long_vocab": (5, 65543, [0, 2, 5]),
+    "one_sequence": (33, 1271, [0, 33]),
+    "empty_tail": (6, 257, [0, 6, 6, 6]),
+}
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_sequence_logprobs_packed(dtype):
-    total, v = 19, 611
+@pytest.mark.parametrize("layout", list(PACKED))
+def test_sequence_logprobs_packed(layout, dtype):
+    total, v, offsets = PACKED[layout]
     x = (torch.randn(total, v) * 4).to(dtype)
     y = torch.randint(0, v, (total,))
-    y[[2, 11]] = IGNORE
-    cu = torch.tensor([0, 4, 4, 13, 19], dtype=torch.int32)  # includes an empty sequence
-    coef = torch.randn(4)
+    y[:: max(total // 3, 2)] = IGNORE
+    cu = torch.tensor(offsets, dtype=torch.int32)
+    nseq = cu.numel() - 1
+    coef = torch.randn(nseq)
     xd = x.double().requires_grad_(True)
     want = ref.sequence_logprobs(xd, y, cu_seqlens=cu, ignore_index=IGNORE)
     (want_grad,) = torch.autograd.grad((want * coef.double()).sum(), xd)
     xl = _leaf(x)
     seq = bk.sequence_logprobs(xl, y, cu_seqlens=cu, ignore_index=IGNORE, backend="cpu")
     (seq * coef).sum().backward()
+    assert seq.shape == (nseq,)
     _check_value(seq, want.detach(), dtype)
-    assert seq[1] == 0
+    empty = cu[1:] == cu[:-1]
+    assert torch.all(seq[empty] == 0)
     _check_grad(xl.grad, want_grad, dtype)
     seq2, grad2 = bk.sequence_logprobs_and_grad(x, y, coef, cu_seqlens=cu, ignore_index=IGNORE, backend="cpu")
     _check_value(seq2, want.detach(), dtype)
@@ -233,15 +269,21 @@ def test_sequence_logprobs_packed(dtype):
 
 
 # ------------------------------------------------------------------------------------------ quantiles
+# (B prompts, n candidates, k references): odd sizes; one of each; k = 1; a long reference set.
+QUANTILE_SHAPES = [(37, 9, 53), (1, 1, 1), (6, 4, 1), (3, 5, 4099)]
+
+
 @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("smoothing", ["none", "self", 0.1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_reward_quantiles(dtype, smoothing, masked):
-    b, n, k = 37, 9, 53  # odd sizes
+@pytest.mark.parametrize("shape", QUANTILE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_reward_quantiles(shape, dtype, smoothing, masked):
+    b, n, k = shape
     # Few distinct levels: many exact ties, where <= and < differ.
     rewards = (torch.randint(0, 12, (b, n)) * 0.25).to(dtype)
     refs = (torch.randint(0, 12, (b, k)) * 0.25).to(dtype)
-    refs[0, :3] = torch.tensor([float("inf"), float("-inf"), 1.0]).to(dtype)
+    if k >= 3:
+        refs[0, :3] = torch.tensor([float("inf"), float("-inf"), 1.0]).to(dtype)
     mask = None
     if masked:
         mask = torch.rand(b, k) < 0.6
