@@ -6,6 +6,7 @@ the run says so in its summary (a run left with no test at all exits with pytest
 and the GPU script treat as a failure).
 """
 
+import gc
 import os
 import zlib
 
@@ -58,12 +59,30 @@ def device() -> torch.device:
 
 
 @pytest.fixture(autouse=True)
+def _release_gpu_memory(request):
+    # benchmarks/gpu_check.sh runs the gpu tests in 4 pytest-xdist workers on ONE GPU, and each worker's
+    # caching allocator keeps the peak of the largest test it ran (17 GB for the 2^32-element test) unless
+    # it is handed back: without this, four workers' leftover caches add up instead of each test's peak.
+    yield
+    if "gpu" in request.keywords and torch.cuda.is_initialized():
+        gc.collect()  # a failed test's traceback can still hold its tensors
+        torch.cuda.empty_cache()
+
+
+@pytest.fixture(autouse=True)
 def _seed(request):
     # Fresh but reproducible data per test: the seed is a hash of the test id.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 _deselected = {}
+
+
+def pytest_configure(config):
+    # pytest-xdist's marker, registered here too so a run without xdist does not warn about it.  Tests that
+    # allocate more than ~8 GB share the group "gpu_bigmem": with --dist loadgroup (gpu_check.sh) they run
+    # one after another in one worker, so at most one of them is on the GPU at a time.
+    config.addinivalue_line("markers", "xdist_group(name): run the group's tests in one xdist worker")
 
 
 @pytest.hookimpl(trylast=True)  # after -m has filtered: only count what the marker expression kept

@@ -59,6 +59,7 @@ def _max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
+@pytest.mark.xdist_group("gpu_bigmem")  # up to ~15 GB: fp64 logits 2048 x 128256, autograd (conftest.py)
 @pytest.mark.parametrize("n,h,v,bias,temperature,softcap", BF16_CASES)
 def test_bf16_against_fp64_and_eager(n, h, v, bias, temperature, softcap):
     hid, w, b, y, up, up_ent = _inputs(n, h, v, torch.bfloat16, bias)

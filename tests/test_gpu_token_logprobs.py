@@ -91,6 +91,7 @@ def test_table(n, v, dtype, temperature, softcap, return_entropy, device):
     assert_close(grad2, r_grad2, scale=max(r_grad2.abs().max().item(), g.abs().max().item()))
 
 
+@pytest.mark.xdist_group("gpu_bigmem")  # ~10 GB: the fp64 reference of 2048 x 128256 (tests/conftest.py)
 @pytest.mark.parametrize("v", [128256, 256000])
 def test_bf16_accuracy_target(v, device):
     """Max abs error ≤ 1e-4 against fp64 on the same bf16 inputs (logits ×4, as in PERFORMANCE.md)."""
@@ -103,6 +104,7 @@ def test_bf16_accuracy_target(v, device):
         assert err <= LOGP_ATOL, f"max abs error {err:.3g} > {LOGP_ATOL} at V={v}, {kw}"
 
 
+@pytest.mark.xdist_group("gpu_bigmem")  # 17.2 GB: the logits and their gradient (tests/conftest.py)
 def test_int64_offsets_beyond_2_31(device):
     """16384 × 262144 bf16 (2^32 elements, 8.6 GB): rows past element 2^31 must be read and written right."""
     n, v = 16384, 262144
