@@ -66,7 +66,12 @@ else
   note "no .whl/ carried: peers that are not on the machine are reported unavailable"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-$PY -m pip list 2>/dev/null | grep -iE "^(torch|triton|liger|cut-cross|pytest|numpy) " >> "$OUT/env.txt"
+$PY -m pip list 2>/dev/null | grep -iE "^(torch|triton|pytest|pytest-xdist|numpy) " >> "$OUT/env.txt"
+# the peers as Python will import them (PYTHONPATH's /tmp/site first), not only what pip sees
+$PY -c "import importlib.metadata as m
+for d in ('liger_kernel', 'cut_cross_entropy', 'transformers'):
+    try: print(d, m.version(d))
+    except m.PackageNotFoundError: print(d, 'not installed')" >> "$OUT/env.txt" 2>&1
 
 # ----------------------------------------------------------------------------------------------- build
 if [ "${GPU_CHECK_SKIP_BUILD:-0}" = "1" ]; then
@@ -93,7 +98,9 @@ $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_FLAG="--timeout=200"
 # Several pytest workers when pytest-xdist is there: most of the test time is Triton compiling the kernel
 # variants (one CPU core each); the GPU work itself is small.
 XDIST=""
-$PY -c "import xdist" 2>/dev/null && [ "${GPU_CHECK_XDIST:-4}" != "0" ] && XDIST="-n ${GPU_CHECK_XDIST:-4}"
+# --dist loadgroup: the tests marked xdist_group("gpu_bigmem") (> ~8 GB each) run one after another in one
+# worker, so the four workers' peaks stay well inside one GPU's memory (tests/conftest.py).
+$PY -c "import xdist" 2>/dev/null && [ "${GPU_CHECK_XDIST:-4}" != "0" ] && XDIST="-n ${GPU_CHECK_XDIST:-4} --dist loadgroup"
 t0=$SECONDS
 # shellcheck disable=SC2086
 timeout "$(cap 240)" $PY -m pytest ${GPU_CHECK_TESTS:-tests} -m gpu -q -p no:cacheprovider -rfE --durations=15 \
@@ -137,7 +144,8 @@ for f in "${SCRIPTS[@]}"; do
     *) note "bench $f: FAILED rc=$rc (see bench.log)" ;;
   esac
 done
-note "bench rows printed in total: $(grep -cE '^\| [0-9]' "$OUT/bench.log")"
+# a measured row has a time with a decimal point in some cell (headers and FAILED/unavailable rows do not)
+note "bench rows measured in total: $(grep -cE '^\|.*\| [0-9]+\.[0-9]+ \|' "$OUT/bench.log")"
 
 if [ "${GPU_CHECK_SWEEP:-1}" != "0" ] && [ "$(left)" -gt 60 ]; then
   t0=$SECONDS

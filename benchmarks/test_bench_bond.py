@@ -141,9 +141,14 @@ def measure_seq():
     rows = []
     cases = seq_cases()
     for name, (fn, _) in cases.items():
-        fn()
-        torch.cuda.synchronize()
-        eager = C.median_ms(fn, warmup=50, rep=200)
+        try:
+            fn()
+            torch.cuda.synchronize()
+            eager = C.median_ms(fn, warmup=50, rep=200)
+        except Exception as exc:  # e.g. no _C.cuda (build failed): the other rows still get numbers
+            msg = f"FAILED: {type(exc).__name__}: {exc}"[:200].replace("|", "/").replace("\n", " ")
+            rows.append({"name": name, "eager_ms": msg, "graph_ms": "", "vs": cases[name][1]})
+            continue
         try:
             graph = float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
         except Exception as exc:  # a provider that cannot be captured still gets its eager time
