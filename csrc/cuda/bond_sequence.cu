@@ -123,7 +123,8 @@ __global__ void __launch_bounds__(kThreads)
   detail::block_sums<kThreads, kPartials>(sums, scratch);
   if (counter != nullptr) {
     if (threadIdx.x == 0) {
-      for (int q = 0; q < kPartials; ++q) partials[blockIdx.x * kPartials + q] = sums[q];
+      // int64 offset, like the reader below: blockIdx.x · kPartials is a 32-bit product otherwise.
+      for (int q = 0; q < kPartials; ++q) partials[static_cast<int64_t>(blockIdx.x) * kPartials + q] = sums[q];
     }
     // Make this block's partials and log_bon visible device-wide before its ticket is counted.
     __threadfence();
