@@ -91,8 +91,8 @@ def test_auto_prefers_the_cuda_kernels(device):
 B_SHAPES = [
     (1, 1, 1, 1),  # one block, batch LOO with nobody to leave out
     (1024, 16, 64, 1),  # benchmark shape: 512 blocks of 2 prompts, per-prompt baselines
-    (1024, 1, 64, 1),  # m = 1: batch baseline finished by the last block (4 blocks)
-    (5000, 1, 16, 2),  # many blocks draw tickets; the last one sums 20 partials and writes 5000 coefficients
+    (1024, 1, 64, 1),  # m = 1: batch baseline finished by the last block (32 blocks)
+    (5000, 1, 16, 2),  # many blocks draw tickets; the last one sums 40 partials and writes 5000 coefficients
     (3, 300, 8, 1),  # m above one pass of a block: a prompt takes several passes
     (64, 4, 4096, 2),  # long reference rows: a full warp per candidate
     (8, 3, 5, 0),  # no Best-of-N samples
