@@ -7,7 +7,12 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def transform_logits(x: torch.Tensor, temperature: float, softcap) -> torch.Tensor:
-    """z = softcap·tanh(x / softcap) / temperature (softcap first, Gemma-2 style; None or 0 disables it)."""
+    """z = softcap·tanh(x / softcap) / temperature (softcap first, Gemma-2 style; None or 0 disables it).
+
+    With a softcap, a -inf logit (a masked vocabulary entry) becomes -softcap: finite, so it keeps a small
+    probability, exactly as the model's own capped logits do (Gemma-2 applies the cap to every entry).  Mask
+    after the cap if masked entries must stay impossible.  Every backend follows this.
+    """
     if softcap:
         x = softcap * torch.tanh(x / softcap)
     if temperature != 1.0:
