@@ -2,8 +2,9 @@
 
 Each rank of ``process_group`` holds a contiguous slice of the vocabulary — of the logits (``token_logprobs``,
 ``sequence_logprobs``) or of the output projection's weight and bias (``linear_token_logprobs``) — in rank
-order; shards may differ in size.  Labels are global vocabulary ids and, like the hidden states, are the same
-on every rank; every rank gets the same (replicated) log-probs and entropies.
+order, and every rank holds the same number of columns (pad the vocabulary to a multiple of the world
+size, as Megatron does).  Labels are global vocabulary ids and, like the hidden states, are the same on
+every rank; every rank gets the same (replicated) log-probs and entropies.
 
 Per row, each rank computes over its slice (with the backend's per-token kernels, local labels clamped into
 the slice) the partial log-sum-exp ``l_r``, the partial mean ``S_r = Σ softmax_r(z)·z`` (entropy) and the
@@ -23,8 +24,9 @@ inside the backward, so every rank gets the full gradient: do not all-reduce it 
 
 Every call first exchanges a few numbers per rank (one small ``all_gather``, one host synchronisation):
 shard sizes (hence each rank's offset and the global vocabulary), N, H, dtype, the options, a checksum of the
-labels and their range.  Inconsistent metadata and labels outside the global vocabulary raise the same
-``ValueError`` on every rank (rather than a hang or wrong numbers), as do local argument errors on any rank.
+labels and their range.  Unequal shard sizes, inconsistent metadata and labels outside the global vocabulary
+raise the same ``ValueError`` on every rank (rather than a hang or wrong numbers), as do local argument
+errors on any rank.
 """
 
 import math
@@ -130,9 +132,16 @@ def _check_consistent(rows, what, names):
             )
 
 
-def shard_info(rows, rank, ignore_index) -> ShardInfo:
-    """Offsets from the gathered shard sizes; checks the labels against the global vocabulary."""
+def shard_info(rows, rank, ignore_index, shard) -> ShardInfo:
+    """Offsets from the gathered shard sizes (equal on every rank); checks the labels against the global
+    vocabulary.  ``shard`` names the sharded argument in the error."""
     sizes = tuple(int(r["vocab"]) for r in rows)
+    if any(s != sizes[0] for s in sizes):
+        raise ValueError(
+            f"{shard} must have the same size on every rank of process_group (equal contiguous slices of the "
+            f"vocabulary); got sizes {list(sizes)} across ranks. Pad the vocabulary to a multiple of the world "
+            "size"
+        )
     total = sum(sizes)
     lo = min(r["label_min"] for r in rows)
     hi = max(r["label_max"] for r in rows)
@@ -198,7 +207,12 @@ def _gather_checked(
             ("return_entropy", "return_entropy", "be the same"),
         ],
     )
-    return shard_info(gathered, dist.get_rank(group), ignore_index)
+    shard = (
+        "weight (its rows, the vocabulary shard)"
+        if what == "linear_token_logprobs"
+        else "logits (its last dimension, the vocabulary shard)"
+    )
+    return shard_info(gathered, dist.get_rank(group), ignore_index, shard)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -103,8 +103,8 @@ def token_logprobs(
         (N, V) buffer).  Only use it when nothing else reads the logits after this call.
     validate: check on the host (one synchronisation) that every label is in range.  Without it the cpu and
         torch backends still raise, and the GPU kernels write NaN to a row whose label is out of range.
-    process_group: logits sharded over the vocabulary across the group's ranks (tensor parallel); labels
-        are global ids.  See :func:`bond_kernels.distributed.token_logprobs`.
+    process_group: logits sharded over the vocabulary across the group's ranks (tensor parallel), the same
+        number of columns on every rank; labels are global ids.  See :func:`bond_kernels.distributed.token_logprobs`.
     """
     if process_group is not None:
         from . import distributed
@@ -817,7 +817,7 @@ def linear_token_logprobs(
     ``bond_kernels/ops/linear_token_logprobs.py``).  Spec: ``ops.linear_token_logprobs.linear_token_logprobs_reference``.
 
     process_group: ``weight`` (and ``bias``) hold this rank's contiguous slice of the vocabulary (tensor
-        parallel); hidden and labels (global ids) are the same on every rank.  See
+        parallel), the same number of rows on every rank; hidden and labels (global ids) are the same on every rank.  See
         :func:`bond_kernels.distributed.linear_token_logprobs`.
     validate: check on the host (one synchronisation) that every label is in [0, V).  Without it a label out
         of range gives NaN in its row (the torch backend always raises).

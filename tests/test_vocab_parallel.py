@@ -1,8 +1,8 @@
 """Vocabulary-parallel token/sequence/linear log-probs over torch.distributed (gloo, CPU, loopback only).
 
 Each world size is one spawn of processes that run every check (spawning costs seconds; the checks cost
-milliseconds).  Every rank builds the same full tensors from one seed, keeps its (deliberately unequal)
-slice of the vocabulary, and compares values and its shard's gradients (random upstream gradients) with the
+milliseconds).  Every rank builds the same full tensors from one seed, keeps its (equal) slice of the
+vocabulary, and compares values and its shard's gradients (random upstream gradients) with the
 single-process reference on the full vocabulary.  The processes stop themselves: a 60 s gloo timeout inside,
 and the parent terminates its own children after 120 s.
 """
@@ -22,8 +22,8 @@ import torch.multiprocessing as mp
 import bond_kernels as bk
 from bond_kernels.ops.linear_token_logprobs import linear_token_logprobs_reference
 
-# Unequal shard sizes on purpose (37 = 20 + 17 = 10 + 9 + 11 + 7): offsets are not multiples of anything.
-SHARDS = {2: (20, 17), 4: (10, 9, 11, 7)}
+# Equal shards of odd sizes (38 = 2 x 19, 36 = 4 x 9): no offset is a multiple of a power of two.
+SHARDS = {2: (19, 19), 4: (9, 9, 9, 9)}
 # (temperature, softcap): plain, both transforms.
 OPTIONS = [(1.0, None), (0.7, 3.0)]
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
@@ -162,6 +162,22 @@ def _check_masked_vocab(rank, world):
     _close(ent, want_ent, torch.float64, "masked entropy")
     _close(grad, _slice(want_grad, rank, sizes), torch.float64, "masked grad")
 
+    # The padding the unequal-shard error advises: a vocabulary one short of a multiple of the world size,
+    # padded with a -inf column on the last rank, gives the unpadded vocabulary's log-probs and gradients.
+    x1 = torch.randn(6, vocab - 1, generator=gen, dtype=torch.float64)
+    y1 = torch.randint(0, vocab - 1, (6,), generator=gen)
+    full1 = x1.clone().requires_grad_(True)
+    want1, went1 = bk.reference.token_logprobs(full1, y1, return_entropy=True)
+    (wgrad1,) = torch.autograd.grad((want1 * g + went1 * ge).sum(), full1)
+    padded = torch.cat([x1, torch.full((6, 1), float("-inf"), dtype=torch.float64)], dim=1)
+    shard1 = _slice(padded, rank, sizes).clone().requires_grad_(True)
+    lp1, ent1 = bk.token_logprobs(shard1, y1, return_entropy=True, process_group=dist.group.WORLD)
+    (grad1,) = torch.autograd.grad((lp1 * g + ent1 * ge).sum(), shard1)
+    _close(lp1, want1, torch.float64, "padded logp")
+    _close(ent1, went1, torch.float64, "padded entropy")
+    wpad = torch.cat([wgrad1, torch.zeros(6, 1, dtype=torch.float64)], dim=1)
+    _close(grad1, _slice(wpad, rank, sizes), torch.float64, "padded grad")
+
 
 def _check_linear(rank, world, dtype, backend, options=OPTIONS):
     sizes = SHARDS[world]
@@ -267,6 +283,25 @@ def _check_errors(rank, world):
         ),
         "hidden",
         "same size H",
+    )
+    # Shards of unequal sizes (rank 0 holds one more column): every rank raises, with the sizes.
+    uneven = [s + (1 if r == 0 else 0) for r, s in enumerate(sizes)]
+    _expect_error(
+        lambda: bk.token_logprobs(torch.randn(4, uneven[rank]), y, process_group=pg),
+        "logits",
+        "same size on every rank",
+        str(uneven),
+    )
+    _expect_error(
+        lambda: bk.sequence_logprobs(torch.randn(1, 4, uneven[rank]), y.view(1, 4), process_group=pg),
+        "logits",
+        str(uneven),
+    )
+    _expect_error(
+        lambda: bk.linear_token_logprobs(hid, torch.randn(uneven[rank], 8), y, process_group=pg),
+        "weight",
+        "same size on every rank",
+        str(uneven),
     )
     # The group still works after all of that.
     bk.token_logprobs(x, y, process_group=pg)
