@@ -179,12 +179,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 tj = importlib.import_module("bond_kernels.ops.triton.token_jeffreys")
 rq = importlib.import_module("bond_kernels.ops.triton.reward_quantiles")
+lt = importlib.import_module("bond_kernels.ops.triton.linear_token_logprobs")
+from bond_kernels.ops.triton._config import LAUNCH_OPTIONS
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 def compile_one(fn, types, consts, warps):
     sig = {a: "constexpr" if a in consts else types(a) for a in fn.arg_names}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": warps})
+                       options={"num_warps": warps, **LAUNCH_OPTIONS})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"]); f.flush()
         res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
@@ -211,12 +213,26 @@ br, bn, bk, w = rq._launch_config(16, 64)
 for mode, has in ((1, True), (2, False)):
     compile_one(rq._reward_quantiles_kernel, rq_types,
                 {"MODE": mode, "HAS_MASK": has, "BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, w)
+def fix_types(dtype):
+    def t(a):
+        if a == "d_ptr":
+            return "*" + dtype
+        if a == "out_ptr":
+            return "*u8"
+        if a.endswith("_ptr"):
+            return "*fp32"
+        return "fp32" if a in ("inv_temperature", "softcap") else ("i64" if "stride" in a else "i32")
+    return t
+for dtype, ent, cap in (("bf16", True, True), ("fp32", False, False)):
+    compile_one(lt._linear_fixup_kernel, fix_types(dtype),
+                {"HAS_ENT": ent, "HAS_SOFTCAP": cap, "BLOCK": lt.FIXUP_BLOCK}, 4)
 """
 
 
 def test_kernels_compile_for_sm90_without_spills():
-    """The Triton kernels compile for an H100 (sm_90) through triton's own ptxas with no GPU here, at the
-    launch configurations the launchers pick, and use no local memory (no register spills).  Catches what
+    """The Triton kernels (Jeffreys, quantiles, the linear head's fix-up) compile for an H100 (sm_90) through
+    triton's own ptxas with no GPU here, at the launch configurations the launchers pick, with the launch
+    options every launch passes, and use no local memory (no register spills).  Catches what
     the interpreter cannot: non-constexpr globals and type errors of the real compiler."""
     import os
     import subprocess
@@ -225,7 +241,8 @@ def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "TRITON_DEFAULT_FP_FUSION" not in out.stderr, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 6, out.stdout
+    assert len(lines) == 8, out.stdout
     for line in lines:
         assert "LOCAL:0" in line and "STACK:0" in line, line

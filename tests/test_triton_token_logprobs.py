@@ -395,6 +395,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from bond_kernels.ops.triton import _config
 from bond_kernels.ops.triton import token_logprobs as tk
+from bond_kernels.ops.triton._config import LAUNCH_OPTIONS
 
 PTRS = {
     "_token_logprobs_fwd_kernel": ["logits", "labels", "logp", "lse", "ent"],
@@ -417,7 +418,7 @@ def compile_one(fn, dtype, consts, warps):
         else:
             sig[a] = "i64" if "stride" in a else "i32"
     src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, **LAUNCH_OPTIONS})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"]); f.flush()
         res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
@@ -444,7 +445,55 @@ def test_kernels_compile_for_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-4000:]
+    assert "TRITON_DEFAULT_FP_FUSION" not in out.stderr, out.stderr[-4000:]
     lines = [line for line in out.stdout.splitlines() if "REG:" in line]
     assert len(lines) == 24, out.stdout
     spills = [line for line in lines if "LOCAL:0" not in line]
     assert not spills, "\n".join(spills)
+
+
+def test_every_launch_pins_fp_fusion(monkeypatch):
+    """Every Triton launch passes ``_config.LAUNCH_OPTIONS`` (FMA on, explicitly: triton 3.9 warns when it
+    is left unset and 3.10 turns it off by default).  Each kernel's ``run`` is wrapped to record the launch
+    keywords, and each launcher runs once on small random inputs."""
+    import importlib
+
+    # import_module: the package re-exports functions under some of these module names
+    lt, rq, tj, tk = (
+        importlib.import_module(f"bond_kernels.ops.triton.{m}")
+        for m in ("linear_token_logprobs", "reward_quantiles", "token_jeffreys", "token_logprobs")
+    )
+
+    kernels = {
+        "fwd": tk._FWD,
+        "bwd": tk._BWD,
+        "fwd_bwd": tk._FWD_BWD,
+        "jeffreys_fwd": tj._token_jeffreys_fwd_kernel,
+        "jeffreys_bwd": tj._token_jeffreys_bwd_kernel,
+        "quantiles": rq._reward_quantiles_kernel,
+        "fixup": lt._linear_fixup_kernel,
+    }
+    seen = {}
+    for name, kernel in kernels.items():
+
+        def record(*args, _name=name, _run=kernel.run, **kwargs):
+            seen[_name] = kwargs.get("enable_fp_fusion")
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", record)
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 40, generator=gen)
+    y = torch.randint(0, 40, (3,), generator=gen)
+    g = torch.randn(3, generator=gen)
+    logp, lse, ent = tk.token_logprobs_fwd(x, y, 1.0, None, -100, True)
+    tk.token_logprobs_bwd(x, y, lse, ent, g, g, 1.0, None, -100, False)
+    tk.token_logprobs_fwd_bwd(x, y, g, 1.0, None, -100, False)
+    a = torch.randn(3, 40, generator=gen)
+    no_ignore = torch.empty(0, dtype=torch.bool)
+    _, lp, lq, kl = tj.token_jeffreys_fwd(x, a, 0.5, 1.0, no_ignore)
+    tj.token_jeffreys_bwd(x, a, lp, lq, kl, g, 0.5, 1.0, no_ignore)
+    rq.reward_quantiles(torch.randn(2, 3, generator=gen), torch.randn(2, 5, generator=gen), no_ignore, 1, 0.0)
+    d = torch.randn(3, 4, generator=gen)
+    lt.fixup_column0_triton(d, x[:, 0], torch.ones(3, dtype=torch.bool), lse, ent, g, g, 1.0, None)
+    assert seen == {name: True for name in kernels}, seen

@@ -46,6 +46,7 @@ from ..linear_token_logprobs import (
     make_plan,
     token_kernels,
 )
+from . import _config
 
 # A 64 MiB logits tile: at N = 8192 rows in bf16 that is 4096 vocabulary columns, a matmul of
 # 8192 × 4096 × 4096 — large enough for cuBLAS to run at its full rate.
@@ -125,6 +126,7 @@ def fixup_column0_triton(d, x0, out, lse, ent, g, g_ent, temperature, softcap):
         HAS_ENT=has_ent,
         HAS_SOFTCAP=bool(softcap),
         BLOCK=FIXUP_BLOCK,
+        **_config.LAUNCH_OPTIONS,
     )
 
 

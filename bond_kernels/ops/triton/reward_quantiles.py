@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _config
+
 # Elements of the (BLOCK_R, BLOCK_N, BLOCK_K) comparison block: 4096 at 4 warps is 32 per thread, three
 # int32 counters and the comparisons stay well inside the register file.
 _BLOCK_ELEMS = 4096
@@ -120,5 +122,6 @@ def reward_quantiles(rewards, ref_rewards, ref_mask, mode, eps):
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,
+        **_config.LAUNCH_OPTIONS,
     )
     return p_le, p_lt

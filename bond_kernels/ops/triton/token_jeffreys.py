@@ -212,6 +212,7 @@ def token_jeffreys_fwd(policy, anchor, beta, temperature, ignore_mask):
         HAS_IGNORE=has_ignore,
         BLOCK=block,
         num_warps=warps,
+        **_config.LAUNCH_OPTIONS,
     )
     return tuple(outs)
 
@@ -243,5 +244,6 @@ def token_jeffreys_bwd(policy, anchor, lse_p, lse_q, kl_pq, grad_div, beta, temp
         HAS_IGNORE=has_ignore,
         BLOCK=block,
         num_warps=warps,
+        **_config.LAUNCH_OPTIONS,
     )
     return grad

@@ -433,6 +433,7 @@ def token_logprobs_fwd(logits, labels, temperature, softcap, ignore_index, retur
         HAS_SOFTCAP=has_cap,
         RETURN_ENTROPY=bool(return_entropy),
         **_meta(v, True),
+        **_config.LAUNCH_OPTIONS,
     )
     return logp, lse, ent
 
@@ -479,6 +480,7 @@ def token_logprobs_bwd(
         HAS_SOFTCAP=has_cap,
         HAS_GRAD_ENTROPY=has_grad_ent,
         **_meta(v, True),
+        **_config.LAUNCH_OPTIONS,
     )
     return grad
 
@@ -518,5 +520,6 @@ def token_logprobs_fwd_bwd(logits, labels, grad_logp, temperature, softcap, igno
         HAS_SOFTCAP=has_cap,
         SINGLE_PASS=single,
         **meta,
+        **_config.LAUNCH_OPTIONS,
     )
     return logp, grad
