@@ -2,7 +2,10 @@
 
 Oracle: ``log_softmax(model(...).logits)`` gathered at the shifted labels, values and gradients with respect
 to every model parameter under a random upstream gradient.  Llama (untied head, here with a bias added),
-Qwen2 (tied embeddings: the head's gradient lands on the embedding), Gemma-2 (tied, final-logit softcap).
+Qwen2 (tied embeddings: the head's gradient lands on the embedding), Gemma-2 (tied, final-logit softcap),
+and the other final-logit transforms a config announces: Cohere (× logit_scale), Granite (÷ logits_scaling),
+HyperCLOVAX (× logits_scaling), Falcon-H1 (× lm_head_multiplier), RecurrentGemma (logits_soft_cap).  Then
+the one-time check against the model's own forward: it catches transforms no config announces.
 """
 
 import pytest
@@ -51,7 +54,60 @@ def _gemma2():
     return transformers.Gemma2ForCausalLM(cfg)
 
 
-MODELS = {"llama+bias": _llama, "qwen2-tied": _qwen2, "gemma2-softcap": _gemma2}
+def _cohere():
+    # logit_scale far from 1 (Command-R uses 0.0625): a missed scale changes every log-prob.
+    return transformers.CohereForCausalLM(transformers.CohereConfig(**COMMON, logit_scale=0.3))
+
+
+def _granite():
+    return transformers.GraniteForCausalLM(transformers.GraniteConfig(**COMMON, logits_scaling=4.0))
+
+
+def _hyperclovax():
+    # The same field name as Granite's, the opposite operation (×).
+    return transformers.HyperCLOVAXForCausalLM(transformers.HyperCLOVAXConfig(**COMMON, logits_scaling=0.5))
+
+
+def _falcon_h1():
+    cfg = transformers.FalconH1Config(
+        **COMMON,
+        head_dim=8,
+        mamba_d_ssm=32,
+        mamba_n_heads=4,
+        mamba_d_head=8,
+        mamba_n_groups=1,
+        mamba_d_state=8,
+        mamba_chunk_size=4,
+        lm_head_multiplier=0.25,
+        eos_token_id=2,  # the default (255001) lies outside this vocabulary
+    )
+    return transformers.FalconH1ForCausalLM(cfg)
+
+
+def _recurrent_gemma():
+    cfg = transformers.RecurrentGemmaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        lru_width=32,
+        attention_window_size=8,
+        logits_soft_cap=4.0,
+    )
+    return transformers.RecurrentGemmaForCausalLM(cfg)
+
+
+MODELS = {
+    "llama+bias": _llama,
+    "qwen2-tied": _qwen2,
+    "gemma2-softcap": _gemma2,
+    "cohere-logit_scale": _cohere,
+    "granite-logits_scaling": _granite,
+    "hyperclovax-logits_scaling": _hyperclovax,
+    "falcon_h1-lm_head_multiplier": _falcon_h1,
+    "recurrent_gemma-logits_soft_cap": _recurrent_gemma,
+}
 
 
 def _batch(gen):
@@ -102,10 +158,10 @@ def test_matches_full_logits(name, monkeypatch):
 
 
 def test_never_forms_full_logits(monkeypatch):
-    """The model's own forward (which builds the logits) is never called, and no tile exceeds the plan."""
+    """The model's own forward (which builds the logits) runs once, for the check, on at most 8 tokens of
+    one row, and never again for that model; with verify=False never.  No tile exceeds the plan."""
     monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "4,32")
     torch.manual_seed(0)
-    model = _qwen2()
     from bond_kernels.ops import linear_token_logprobs as lin
 
     seen = []
@@ -117,11 +173,84 @@ def test_never_forms_full_logits(monkeypatch):
         return x
 
     monkeypatch.setattr(lin, "_tile_logits", spy)
-    monkeypatch.setattr(type(model), "forward", lambda *a, **k: pytest.fail("the full model forward ran"))
+    forwards = []
+    real_forward = transformers.Qwen2ForCausalLM.forward
+
+    def counted(self, input_ids=None, **kw):
+        forwards.append(tuple(input_ids.shape))
+        return real_forward(self, input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(transformers.Qwen2ForCausalLM, "forward", counted)
     ids, mask, labels = _batch(torch.Generator().manual_seed(2))
-    out = sequence_logprobs(model, ids, mask, labels, backend="cpu")
-    out.sequence_logprobs.sum().backward()
+    model = _qwen2()
+    for _ in range(3):
+        out = sequence_logprobs(model, ids, mask, labels, backend="cpu")
+        out.sequence_logprobs.sum().backward()
+    assert forwards == [(1, 8)]
     assert seen and max(r for r, _ in seen) <= 4 and max(c for _, c in seen) <= 32
+    sequence_logprobs(_qwen2(), ids, mask, labels, backend="cpu", verify=False)
+    assert forwards == [(1, 8)]
+
+
+class _ScaledLlama(transformers.LlamaForCausalLM):
+    """A model class that post-processes its logits with no config field saying so."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 1.25
+        return out
+
+
+class _ShiftedHiddenLlama(transformers.LlamaForCausalLM):
+    """A model class that changes the hidden states between the backbone and lm_head."""
+
+    def forward(self, input_ids=None, **kwargs):
+        hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+        return transformers.modeling_outputs.CausalLMOutputWithPast(logits=self.lm_head(hidden * 0.5))
+
+
+class _SlicedLlama(transformers.LlamaForCausalLM):
+    """A model class that drops padded vocabulary columns from its logits."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits[..., : VOCAB - 3]
+        return out
+
+
+@pytest.mark.parametrize(
+    "cls, needle",
+    [
+        (_ScaledLlama, "post-processes its logits"),
+        (_ShiftedHiddenLlama, "transforms the backbone's hidden states"),
+        (_SlicedLlama, "returns logits of shape"),
+    ],
+)
+def test_the_check_catches_what_no_config_announces(cls, needle):
+    torch.manual_seed(0)
+    model = cls(transformers.LlamaConfig(**COMMON))
+    model.train()
+    ids, mask, labels = _batch(torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match=needle) as info:
+        sequence_logprobs(model, ids, mask, labels)
+    assert "verify=False" in str(info.value)
+    assert model.training and all(m.training for m in model.modules())  # the check restored the mode
+    # Still unverified: the next call checks (and raises) again; verify=False runs the fused head as asked.
+    with pytest.raises(ValueError, match=needle):
+        sequence_logprobs(model, ids, mask, labels)
+    out = sequence_logprobs(model, ids, mask, labels, verify=False)
+    assert torch.isfinite(out.sequence_logprobs).all()
+
+
+def test_the_check_reports_a_forward_that_fails():
+    class Broken(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            raise KeyError("pixel_values")
+
+    model = Broken(transformers.LlamaConfig(**COMMON))
+    ids, mask, labels = _batch(torch.Generator().manual_seed(5))
+    with pytest.raises(RuntimeError, match="one-time check.*KeyError.*verify=False"):
+        sequence_logprobs(model, ids, mask, labels)
 
 
 def test_labels_default_to_input_ids_under_the_mask():

@@ -3,15 +3,32 @@
 :func:`sequence_logprobs` runs the model's backbone (the decoder stack, final norm included) and then
 :func:`bond_kernels.linear_token_logprobs` with the model's own output projection (``lm_head``; tied input
 embeddings are the same tensor, so their gradient flows to the embedding), its bias if it has one, and the
-model's final-logit transform (Gemma-2's ``final_logit_softcapping``; Cohere's ``logit_scale`` and
-Granite's ``logits_scaling`` as a temperature).  The (B, T, V) logits are never formed.
+model's final-logit transform read from its (text) config: a softcap (``final_logit_softcapping``: Gemma 2/3,
+``logits_soft_cap``: RecurrentGemma) or a multiplier applied as a temperature (Cohere's ``logit_scale``,
+Granite's ``logits_scaling`` (÷), HyperCLOVAX's ``logits_scaling`` (×), Falcon-H1's ``lm_head_multiplier``).
+The (B, T, V) logits are never formed.
+
+A model class can post-process its logits in ways no config field announces.  So the first call for each
+model object checks, once, on at most ``_VERIFY_TOKENS`` tokens of the first row, that the model's own forward
+gives exactly "lm_head(backbone output), then the transform above": forward hooks record what the backbone
+returns and what ``lm_head`` receives and returns, and the returned logits are compared element-wise.  A
+mismatch raises instead of returning wrong log-probs.  ``verify=False`` skips the check.
 """
 
+import weakref
 from typing import NamedTuple
 
 import torch
 
 from .. import functional as F
+
+# Positions of the one-time check: enough to cover a few vocabulary rows, small enough to cost nothing.
+_VERIFY_TOKENS = 8
+# Element-wise tolerance of the check, in units of the logits' dtype epsilon, relative to 1 + |logit|: the
+# model may round the transform in its own dtype (Gemma-2 in bf16: three roundings, about 1.2%), while the
+# multipliers in use (Cohere 0.0625, Granite 1/8 ... 1/16, Falcon-H1, HyperCLOVAX) are far from 1.
+_VERIFY_EPS = 4.0
+_VERIFIED = weakref.WeakKeyDictionary()
 
 
 class SequenceLogprobs(NamedTuple):
@@ -43,6 +60,7 @@ def _backbone(model):
 
 
 def _head(model):
+    """(module, weight (V, H), bias or None) of the model's output projection."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         head = getattr(model, "lm_head", None)
@@ -51,25 +69,99 @@ def _head(model):
         raise TypeError(
             f"model must have an output projection (lm_head) with a (V, H) weight, got {type(model).__name__}"
         )
-    return weight, getattr(head, "bias", None)
+    return head, weight, getattr(head, "bias", None)
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
 
 
 def _logit_transform(config, temperature):
-    """(temperature, softcap) reproducing the model's own final-logit transform, then ``/ temperature``."""
-    softcap = getattr(config, "final_logit_softcapping", None) or None
-    scale = getattr(config, "logit_scale", None)  # Cohere: logits · logit_scale
-    divide = getattr(config, "logits_scaling", None)  # Granite: logits / logits_scaling
-    t = float(temperature)
-    if scale not in (None, 1, 1.0) or divide not in (None, 1, 1.0):
-        if softcap:
-            raise NotImplementedError(
-                "a model with both a logit scale and final_logit_softcapping is not supported"
-            )
-        if scale not in (None, 1, 1.0):
-            t = t / float(scale)
-        if divide not in (None, 1, 1.0):
-            t = t * float(divide)
-    return t, softcap
+    """(temperature, softcap) reproducing the model's own final-logit transform, then ``/ temperature``.
+
+    The model's logits are ``m · lm_head(h)`` (a multiplier m, folded into the temperature) or
+    ``c · tanh(lm_head(h) / c)`` (a softcap c); the fused head applies the softcap, then ``/ temperature``.
+    """
+    cfg = _text_config(config)
+    softcap = getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logits_soft_cap", None) or None
+    m = 1.0
+    scale = getattr(cfg, "logit_scale", None)  # Cohere: logits · logit_scale
+    if scale not in (None, 1, 1.0):
+        m *= float(scale)
+    scaling = getattr(cfg, "logits_scaling", None)  # Granite: ÷ logits_scaling; HyperCLOVAX: ×
+    if scaling not in (None, 1, 1.0):
+        multiplies = str(getattr(cfg, "model_type", "")).startswith("hyperclovax")
+        m = m * float(scaling) if multiplies else m / float(scaling)
+    head_mult = getattr(cfg, "lm_head_multiplier", None)  # Falcon-H1: logits · lm_head_multiplier
+    if head_mult not in (None, 1, 1.0):
+        m *= float(head_mult)
+    if m != 1.0 and softcap:
+        raise NotImplementedError(
+            f"model: a logit multiplier ({m}) together with a final-logit softcap ({softcap}) is not supported"
+        )
+    return float(temperature) / m, softcap
+
+
+def _verify_head(model, backbone, head, input_ids):
+    """Once per model: its own forward on a few tokens must give ``transform(lm_head(backbone output))``."""
+    ids = input_ids[:1, :_VERIFY_TOKENS]
+    seen = {}
+
+    def on_backbone(module, args, out):
+        seen["backbone"] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def on_head(module, args, out):
+        seen["head_in"], seen["head_out"] = args[0], out
+
+    modules = list(model.modules())
+    training = [m.training for m in modules]
+    hooks = [backbone.register_forward_hook(on_backbone), head.register_forward_hook(on_head)]
+    try:
+        model.eval()  # no dropout: the check compares one forward with itself
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=False)
+    except Exception as exc:
+        raise RuntimeError(
+            f"model: the one-time check of {type(model).__name__}'s logits (its own forward on "
+            f"{tuple(ids.shape)} tokens) failed with {type(exc).__name__}: {exc}; pass verify=False to skip it"
+        ) from exc
+    finally:
+        for h in hooks:
+            h.remove()
+        for mod, flag in zip(modules, training):
+            mod.training = flag
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    where = f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', '?')!r})"
+    skip = "; pass verify=False to skip this check if you know better"
+    if "head_out" not in seen or "backbone" not in seen:
+        missing = "its output projection" if "head_out" not in seen else "its backbone"
+        raise ValueError(f"model: {where} never called {missing} as a module in its forward{skip}")
+    h_in, h_bb = seen["head_in"], seen["backbone"]
+    if h_in.shape != h_bb.shape or not torch.equal(h_in, h_bb):
+        raise ValueError(
+            f"model: {where} transforms the backbone's hidden states before lm_head; the fused head would "
+            f"score the untransformed ones{skip}"
+        )
+    temperature, softcap = _logit_transform(model.config, 1.0)
+    z = seen["head_out"].float()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    got = logits.float()
+    if got.shape != z.shape:
+        raise ValueError(
+            f"model: {where} returns logits of shape {tuple(got.shape)} from lm_head outputs of shape "
+            f"{tuple(z.shape)}; the fused head cannot reproduce that{skip}"
+        )
+    eps = torch.finfo(logits.dtype).eps if logits.dtype.is_floating_point else 0.0
+    err = ((got - z).abs() / (1.0 + got.abs())).max().item()
+    if not err <= _VERIFY_EPS * max(eps, torch.finfo(torch.float32).eps):
+        raise ValueError(
+            f"model: {where} post-processes its logits in a way its config does not announce (the fused "
+            f"head reproduces softcap={softcap}, multiplier={1.0 / temperature:g}; largest relative "
+            f"difference {err:.3g}){skip}"
+        )
 
 
 def sequence_logprobs(
@@ -81,6 +173,7 @@ def sequence_logprobs(
     temperature=1.0,
     ignore_index=-100,
     backend="auto",
+    verify=True,
     **model_kwargs,
 ):
     """Log-probs of ``labels`` under a causal LM, through the fused linear head (never the full logits).
@@ -90,6 +183,11 @@ def sequence_logprobs(
     position t's prediction scores ``labels[:, t+1]``.  ``labels=None`` scores ``input_ids`` wherever
     ``attention_mask`` is 1.  Extra keyword arguments go to the backbone (e.g. ``position_ids``).
     Returns :class:`SequenceLogprobs`; differentiable with respect to the model's parameters.
+
+    verify: on the first call for this model object, run its own forward once on at most
+    ``_VERIFY_TOKENS`` tokens of the first row (no gradient, dropout off, one host synchronisation) and
+    raise if its logits are not the head's output through the transform read from its config (see the
+    module docstring).  Skipped under ``torch.compile`` tracing.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(
@@ -109,7 +207,10 @@ def sequence_logprobs(
             f"input_ids must hold at least 2 positions to score a next token, got T = {input_ids.shape[1]}"
         )
     backbone = _backbone(model)
-    weight, bias = _head(model)
+    head, weight, bias = _head(model)
+    if verify and model not in _VERIFIED and not torch.compiler.is_compiling():
+        _verify_head(model, backbone, head, input_ids)
+        _VERIFIED[model] = True
     temperature, softcap = _logit_transform(model.config, temperature)
     model_kwargs.setdefault("use_cache", False)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
