@@ -531,44 +531,30 @@ def engine_forward(
     return finish_forward(lse, s, target, found, labels, ignore_index, return_entropy)
 
 
-def cpu_linear_token_logprobs_fwd(
-    hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy
-):
-    """hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64 -> (logp, lse, entropy) fp32 (N,)."""
-    plan = cpu_plan(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
-    return engine_forward(
-        hidden,
-        weight,
-        bias,
-        labels,
-        temperature,
-        softcap,
-        ignore_index,
-        return_entropy,
-        token_kernels("cpu"),
-        plan,
-    )
+def chunked_launchers(plan_fn, kernels_fn):
+    """The ``(fwd, bwd)`` launchers of the chunked engine for one backend.
 
+    ``plan_fn(n, v, h, dtype)`` sizes the tiles; ``kernels_fn()`` gives the per-tile kernels.
+    fwd: hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64 -> (logp, lse, entropy) fp32 (N,).
+    bwd: returns ``(grad_hidden, grad_weight, grad_bias)`` in the inputs' dtypes (None where not needed).
+    """
 
-def cpu_linear_token_logprobs_bwd(
-    hidden,
-    weight,
-    bias,
-    labels,
-    lse,
-    ent,
-    grad_logp,
-    grad_ent,
-    temperature,
-    softcap,
-    ignore_index,
-    need_hidden,
-    need_weight,
-    need_bias,
-):
-    """Returns ``(grad_hidden, grad_weight, grad_bias)`` in the inputs' dtypes (None where not needed)."""
-    plan = cpu_plan(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
-    return local_backward(
+    def fwd(hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy):
+        plan = plan_fn(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
+        return engine_forward(
+            hidden,
+            weight,
+            bias,
+            labels,
+            temperature,
+            softcap,
+            ignore_index,
+            return_entropy,
+            kernels_fn(),
+            plan,
+        )
+
+    def bwd(
         hidden,
         weight,
         bias,
@@ -577,16 +563,40 @@ def cpu_linear_token_logprobs_bwd(
         ent,
         grad_logp,
         grad_ent,
-        v_offset=0,
-        temperature=temperature,
-        softcap=softcap,
-        ignore_index=ignore_index,
-        tk=token_kernels("cpu"),
-        plan=plan,
-        need_hidden=need_hidden,
-        need_weight=need_weight,
-        need_bias=need_bias,
-    )
+        temperature,
+        softcap,
+        ignore_index,
+        need_hidden,
+        need_weight,
+        need_bias,
+    ):
+        plan = plan_fn(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
+        return local_backward(
+            hidden,
+            weight,
+            bias,
+            labels,
+            lse,
+            ent,
+            grad_logp,
+            grad_ent,
+            v_offset=0,
+            temperature=temperature,
+            softcap=softcap,
+            ignore_index=ignore_index,
+            tk=kernels_fn(),
+            plan=plan,
+            need_hidden=need_hidden,
+            need_weight=need_weight,
+            need_bias=need_bias,
+        )
+
+    return fwd, bwd
+
+
+cpu_linear_token_logprobs_fwd, cpu_linear_token_logprobs_bwd = chunked_launchers(
+    cpu_plan, lambda: token_kernels("cpu")
+)
 
 
 def _launchers(backend: str):

@@ -41,8 +41,7 @@ import triton.language as tl
 
 from ..linear_token_logprobs import (
     TokenKernels,
-    engine_forward,
-    local_backward,
+    chunked_launchers,
     make_plan,
     token_kernels,
 )
@@ -150,59 +149,5 @@ def gpu_plan(n, v, h, dtype):
     )
 
 
-def linear_token_logprobs_fwd(
-    hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy
-):
-    """hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64 -> (logp, lse, entropy) fp32 (N,)."""
-    plan = gpu_plan(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
-    return engine_forward(
-        hidden,
-        weight,
-        bias,
-        labels,
-        temperature,
-        softcap,
-        ignore_index,
-        return_entropy,
-        triton_tile_kernels(),
-        plan,
-    )
-
-
-def linear_token_logprobs_bwd(
-    hidden,
-    weight,
-    bias,
-    labels,
-    lse,
-    ent,
-    grad_logp,
-    grad_ent,
-    temperature,
-    softcap,
-    ignore_index,
-    need_hidden,
-    need_weight,
-    need_bias,
-):
-    """Returns ``(grad_hidden, grad_weight, grad_bias)`` in the inputs' dtypes (None where not needed)."""
-    plan = gpu_plan(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
-    return local_backward(
-        hidden,
-        weight,
-        bias,
-        labels,
-        lse,
-        ent,
-        grad_logp,
-        grad_ent,
-        v_offset=0,
-        temperature=temperature,
-        softcap=softcap,
-        ignore_index=ignore_index,
-        tk=triton_tile_kernels(),
-        plan=plan,
-        need_hidden=need_hidden,
-        need_weight=need_weight,
-        need_bias=need_bias,
-    )
+# The chunked engine's launchers with the GPU tile plan and the Triton per-tile kernels.
+linear_token_logprobs_fwd, linear_token_logprobs_bwd = chunked_launchers(gpu_plan, triton_tile_kernels)
