@@ -65,6 +65,8 @@ def softcap_value(x) -> float:
 def integer(x, name: str) -> int:
     if isinstance(x, bool) or not isinstance(x, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {x!r}")
+    if not -(2**63) <= int(x) < 2**63:
+        raise ValueError(f"{name} must fit in int64 (the labels' type), got {x!r}")
     return int(x)
 
 

@@ -72,6 +72,8 @@ def _flat_labels(labels):
 def _check_reference_rows(logits, labels, ignore_index):
     """The reference backend raises where the kernels would write NaN (it may synchronise)."""
     V.check_labels_in_range(labels, logits.shape[-1], ignore_index)
+    if not V.has_data(logits):
+        return
     dead = torch.isneginf(logits).all(-1) & (labels != ignore_index)
     if bool(dead.any()):
         raise ValueError(
@@ -106,6 +108,9 @@ def token_logprobs(
     process_group: logits sharded over the vocabulary across the group's ranks (tensor parallel), the same
         number of columns on every rank; labels are global ids.  See :func:`bond_kernels.distributed.token_logprobs`.
     """
+    return_entropy = V.boolean(return_entropy, "return_entropy")
+    inplace = V.boolean(inplace, "inplace")
+    validate = V.boolean(validate, "validate")
     if process_group is not None:
         from . import distributed
 
@@ -205,6 +210,8 @@ def sequence_logprobs(
     the gradient into the logits buffer, **destroying the logits** (as in :func:`token_logprobs`).
     ``process_group``: vocabulary-sharded logits, see :func:`bond_kernels.distributed.sequence_logprobs`.
     """
+    inplace = V.boolean(inplace, "inplace")
+    validate = V.boolean(validate, "validate")
     if process_group is not None:
         from . import distributed
 
@@ -253,6 +260,7 @@ def token_logprobs_and_grad(
     and one write of the gradient.  Feed it on with ``logits.backward(grad_logits)``.  ``inplace=True`` writes
     the gradient into the logits buffer (the logits are destroyed) and returns it.  No autograd graph is built.
     """
+    inplace = V.boolean(inplace, "inplace")
     temperature, softcap, ignore_index = _token_args(logits, labels, temperature, softcap, ignore_index)
     V.float_tensor(grad_logp, "grad_logp", min_dim=0)
     if tuple(grad_logp.shape) != tuple(labels.shape):
@@ -314,6 +322,7 @@ def sequence_logprobs_and_grad(
     Returns ``(seq_logp (B,) fp32, grad_logits)``.  ``inplace=True`` returns the logits tensor itself as
     ``grad_logits``: the gradient overwrites the logits, **destroying them**.
     """
+    inplace = V.boolean(inplace, "inplace")
     cu = _sequence_layout(logits, labels, cu_seqlens)
     V.float_tensor(seq_coef, "seq_coef")
     nseq = labels.shape[0] if cu is None else cu.numel() - 1
@@ -360,8 +369,6 @@ def _reward_tensor(x, name, *, dims=2):
         raise TypeError(f"{name} must be a real-valued tensor, got {V.describe(x)}")
     if x.dim() != dims:
         raise ValueError(f"{name} must have {dims} dimension(s), got {V.describe(x)}")
-    if not x.is_floating_point():
-        x = x.to(torch.float64)  # integer rewards: exact in fp64
     return x
 
 
@@ -407,11 +414,19 @@ def reward_quantiles(rewards, ref_rewards, *, ref_mask=None, smoothing="none", b
     Spec: :func:`bond_kernels.reference.reward_quantiles`.  ``validate`` rejects NaN rewards and rows with no
     valid reference sample (one host synchronisation; turn it off inside CUDA-graph capture).
     """
+    validate = V.boolean(validate, "validate")
     rewards, ref_rewards = _check_quantile_inputs(rewards, ref_rewards, ref_mask, validate)
     mode, eps = _smoothing(smoothing)
     fp64 = rewards.dtype == torch.float64 or ref_rewards.dtype == torch.float64
-    name = _pick("reward_quantiles", backend, rewards if not fp64 else rewards.to(torch.float64))
-    if name == "torch" or fp64:
+    integer = not (rewards.is_floating_point() and ref_rewards.is_floating_point())
+    if integer and backend not in (None, "auto", "torch"):
+        # the kernels compare in fp32, which rounds integers above 2^24 (ties that are not there)
+        raise TypeError(
+            f"backend {backend!r} compares fp32 rewards; integer rewards run exactly (in fp64) on backend='torch' "
+            f"or 'auto', got rewards {rewards.dtype} and ref_rewards {ref_rewards.dtype}"
+        )
+    name = _pick("reward_quantiles", backend, rewards.to(torch.float64) if fp64 or integer else rewards)
+    if name == "torch" or fp64 or integer:
         return ref.reward_quantiles(rewards, ref_rewards, ref_mask=ref_mask, smoothing=smoothing)
     from .ops.reward_quantiles import reward_quantiles as _op
 
@@ -423,29 +438,53 @@ def reward_quantiles(rewards, ref_rewards, *, ref_mask=None, smoothing="none", b
     return _op(rewards.float().contiguous(), ref_rewards.float().contiguous(), mask, mode, eps, name)
 
 
-def bon_log_prob(ref_logp, p_le, p_lt, n):
+def bon_log_prob(ref_logp, p_le, p_lt, n, *, validate=True):
     """``log π_BoN(y) = log π_ref(y) + (N−1)·log p_le + C_N(log p_lt − log p_le)`` (Theorem 1), elementwise.
 
     Broadcasting; fp32 (fp64 if any input is fp64).  ``C_N`` is evaluated without cancellation near
-    ``p_lt = p_le`` and is 0 at ``p_lt = 0``.  Spec: :func:`bond_kernels.reference.bon_log_prob`.
+    ``p_lt = p_le`` and is 0 at ``p_lt = 0``.  ``validate`` checks ``0 <= p_lt <= p_le <= 1`` (quantiles, no
+    NaN, up to 1e-6 of rounding slack; one host synchronisation).  Spec: :func:`bond_kernels.reference.bon_log_prob`.
     """
     V.best_of(n)
-    for name, t in (("ref_logp", ref_logp), ("p_le", p_le), ("p_lt", p_lt)):
+    validate = V.boolean(validate, "validate")
+    named = (("ref_logp", ref_logp), ("p_le", p_le), ("p_lt", p_lt))
+    for name, t in named:
         if not isinstance(t, (torch.Tensor, numbers.Real)) or isinstance(t, bool):
             raise TypeError(f"{name} must be a tensor or a number, got {type(t).__name__}")
+        if isinstance(t, torch.Tensor):
+            V.float_tensor(t, name, min_dim=0)
     # 0-dim tensors broadcast like numbers (torch lets a CPU scalar meet a CUDA tensor); others share a device.
-    tensors = [
-        (name, t)
-        for name, t in (("ref_logp", ref_logp), ("p_le", p_le), ("p_lt", p_lt))
-        if isinstance(t, torch.Tensor) and t.dim() > 0
-    ]
+    tensors = [(name, t) for name, t in named if isinstance(t, torch.Tensor) and t.dim() > 0]
     for name, t in tensors[1:]:
         V.same_device(tensors[0][1], t, tensors[0][0], name)
+    shapes = {name: tuple(t.shape) for name, t in named if isinstance(t, torch.Tensor)}
+    try:
+        torch.broadcast_shapes(*shapes.values())
+    except RuntimeError:
+        raise ValueError(f"ref_logp, p_le and p_lt must broadcast together, got shapes {shapes}") from None
+    if validate:
+        like = tensors[0][1] if tensors else None
+        dev = like.device if like is not None else None
+        le = torch.as_tensor(p_le, device=dev)
+        lt = torch.as_tensor(p_lt, device=dev)
+        if V.has_data(le) and V.has_data(lt):
+            # slack for rounding: quantiles summed from a CDF of 47375 outcomes reached 1 + 9e-15 (fp64)
+            tol = max(1e-6, 4 * torch.finfo(torch.promote_types(le.dtype, lt.dtype)).eps)
+            bad = ~((lt >= 0) & (lt <= le + tol) & (le <= 1 + tol))
+            if bool(bad.any()):
+                le_b, lt_b = torch.broadcast_tensors(le, lt)
+                i = bad.nonzero()[0].tolist() if bad.dim() else []
+                got = (float(le_b[tuple(i)]), float(lt_b[tuple(i)]))
+                raise ValueError(
+                    "p_le and p_lt must be quantiles with 0 <= p_lt <= p_le <= 1 (no NaN), got "
+                    f"p_le = {got[0]!r}, p_lt = {got[1]!r} at position {tuple(i)} ({int(bad.sum())} such)"
+                )
     return ref.bon_log_prob(ref_logp, p_le, p_lt, n)
 
 
 def best_of_n_indices(ref_rewards, n, *, validate=True):
     """Index of the best of each consecutive group of ``n`` samples (ties to the earliest), (B, k // n) int64."""
+    validate = V.boolean(validate, "validate")
     ref_rewards = _reward_tensor(ref_rewards, "ref_rewards")
     n = V.integer(n, "n")
     if n < 1:
@@ -489,8 +528,13 @@ def bond_loss(
     bon_logp (B, j) with grad.  Returns :class:`BondOutput`.  Spec and math:
     :func:`bond_kernels.reference.bond_loss`.
     """
+    validate = V.boolean(validate, "validate")
     _logp_tensor(policy_logp, "policy_logp", dims=2)
     shape = tuple(policy_logp.shape)
+    if 0 in shape:
+        raise ValueError(
+            f"policy_logp must hold at least one prompt and one policy sample per prompt, got {V.describe(policy_logp)}"
+        )
     _logp_tensor(policy_ref_logp, "policy_ref_logp", shape=shape)
     policy_rewards, ref_rewards = _check_quantile_inputs(
         policy_rewards, ref_rewards, ref_mask, validate, names=("policy_rewards", "ref_rewards", "ref_mask")
@@ -551,9 +595,12 @@ def bond_loss(
     from .ops.bond_sequence import BASELINES, bond_sequence
 
     # One launch: quantiles -> log π_BoN -> returns -> baselines -> coefficients and diagnostics.  Rewards are
-    # compared in fp64 when either is fp64 (as the reference does), else in fp32.
+    # compared in fp64 when either is fp64 or an integer (exactly, as the reference does), else in fp32.
     mode, eps = _smoothing(smoothing)
-    rdt = torch.float64 if torch.float64 in (policy_rewards.dtype, ref_rewards.dtype) else torch.float32
+    exact = torch.float64 in (policy_rewards.dtype, ref_rewards.dtype) or not (
+        policy_rewards.is_floating_point() and ref_rewards.is_floating_point()
+    )
+    rdt = torch.float64 if exact else torch.float32
     mask = (
         ref_mask.contiguous()
         if ref_mask is not None
@@ -608,6 +655,8 @@ def jbond_loss(
     best_anchor_logp (B,) with grad.  The γ term lowers KL(π‖π_anchor) (see the reference's docstring for
     the sign).  Spec: :func:`bond_kernels.reference.jbond_loss`.
     """
+    strict = V.boolean(strict, "strict")
+    validate = V.boolean(validate, "validate")
     _logp_tensor(policy_logp, "policy_logp", dims=1)
     (b,) = policy_logp.shape
     if b < 1:
@@ -701,6 +750,22 @@ def jbond_loss(
 # --------------------------------------------------------------------------------------------------------
 # token-level Jeffreys divergence
 # --------------------------------------------------------------------------------------------------------
+def _check_live_rows(policy_logits, anchor_logits, ignore_mask):
+    """The reference backend raises where every backend would give NaN: a row with no finite logit whose
+    divergence is asked for (it may synchronise)."""
+    if not V.has_data(policy_logits):
+        return
+    for name, x in (("policy_logits", policy_logits), ("anchor_logits", anchor_logits)):
+        dead = torch.isneginf(x).all(-1)
+        if ignore_mask is not None:
+            dead &= ~ignore_mask
+        if bool(dead.any()):
+            raise ValueError(
+                f"{name} must have a finite entry in every row that ignore_mask keeps, got {int(dead.sum())} "
+                f"all -inf row(s), the first at position {tuple(dead.nonzero()[0].tolist())} ({V.describe(x)})"
+            )
+
+
 def token_jeffreys(
     policy_logits, anchor_logits, *, beta=0.5, temperature=1.0, ignore_mask=None, backend="auto"
 ):
@@ -708,6 +773,7 @@ def token_jeffreys(
 
     policy_logits, anchor_logits: (..., V) float of the same shape; ignore_mask (...) bool or None.
     Differentiable with respect to ``policy_logits`` (the anchor is treated as a constant).
+    A kept row with no finite logit has no distribution: the torch backend raises, the kernels give NaN.
     Spec: :func:`bond_kernels.reference.token_jeffreys`.
     """
     V.float_tensor(policy_logits, "policy_logits")
@@ -717,6 +783,10 @@ def token_jeffreys(
             f"anchor_logits must have policy_logits' shape {tuple(policy_logits.shape)}, got {V.describe(anchor_logits)}"
         )
     V.same_device(policy_logits, anchor_logits, "policy_logits", "anchor_logits")
+    if policy_logits.shape[-1] == 0:
+        raise ValueError(
+            f"policy_logits must have a non-empty vocabulary (last) dimension, got {V.describe(policy_logits)}"
+        )
     beta = V.unit_interval(beta, "beta")
     temperature = V.positive_float(temperature, "temperature")
     lead = tuple(policy_logits.shape[:-1])
@@ -730,6 +800,7 @@ def token_jeffreys(
     fp64 = anchor_logits.dtype == torch.float64
     name = _pick("token_jeffreys", backend, policy_logits if not fp64 else anchor_logits)
     if name == "torch":
+        _check_live_rows(policy_logits, anchor_logits, ignore_mask)
         return ref.token_jeffreys(
             policy_logits, anchor_logits.detach(), beta=beta, temperature=temperature, ignore_mask=ignore_mask
         )
@@ -768,6 +839,8 @@ def _linear_args(hidden, weight, labels, bias, temperature, softcap, ignore_inde
         )
     if weight.shape[0] == 0:
         raise ValueError(f"weight must hold at least one vocabulary row, got {V.describe(weight)}")
+    if h == 0:
+        raise ValueError(f"hidden must have a non-empty hidden (last) dimension H, got {V.describe(hidden)}")
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {V.describe(weight)}")
     V.same_device(hidden, weight, "hidden", "weight")
@@ -820,8 +893,11 @@ def linear_token_logprobs(
         parallel), the same number of rows on every rank; hidden and labels (global ids) are the same on every rank.  See
         :func:`bond_kernels.distributed.linear_token_logprobs`.
     validate: check on the host (one synchronisation) that every label is in [0, V).  Without it a label out
-        of range gives NaN in its row (the torch backend always raises).
+        of range gives NaN in its row on a GPU; the cpu and torch backends always check (no synchronisation
+        to save there).
     """
+    return_entropy = V.boolean(return_entropy, "return_entropy")
+    validate = V.boolean(validate, "validate")
     if process_group is not None:
         from . import distributed
 
@@ -841,7 +917,8 @@ def linear_token_logprobs(
         hidden, weight, labels, bias, temperature, softcap, ignore_index
     )
     name = _pick("linear_token_logprobs", backend, hidden)
-    if validate or name == "torch":
+    on_host = labels.device.type == "cpu" and not torch.compiler.is_compiling()
+    if validate or name == "torch" or on_host:
         V.check_labels_in_range(labels, weight.shape[0], ignore_index)
     from .ops import linear_token_logprobs as lin
 

@@ -153,6 +153,10 @@ class EMAAnchor:
     @torch.no_grad()
     def update(self, policy_module: nn.Module):
         """Move the anchor towards ``policy_module`` by ``eta``; returns the anchor module."""
+        if not isinstance(policy_module, nn.Module):
+            raise TypeError(
+                f"policy_module must be an nn.Module with the anchor's parameters, got {type(policy_module).__name__}"
+            )
         groups = {}
         for a, p in self._pairs(policy_module):
             if a.is_floating_point():

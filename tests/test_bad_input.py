@@ -667,3 +667,118 @@ def test_sequence_level_ops_do_not_modify_inputs():
         bk.jbond_loss(*jb.values(), gamma=gamma).loss.backward()
     _assert_unchanged(inputs, before)
     _assert_unchanged(list(jb.values()), jb_before)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Found by an adversarial pass over the public API (2026-11-27)
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag", ["False", "no", 2, None, 0.5])
+def test_flags_must_be_bools(flag):
+    """A string such as "False" is truthy: taken as True it destroyed the logits (inplace) or returned a
+    tuple (return_entropy).  Every flag now raises TypeError naming itself, and nothing is written."""
+    logits, labels = _tok()
+    before = logits.clone()
+    g = torch.randn(labels.shape, generator=_gen(9))
+    calls = {
+        "inplace": lambda: bk.token_logprobs(logits.requires_grad_(False), labels, inplace=flag),
+        "return_entropy": lambda: bk.token_logprobs(logits, labels, return_entropy=flag),
+        "validate": lambda: bk.sequence_logprobs(logits.view(2, 3, -1), labels.view(2, 3), validate=flag),
+    }
+    for name, fn in calls.items():
+        _expect(TypeError, name, fn)
+    _expect(TypeError, "inplace", lambda: bk.token_logprobs_and_grad(logits, labels, g, inplace=flag))
+    _expect(
+        TypeError,
+        "inplace",
+        lambda: bk.sequence_logprobs_and_grad(logits.view(2, 3, -1), labels.view(2, 3), g[:2], inplace=flag),
+    )
+    _expect(TypeError, "strict", lambda: _call_jbond(strict=flag))
+    _expect(TypeError, "validate", lambda: _call_bond(validate=flag))
+    r, k = _quant()
+    _expect(TypeError, "validate", lambda: bk.reward_quantiles(r, k, validate=flag))
+    _expect(TypeError, "validate", lambda: bk.best_of_n_indices(k, 2, validate=flag))
+    hid, w = torch.randn(6, 4, generator=_gen(5)), torch.randn(11, 4, generator=_gen(6))
+    _expect(
+        TypeError, "return_entropy", lambda: bk.linear_token_logprobs(hid, w, labels, return_entropy=flag)
+    )
+    assert torch.equal(logits, before)
+
+
+def test_integer_rewards_are_compared_exactly():
+    """Integers above 2^24 are not representable in fp32: 2^24 + 1 rounds onto 2^24 and makes a tie that is
+    not there.  auto/torch compare integers in fp64 and return fp32; the fp32 kernels refuse them by name."""
+    big = 2**24
+    r = torch.tensor([[big + 1, big]])
+    k = torch.tensor([[big, big + 1, big + 2, big - 7]])
+    p_le, p_lt = bk.reward_quantiles(r, k)
+    assert p_le.dtype == torch.float32 and p_lt.dtype == torch.float32
+    assert p_le.tolist() == [[0.75, 0.5]] and p_lt.tolist() == [[0.5, 0.25]]
+    want = bk.reference.reward_quantiles(r, k)
+    assert torch.equal(want[0], p_le) and torch.equal(want[1], p_lt)
+    msg = _expect(TypeError, "backend", lambda: bk.reward_quantiles(r, k, backend="cpu"))
+    assert "int64" in msg
+    args = _bond(b=1, m=2, k=4)
+    out = bk.bond_loss(
+        args["policy_logp"], args["policy_ref_logp"], r, k, args["bon_logp"], n=2, smoothing="none"
+    )
+    assert out.p_le.tolist() == [[0.75, 0.5]]
+
+
+def test_empty_dimensions_get_named_errors():
+    _expect(ValueError, "policy_logits", lambda: bk.token_jeffreys(torch.randn(4, 0), torch.randn(4, 0)))
+    y = torch.zeros(4, dtype=torch.long)
+    _expect(ValueError, "hidden", lambda: bk.linear_token_logprobs(torch.randn(4, 0), torch.randn(7, 0), y))
+    for b, m in ((0, 2), (3, 0)):
+        args = _bond()
+        args["policy_logp"] = torch.randn(b, m, requires_grad=True)
+        _expect(ValueError, "policy_logp", lambda a=args: bk.bond_loss(*a.values(), n=2))
+
+
+def test_token_jeffreys_all_neg_inf_kept_row():
+    g = _gen(11)
+    p, q = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+    p[1] = -math.inf
+    _expect(ValueError, "policy_logits", lambda: bk.token_jeffreys(p, q, backend="torch"))
+    keep_out = torch.tensor([False, True, False])
+    div = bk.token_jeffreys(p, q, ignore_mask=keep_out, backend="torch")
+    assert div[1].item() == 0.0 and torch.isfinite(div).all()
+    q[2] = -math.inf
+    _expect(
+        ValueError, "anchor_logits", lambda: bk.token_jeffreys(p, q, ignore_mask=keep_out, backend="torch")
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_meta_logits_give_meta_log_probs(backend):
+    """Shape propagation on ``meta`` (e.g. a model built on the meta device) reads no values."""
+    logits, labels = _tok()
+    out = bk.token_logprobs(_meta(logits), _meta(labels), backend=backend)
+    assert out.device.type == "meta" and tuple(out.shape) == tuple(labels.shape)
+    seq = bk.sequence_logprobs(_meta(logits).view(2, 3, -1), _meta(labels).view(2, 3), backend=backend)
+    assert seq.device.type == "meta" and tuple(seq.shape) == (2,)
+
+
+def test_ignore_index_must_fit_int64():
+    logits, labels = _tok()
+    _expect(ValueError, "ignore_index", lambda: bk.token_logprobs(logits, labels, ignore_index=2**70))
+    _expect(ValueError, "ignore_index", lambda: bk.token_logprobs(logits, labels, ignore_index=-(2**63) - 1))
+
+
+def test_bon_log_prob_inputs():
+    lp = torch.randn(3, generator=_gen(12))
+    le, lt = torch.tensor([0.5, 0.9, 1.0]), torch.tensor([0.25, 0.9, 0.0])
+    ok = bk.bon_log_prob(lp, le, lt, 4)
+    torch.testing.assert_close(ok, bk.reference.bon_log_prob(lp, le, lt, 4))
+    msg = _expect(ValueError, "p_le", lambda: bk.bon_log_prob(lp, le[:2], lt[:2], 4))
+    assert "broadcast" in msg
+    _expect(TypeError, "p_le", lambda: bk.bon_log_prob(lp, le.to(torch.complex64), lt, 4))
+    for bad_le, bad_lt in ((1.5, 0.1), (-0.2, 0.0), (0.5, 0.6), (0.5, NAN), (NAN, 0.1)):
+        msg = _expect(ValueError, "p_le", lambda a=bad_le, b=bad_lt: bk.bon_log_prob(lp, a, b, 4))
+        assert "0 <= p_lt <= p_le <= 1" in msg
+    out = bk.bon_log_prob(lp, 1.5, 0.1, 4, validate=False)  # the caller opted out: the formula as it is
+    assert out.shape == lp.shape
+
+
+def test_ema_anchor_update_needs_a_module():
+    anchor = bk.EMAAnchor(torch.nn.Linear(2, 2), 0.1)
+    _expect(TypeError, "policy_module", lambda: anchor.update(torch.zeros(2)))

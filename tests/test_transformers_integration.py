@@ -273,3 +273,14 @@ def test_bad_input():
         sequence_logprobs(model, ids[:, :1], None)
     with pytest.raises(TypeError, match="backbone"):
         sequence_logprobs(torch.nn.Linear(3, 3), ids, None)
+    # Caught here, not deep inside the model (embedding RuntimeError / IndexError, reshape errors).
+    with pytest.raises(ValueError, match="input_ids must be a .* integer tensor.*float32"):
+        sequence_logprobs(model, ids.float(), None)
+    with pytest.raises(ValueError, match=r"attention_mask must have input_ids' shape \(2, 5\)"):
+        sequence_logprobs(model, ids, torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=rf"input_ids must lie in \[0, {VOCAB}\).*got {VOCAB + 4}"):
+        sequence_logprobs(model, ids.clone().fill_(VOCAB + 4), None)
+    with pytest.raises(ValueError, match="at least one sequence"):
+        sequence_logprobs(model, ids[:0], None)
+    with pytest.raises(TypeError, match="verify must be a bool"):
+        sequence_logprobs(model, ids, None, verify="no")

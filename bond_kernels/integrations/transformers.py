@@ -189,9 +189,35 @@ def sequence_logprobs(
     raise if its logits are not the head's output through the transform read from its config (see the
     module docstring).  Skipped under ``torch.compile`` tracing.
     """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be a bool, got {verify!r}")
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.is_floating_point()
+        or input_ids.is_complex()
+        or input_ids.dtype == torch.bool
+    ):
         raise ValueError(
-            f"input_ids must be a (B, T) integer tensor, got {getattr(input_ids, 'shape', type(input_ids))}"
+            "input_ids must be a (B, T) integer tensor, got "
+            + (
+                f"shape {tuple(input_ids.shape)}, dtype {input_ids.dtype}"
+                if isinstance(input_ids, torch.Tensor)
+                else type(input_ids).__name__
+            )
+        )
+    if input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must hold at least one sequence, got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and (
+        not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape)
+    ):
+        raise ValueError(
+            f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+            + (
+                str(tuple(attention_mask.shape))
+                if isinstance(attention_mask, torch.Tensor)
+                else type(attention_mask).__name__
+            )
         )
     if labels is None:
         labels = (
@@ -208,6 +234,14 @@ def sequence_logprobs(
         )
     backbone = _backbone(model)
     head, weight, bias = _head(model)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embed, "num_embeddings", None)
+    if rows is not None and input_ids.device.type == "cpu" and input_ids.numel() > 0:
+        lo, hi = int(input_ids.min()), int(input_ids.max())  # free on the CPU; the embedding would IndexError
+        if lo < 0 or hi >= rows:
+            raise ValueError(
+                f"input_ids must lie in [0, {rows}) (the model's input embedding), got {lo if lo < 0 else hi}"
+            )
     if verify and model not in _VERIFIED and not torch.compiler.is_compiling():
         _verify_head(model, backbone, head, input_ids)
         _VERIFIED[model] = True

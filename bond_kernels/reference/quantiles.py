@@ -17,10 +17,15 @@ def reward_quantiles(rewards, ref_rewards, *, ref_mask=None, smoothing="none"):
         float ε: p_le = max(c_le / k, ε),    p_lt = c_lt / k
 
     fp32 results (fp64 for fp64 inputs).  ``±inf`` rewards are ordered as usual; NaN is rejected upstream.
+    The comparisons are exact: integer rewards are compared as fp64 (exact below 2^53), not rounded to fp32.
     """
-    dtype = compute_dtype(rewards, ref_rewards)
-    r = rewards.to(dtype).unsqueeze(-1)
-    ref = ref_rewards.to(dtype).unsqueeze(-2)
+    dtype = compute_dtype(rewards, ref_rewards)  # of the results
+    if rewards.is_floating_point() and ref_rewards.is_floating_point():
+        exact = torch.promote_types(rewards.dtype, ref_rewards.dtype)  # holds both exactly
+    else:
+        exact = torch.float64
+    r = rewards.to(exact).unsqueeze(-1)
+    ref = ref_rewards.to(exact).unsqueeze(-2)
     valid = torch.ones_like(ref, dtype=torch.bool) if ref_mask is None else ref_mask.bool().unsqueeze(-2)
     c_le = ((ref <= r) & valid).sum(-1).to(dtype)
     c_lt = ((ref < r) & valid).sum(-1).to(dtype)
