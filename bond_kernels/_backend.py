@@ -3,7 +3,8 @@
 ``auto`` (the default, overridable with the environment variable ``BOND_KERNELS_BACKEND``) never raises:
 CUDA tensors get ``triton`` (else ``cuda``, else ``torch``); CPU tensors get ``cpu`` (else ``torch``).  When
 it has to fall back it says so once through ``logging``.  An explicit backend that cannot serve the call
-raises ``RuntimeError`` with the reason.
+raises ``RuntimeError`` with the reason.  Where an op has two GPU kernels (``MEASURED``), ``auto`` times
+both on the first call of each shape bucket and keeps the faster (``measured``).
 """
 
 import importlib.util
@@ -29,12 +30,20 @@ OPS = {
 
 # Preference order of ``auto`` per device type.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
-# Per-op overrides of the ``auto`` order.  reward_quantiles prefers the CUDA C++ kernel until a GPU run
-# shows the Triton one faster (BENCHMARKS.md, "GPU: BOND objective", owed).
+# Per-op overrides of the ``auto`` order.  For reward_quantiles on CUDA this is only the fallback order:
+# ``auto`` times both kernels (``measured``) and keeps the faster.
 _AUTO_ORDER_OP = {
     ("reward_quantiles", "cuda"): ("cuda", "triton", "torch"),
     ("bond_sequence", "cuda"): ("cuda", "torch"),
 }
+
+# Ops whose ``auto`` choice on a device type is settled by timing the candidates on the caller's own inputs,
+# once per shape bucket.  reward_quantiles has two GPU kernels (CUDA C++, Triton) that give bit-identical
+# results; which is faster depends on the card and on (B, n, k), so it is measured where it runs.
+MEASURED = {("reward_quantiles", "cuda"): ("cuda", "triton")}
+# Timed calls per candidate after one warm-up call (which also compiles a Triton kernel): medians of 5.
+MEASURE_ROUNDS = 5
+_MEASURED_CHOICE = {}  # {(op, device, key): backend name}
 
 
 def interpreting() -> bool:
@@ -141,6 +150,63 @@ def resolve(op: str, backend, device: torch.device) -> str:
             return name
         skipped.append(f"{name}: {reason}")
     return "torch"
+
+
+def _median_ms(fn, device: torch.device, rounds: int) -> float:
+    """Median wall time of ``fn()`` in ms: CUDA events on the current stream for CUDA, else perf_counter."""
+    times = []
+    if device.type == "cuda":
+        for _ in range(rounds):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        import time
+
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def measuring_allowed() -> bool:
+    """No timing inside CUDA-graph capture or torch.compile tracing, or with BOND_KERNELS_AUTO_MEASURE=0."""
+    if os.environ.get("BOND_KERNELS_AUTO_MEASURE", "1") == "0":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def measured(op: str, backend, device: torch.device, key, run) -> str:
+    """``resolve(op, backend, device)``, except that ``auto`` on an op of ``MEASURED`` times the available
+    candidates on this call's inputs (``run(name)`` runs the op with backend ``name``) the first time a
+    shape bucket ``key`` is seen, and keeps the faster for that bucket.  Where timing is not allowed
+    (``measuring_allowed``) an earlier measurement still serves; else the ``resolve`` order does."""
+    name = resolve(op, backend, device)
+    requested = backend if backend not in (None, "auto") else os.environ.get("BOND_KERNELS_BACKEND", "auto")
+    candidates = MEASURED.get((op, device.type))
+    if requested not in ("auto", "") or candidates is None:
+        return name
+    memo_key = (op, str(device), key)
+    if memo_key in _MEASURED_CHOICE:
+        return _MEASURED_CHOICE[memo_key]
+    live = [c for c in candidates if availability(c, device.type)[0]]
+    if len(live) < 2 or not measuring_allowed():
+        return name
+    times = {}
+    for cand in live:
+        run(cand)  # warm-up: compiles, fills caches
+        times[cand] = _median_ms(lambda c=cand: run(c), device, MEASURE_ROUNDS)
+    best = min(live, key=lambda c: times[c])
+    _MEASURED_CHOICE[memo_key] = best
+    logger.debug("bond_kernels: %s on %s, bucket %s: %s (ms %s)", op, device, key, best, times)
+    return best
 
 
 def table():

@@ -435,7 +435,14 @@ def reward_quantiles(rewards, ref_rewards, *, ref_mask=None, smoothing="none", b
         if ref_mask is not None
         else torch.empty(0, dtype=torch.bool, device=rewards.device)
     )
-    return _op(rewards.float().contiguous(), ref_rewards.float().contiguous(), mask, mode, eps, name)
+    r32, k32 = rewards.float().contiguous(), ref_rewards.float().contiguous()
+    # auto with two GPU kernels: the faster on this card for this shape bucket (timed once; same results)
+    (b, n), k = rewards.shape, ref_rewards.shape[1]
+    bucket = tuple(1 << max(int(x) - 1, 0).bit_length() for x in (b, n, k)) + (mask.numel() > 0,)
+    name = _backend.measured(
+        "reward_quantiles", backend, rewards.device, bucket, lambda nm: _op(r32, k32, mask, mode, eps, nm)
+    )
+    return _op(r32, k32, mask, mode, eps, name)
 
 
 def bon_log_prob(ref_logp, p_le, p_lt, n, *, validate=True):

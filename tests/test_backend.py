@@ -78,3 +78,90 @@ def test_cli_info(capsys):
 
     assert main(["info"]) == 0
     assert "backends" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------
+# auto by measurement (reward_quantiles on CUDA: the CUDA C++ and Triton kernels).  The machinery is the
+# same on every device; here it runs on CPU with two CPU-available candidates whose speeds we control.
+# ----------------------------------------------------------------------------------------------------
+@pytest.fixture
+def timed_cpu(monkeypatch):
+    """reward_quantiles on CPU measured between 'cpu' and 'torch'; returns (calls, set_slow)."""
+    if not _backend.availability("cpu", "cpu")[0]:
+        pytest.fail("the cpu backend must be built for this test")
+    monkeypatch.setattr(_backend, "MEASURED", {("reward_quantiles", "cpu"): ("cpu", "torch")})
+    monkeypatch.setattr(_backend, "_MEASURED_CHOICE", {})
+    monkeypatch.delenv("BOND_KERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("BOND_KERNELS_AUTO_MEASURE", raising=False)
+    calls = []
+    slow = {"name": "cpu"}
+
+    def run(name):
+        calls.append(name)
+        if name == slow["name"]:
+            import time
+
+            time.sleep(0.004)
+
+    return calls, slow, run
+
+
+def test_auto_keeps_the_measured_faster(timed_cpu):
+    calls, slow, run = timed_cpu
+    dev = torch.device("cpu")
+    # 'cpu' comes first in the static order but is made slower: the measurement picks 'torch'
+    assert _backend.measured("reward_quantiles", "auto", dev, ("b", 1), run) == "torch"
+    assert (
+        calls.count("cpu") == 1 + _backend.MEASURE_ROUNDS
+        and calls.count("torch") == 1 + _backend.MEASURE_ROUNDS
+    )
+    calls.clear()
+    slow["name"] = "torch"  # the memo serves the bucket: no second timing
+    assert _backend.measured("reward_quantiles", "auto", dev, ("b", 1), run) == "torch"
+    assert calls == []
+    # a new bucket is measured afresh
+    assert _backend.measured("reward_quantiles", None, dev, ("b", 2), run) == "cpu"
+    assert calls
+
+
+def test_explicit_and_forced_backends_are_not_measured(timed_cpu, monkeypatch):
+    calls, _, run = timed_cpu
+    dev = torch.device("cpu")
+    assert _backend.measured("reward_quantiles", "cpu", dev, ("k",), run) == "cpu"
+    monkeypatch.setenv("BOND_KERNELS_BACKEND", "cpu")
+    assert _backend.measured("reward_quantiles", "auto", dev, ("k",), run) == "cpu"
+    assert calls == []
+
+
+@pytest.mark.parametrize("why", ["env", "compiling"])
+def test_no_timing_where_not_allowed(timed_cpu, monkeypatch, why):
+    """Inside torch.compile tracing (or CUDA-graph capture), or with BOND_KERNELS_AUTO_MEASURE=0, auto
+    takes the static order (or an earlier measurement) and runs nothing extra."""
+    calls, _, run = timed_cpu
+    if why == "env":
+        monkeypatch.setenv("BOND_KERNELS_AUTO_MEASURE", "0")
+    else:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    dev = torch.device("cpu")
+    assert _backend.measured("reward_quantiles", "auto", dev, ("c",), run) == "cpu"
+    assert calls == []
+    _backend._MEASURED_CHOICE[("reward_quantiles", "cpu", ("c",))] = "torch"
+    assert _backend.measured("reward_quantiles", "auto", dev, ("c",), run) == "torch"
+
+
+def test_reward_quantiles_auto_goes_through_the_measurement(monkeypatch):
+    """The functional API hands measured() a runner of the real op and a (B, n, k, mask) bucket."""
+    seen = []
+    real = _backend.measured
+
+    def spy(op, backend, device, key, run):
+        seen.append((op, key))
+        return real(op, backend, device, key, run)
+
+    monkeypatch.setattr(_backend, "measured", spy)
+    g = torch.Generator().manual_seed(0)
+    r, k = torch.randn(5, 3, generator=g), torch.randn(5, 9, generator=g)
+    got = bk.reward_quantiles(r, k, smoothing="self")
+    want = bk.reference.reward_quantiles(r, k, smoothing="self")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert seen == [("reward_quantiles", (8, 4, 16, False))]

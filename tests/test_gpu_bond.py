@@ -84,6 +84,38 @@ def test_auto_prefers_the_cuda_kernels(device):
     assert _backend.resolve("bond_sequence", "auto", device) == "cuda"
 
 
+def test_auto_quantiles_measure_both_kernels_once(device, monkeypatch):
+    """auto times the CUDA C++ and Triton quantile kernels on the first call of a shape bucket (CUDA
+    events), keeps the faster, and gives the same bits as both; the next call of the bucket times nothing."""
+    monkeypatch.setattr(_backend, "_MEASURED_CHOICE", {})
+    monkeypatch.delenv("BOND_KERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("BOND_KERNELS_AUTO_MEASURE", raising=False)
+    from bond_kernels.ops import reward_quantiles as rq_op
+
+    launched = []
+    real = rq_op.reward_quantiles
+
+    def counting(*args):
+        launched.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(rq_op, "reward_quantiles", counting)
+    g = torch.Generator(device=device).manual_seed(3)
+    r = torch.randn(1024, 16, device=device, generator=g)
+    rr = torch.randn(1024, 64, device=device, generator=g)
+    got = bk.reward_quantiles(r, rr, smoothing="self")
+    rounds = 1 + _backend.MEASURE_ROUNDS
+    assert launched.count("cuda") >= rounds and launched.count("triton") >= rounds, launched
+    (choice,) = _backend._MEASURED_CHOICE.values()
+    assert choice in ("cuda", "triton")
+    for backend in ("cuda", "triton"):
+        want = bk.reward_quantiles(r, rr, smoothing="self", backend=backend)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), backend
+    launched.clear()
+    bk.reward_quantiles(r, rr, smoothing="self")
+    assert launched == [choice]
+
+
 # --------------------------------------------------------------------------------------------------------
 # fused BOND / J-BOND
 # --------------------------------------------------------------------------------------------------------
