@@ -38,16 +38,24 @@ import torch.distributed as dist
 __all__ = ["ShardInfo", "linear_token_logprobs", "sequence_logprobs", "shard_info", "token_logprobs"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# Label checksum weights cycle through a prime so that a permutation of the labels changes the checksum.
-_CHECKSUM_PRIME = 65521
+# Hashes of the labels and of the sequence layout: two residues modulo primes below 2^31 (exact in the fp64
+# metadata vector), each of Σ_i (v_i + 1)·w_i with position weights w_i = (a·i + b) mod p.  Two positions
+# share a weight only when they lie a multiple of p (> 2^31) apart, so swapping any two different values in
+# a tensor of fewer than 2^31 elements changes the hash; unrelated tensors collide with odds ~2^-62.
+# Products stay below 2^62 and sums of < 2^32 residues below 2^63: no int64 overflow anywhere.
+_HASH_PRIMES = ((2147483647, 48271, 11), (2147483629, 40692, 7))
 _FIELDS = (
     "error",
     "vocab",
     "rows",
     "hidden",
-    "label_checksum",
+    "label_hash_1",
+    "label_hash_2",
     "label_min",
     "label_max",
+    "layout_hash_1",
+    "layout_hash_2",
+    "hidden_grad",
     "temperature",
     "softcap",
     "ignore_index",
@@ -72,29 +80,44 @@ def _meta_device(group, like: torch.Tensor):
     return torch.device("cpu") if dist.get_backend(group) == "gloo" else like.device
 
 
+def _hash(values: torch.Tensor) -> torch.Tensor:
+    """Two position-weighted residues of an int64 tensor (see ``_HASH_PRIMES``), float64 (2,), same device."""
+    v = values.reshape(-1).to(torch.int64)
+    i = torch.arange(v.numel(), device=v.device, dtype=torch.int64)
+    out = []
+    for p, a, b in _HASH_PRIMES:
+        w = (i * a + b) % p  # a·i < 2^31·2^16: no overflow
+        out.append((((v + 1) % p) * w % p).sum() % p)
+    return torch.stack(out).to(torch.float64)
+
+
 def _label_summary(labels, ignore_index):
-    """(checksum, min, max) of the non-ignored labels as a float64 (3,) tensor on the labels' device."""
+    """(hash 1, hash 2, min, max) of the labels (ignored ones as -1) as a float64 (4,) tensor on their device."""
     y = labels.reshape(-1).to(torch.int64)
     keep = y != ignore_index
     if y.numel() == 0:
-        return torch.tensor([0.0, math.inf, -math.inf], dtype=torch.float64, device=labels.device)
-    w = torch.arange(y.numel(), device=y.device, dtype=torch.int64) % _CHECKSUM_PRIME + 1
-    checksum = (torch.where(keep, y, torch.full_like(y, -1)) * w).sum().to(torch.float64)
+        return torch.tensor([0.0, 0.0, math.inf, -math.inf], dtype=torch.float64, device=labels.device)
+    hashes = _hash(torch.where(keep, y, torch.full_like(y, -1)))
     yf = y.to(torch.float64)
     lo = torch.where(keep, yf, torch.full_like(yf, math.inf)).min()
     hi = torch.where(keep, yf, torch.full_like(yf, -math.inf)).max()
-    return torch.stack([checksum, lo, hi])
+    return torch.cat([hashes, torch.stack([lo, hi])])
 
 
-def _exchange(group, like, error, values, labels, ignore_index):
+def _exchange(group, like, error, values, labels, ignore_index, layout):
     """all_gather this rank's metadata; raise on every rank if any rank reported an error."""
-    summary = _label_summary(labels, ignore_index) if error is None else torch.zeros(3, dtype=torch.float64)
+    if error is None:
+        summary = _label_summary(labels, ignore_index)
+        layout_hash = _hash(layout)
+    else:
+        summary, layout_hash = torch.zeros(4, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     head = torch.tensor(
         [0.0 if error is None else 1.0, values["vocab"], values["rows"], values["hidden"]],
         dtype=torch.float64,
     )
     tail = torch.tensor(
         [
+            values["hidden_grad"],
             values["temperature"],
             values["softcap"],
             values["ignore_index"],
@@ -104,7 +127,7 @@ def _exchange(group, like, error, values, labels, ignore_index):
         dtype=torch.float64,
     )
     dev = _meta_device(group, like)
-    vec = torch.cat([head.to(dev), summary.to(dev), tail.to(dev)])
+    vec = torch.cat([head.to(dev), summary.to(dev), layout_hash.to(dev), tail.to(dev)])
     world = dist.get_world_size(group)
     gathered = [torch.empty_like(vec) for _ in range(world)]
     dist.all_gather(gathered, vec, group=group)
@@ -121,15 +144,27 @@ def _exchange(group, like, error, values, labels, ignore_index):
     return rows
 
 
+def _shown(field, v):
+    """A gathered metadata value as the caller wrote it (dtype names, softcap None)."""
+    if field == "dtype":
+        return str(_DTYPES[int(v)]).replace("torch.", "") if 0 <= v < len(_DTYPES) else "?"
+    if field == "softcap" and v == 0:
+        return None
+    if field in ("return_entropy", "hidden_grad"):
+        return bool(v)
+    return int(v) if float(v).is_integer() else v
+
+
 def _check_consistent(rows, what, names):
-    """Every rank must agree on ``names``; otherwise raise with the per-rank values."""
+    """Every rank must agree on ``names``; otherwise raise with the per-rank values (hashes not shown)."""
     for field, arg, meaning in names:
-        vals = [r[field] for r in rows]
+        fields = field if isinstance(field, tuple) else (field,)
+        vals = [tuple(r[f] for f in fields) for r in rows]
         if any(v != vals[0] for v in vals):
-            shown = [int(v) if float(v).is_integer() else v for v in vals]
-            raise ValueError(
-                f"{arg} must {meaning} on every rank of process_group ({what}); got {shown} across ranks"
+            got = (
+                "" if "hash" in fields[0] else f"; got {[_shown(fields[0], v[0]) for v in vals]} across ranks"
             )
+            raise ValueError(f"{arg} must {meaning} on every rank of process_group ({what}){got}")
 
 
 def shard_info(rows, rank, ignore_index, shard) -> ShardInfo:
@@ -169,11 +204,14 @@ def _gather_checked(
     return_entropy,
     dtype,
     what,
+    layout=None,
+    hidden_grad=False,
 ):
     values = dict(
         vocab=vocab,
         rows=rows,
         hidden=hidden,
+        hidden_grad=float(bool(hidden_grad)),
         temperature=temperature,
         softcap=softcap,
         ignore_index=ignore_index,
@@ -188,7 +226,9 @@ def _gather_checked(
             error = exc
     if error is not None:
         values = {k: 0.0 for k in values}
-    gathered = _exchange(group, like, error, values, labels, ignore_index if error is None else 0)
+    if layout is None and error is None:
+        layout = torch.tensor(tuple(labels.shape), dtype=torch.int64)
+    gathered = _exchange(group, like, error, values, labels, ignore_index if error is None else 0, layout)
     _check_consistent(
         gathered,
         what,
@@ -200,11 +240,21 @@ def _gather_checked(
             ),
             ("hidden", "hidden", "have the same size H"),
             ("dtype", "the sharded input", "have the same dtype"),
-            ("label_checksum", "labels", "be identical (global vocabulary ids)"),
             ("temperature", "temperature", "be the same"),
             ("softcap", "softcap", "be the same"),
             ("ignore_index", "ignore_index", "be the same"),
             ("return_entropy", "return_entropy", "be the same"),
+            (
+                "hidden_grad",
+                "hidden.requires_grad",
+                "be the same (the backward all-reduces grad_hidden on every rank or on none)",
+            ),
+            (
+                ("layout_hash_1", "layout_hash_2"),
+                "labels and cu_seqlens",
+                "describe the same sequences (the same shape, the same cu_seqlens)",
+            ),
+            (("label_hash_1", "label_hash_2"), "labels", "be identical (global vocabulary ids)"),
         ],
     )
     shard = (
@@ -301,6 +351,7 @@ def token_logprobs(
     inplace=False,
     process_group,
     _pending_error=None,
+    _layout=None,
 ):
     """:func:`bond_kernels.token_logprobs` for logits (..., V_r) sharded over the vocabulary across ranks.
 
@@ -334,7 +385,8 @@ def token_logprobs(
         ignore_index=ignore_index if ok else 0,
         return_entropy=return_entropy,
         dtype=logits.dtype if ok else None,
-        what="token_logprobs",
+        what="token_logprobs" if _layout is None else "sequence_logprobs",
+        layout=_layout,
     )
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
@@ -369,9 +421,12 @@ def sequence_logprobs(
     """:func:`bond_kernels.sequence_logprobs` for vocabulary-sharded logits: per-sequence sums (B,) fp32."""
     from . import functional as F
 
-    cu, error = None, None
+    cu, error, layout = None, None, None
     try:
         cu = F._sequence_layout(logits, labels, cu_seqlens)
+        # every rank must sum the same positions into the same sequences: the exchange compares this
+        shape = torch.tensor(tuple(labels.shape), dtype=torch.int64, device=labels.device)
+        layout = shape if cu is None else torch.cat([shape, torch.tensor([-1], device=cu.device), cu.long()])
     except (TypeError, ValueError) as exc:
         error = exc
     logp = token_logprobs(
@@ -384,6 +439,7 @@ def sequence_logprobs(
         inplace=inplace,
         process_group=process_group,
         _pending_error=error,
+        _layout=layout,
     )
     if cu is None:
         return logp.sum(-1)
@@ -519,6 +575,7 @@ def linear_token_logprobs(
         return_entropy=return_entropy,
         dtype=hidden.dtype if ok else None,
         what="linear_token_logprobs",
+        hidden_grad=ok and torch.is_grad_enabled() and hidden.requires_grad,
     )
     rows = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1).to(torch.int64).contiguous()

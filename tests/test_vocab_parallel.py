@@ -284,6 +284,41 @@ def _check_errors(rank, world):
         "hidden",
         "same size H",
     )
+    # Sequence layouts that differ across ranks: each rank would sum different positions into its sequences.
+    xs = torch.randn(4, sizes[rank])
+    cu = torch.tensor([0, 1, 4]) if rank == 0 else torch.tensor([0, 3, 4])
+    _expect_error(lambda: bk.sequence_logprobs(xs, y, cu_seqlens=cu, process_group=pg), "cu_seqlens")
+    if rank == 0:  # padded (2, 2) on rank 0, packed (4,) with cu_seqlens on the others: the same N
+        call = lambda: bk.sequence_logprobs(xs.view(2, 2, -1), y.view(2, 2), process_group=pg)  # noqa: E731
+    else:
+        call = lambda: bk.sequence_logprobs(xs, y, cu_seqlens=torch.tensor([0, 2, 4]), process_group=pg)  # noqa: E731
+    _expect_error(call, "cu_seqlens", "same sequences")
+    # Options that differ are named with the values the caller wrote (not internal codes).
+    _expect_error(lambda: bk.token_logprobs(x, y, ignore_index=-100 - rank, process_group=pg), "ignore_index")
+    xd = x.to(torch.bfloat16) if rank == 0 else x
+    _expect_error(lambda: bk.token_logprobs(xd, y, process_group=pg), "dtype", "bfloat16", "float32")
+    _expect_error(
+        lambda: bk.token_logprobs(x, y, softcap=None if rank == 0 else 5.0, process_group=pg),
+        "softcap",
+        "None",
+    )
+    # hidden.requires_grad differing: only some ranks would all-reduce grad_hidden in the backward (a hang).
+    hid_g = hid.clone().requires_grad_(rank == 0)
+    _expect_error(
+        lambda: bk.linear_token_logprobs(hid_g, torch.randn(sizes[rank], 8), y, process_group=pg),
+        "hidden.requires_grad",
+    )
+    # Two labels swapped 65521 positions apart (the period of the old checksum's weights) on one rank.
+    n_big = 65522
+    yb = torch.randint(0, vocab, (n_big,), generator=torch.Generator().manual_seed(3))
+    yb[0], yb[n_big - 1] = 1, vocab - 2
+    if rank == 1:
+        yb[0], yb[n_big - 1] = yb[n_big - 1].clone(), yb[0].clone()
+    _expect_error(
+        lambda: bk.token_logprobs(torch.randn(n_big, sizes[rank]), yb, process_group=pg),
+        "labels",
+        "identical",
+    )
     # Shards of unequal sizes (rank 0 holds one more column): every rank raises, with the sizes.
     uneven = [s + (1 if r == 0 else 0) for r, s in enumerate(sizes)]
     _expect_error(
