@@ -218,12 +218,37 @@ class _SlicedLlama(transformers.LlamaForCausalLM):
         return out
 
 
+class _LoraHead(torch.nn.Module):
+    """PEFT's layout of a LoRA adapter on lm_head: ``.weight`` is the base weight, forward adds B·A·x."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.Linear(base.in_features, 4, bias=False)
+        self.lora_B = torch.nn.Linear(4, base.out_features, bias=False)
+        torch.nn.init.normal_(self.lora_B.weight, std=0.5)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+class _LoraHeadLlama(transformers.LlamaForCausalLM):
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm_head = _LoraHead(self.lm_head)
+
+
 @pytest.mark.parametrize(
     "cls, needle",
     [
         (_ScaledLlama, "post-processes its logits"),
         (_ShiftedHiddenLlama, "transforms the backbone's hidden states"),
         (_SlicedLlama, "returns logits of shape"),
+        (_LoraHeadLlama, "LoRA adapter on lm_head"),
     ],
 )
 def test_the_check_catches_what_no_config_announces(cls, needle):

@@ -10,9 +10,11 @@ The (B, T, V) logits are never formed.
 
 A model class can post-process its logits in ways no config field announces.  So the first call for each
 model object checks, once, on at most ``_VERIFY_TOKENS`` tokens of the first row, that the model's own forward
-gives exactly "lm_head(backbone output), then the transform above": forward hooks record what the backbone
-returns and what ``lm_head`` receives and returns, and the returned logits are compared element-wise.  A
-mismatch raises instead of returning wrong log-probs.  ``verify=False`` skips the check.
+gives exactly "lm_head(backbone output), then the transform above", and that lm_head's output is
+``hidden·weightᵀ + bias`` of its own weight and bias (no LoRA adapter or other extra term the fused head
+would miss): forward hooks record what the backbone returns and what ``lm_head`` receives and returns, and
+the results are compared element-wise.  A mismatch raises instead of returning wrong log-probs.
+``verify=False`` skips the check.
 """
 
 import weakref
@@ -103,7 +105,7 @@ def _logit_transform(config, temperature):
     return float(temperature) / m, softcap
 
 
-def _verify_head(model, backbone, head, input_ids):
+def _verify_head(model, backbone, head, weight, bias, input_ids):
     """Once per model: its own forward on a few tokens must give ``transform(lm_head(backbone output))``."""
     ids = input_ids[:1, :_VERIFY_TOKENS]
     seen = {}
@@ -143,8 +145,21 @@ def _verify_head(model, backbone, head, input_ids):
             f"model: {where} transforms the backbone's hidden states before lm_head; the fused head would "
             f"score the untransformed ones{skip}"
         )
+    eps = torch.finfo(logits.dtype).eps if logits.dtype.is_floating_point else 0.0
+    tol = _VERIFY_EPS * max(eps, torch.finfo(torch.float32).eps)
+    # The fused head computes hidden·weightᵀ + bias from the module's weight and bias alone: a head whose
+    # forward adds more (a LoRA adapter on lm_head, a quantised layer) would be scored without it.
+    head_out = seen["head_out"].float()
+    plain = torch.nn.functional.linear(h_in.float(), weight.float(), None if bias is None else bias.float())
+    head_err = ((head_out - plain).abs() / (1.0 + head_out.abs())).max().item()
+    if not head_err <= tol:
+        raise ValueError(
+            f"model: {where} has an output projection ({type(head).__name__}) whose output is not "
+            f"hidden·weightᵀ + bias of its weight and bias (e.g. a LoRA adapter on lm_head; largest relative "
+            f"difference {head_err:.3g}); merge the adapter first{skip}"
+        )
     temperature, softcap = _logit_transform(model.config, 1.0)
-    z = seen["head_out"].float()
+    z = head_out
     if softcap:
         z = softcap * torch.tanh(z / softcap)
     z = z / temperature
@@ -154,9 +169,8 @@ def _verify_head(model, backbone, head, input_ids):
             f"model: {where} returns logits of shape {tuple(got.shape)} from lm_head outputs of shape "
             f"{tuple(z.shape)}; the fused head cannot reproduce that{skip}"
         )
-    eps = torch.finfo(logits.dtype).eps if logits.dtype.is_floating_point else 0.0
     err = ((got - z).abs() / (1.0 + got.abs())).max().item()
-    if not err <= _VERIFY_EPS * max(eps, torch.finfo(torch.float32).eps):
+    if not err <= tol:
         raise ValueError(
             f"model: {where} post-processes its logits in a way its config does not announce (the fused "
             f"head reproduces softcap={softcap}, multiplier={1.0 / temperature:g}; largest relative "
@@ -243,7 +257,7 @@ def sequence_logprobs(
                 f"input_ids must lie in [0, {rows}) (the model's input embedding), got {lo if lo < 0 else hi}"
             )
     if verify and model not in _VERIFIED and not torch.compiler.is_compiling():
-        _verify_head(model, backbone, head, input_ids)
+        _verify_head(model, backbone, head, weight, bias, input_ids)
         _VERIFIED[model] = True
     temperature, softcap = _logit_transform(model.config, temperature)
     model_kwargs.setdefault("use_cache", False)
