@@ -459,6 +459,17 @@ def add_arguments(parser: argparse.ArgumentParser):
     return parser
 
 
+def _json_safe(x):
+    """NaN and ±inf become null (JSON has no such numbers; e.g. the spread of a single sample)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
 def _device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -481,6 +492,45 @@ def _check_args(args):
         raise SystemExit(
             f"--batch-size must be >= 2 (the baseline is a leave-one-out mean), got {args.batch_size}"
         )
+    for name, lo, hi in (("beta", 0.0, 1.0), ("eta", 0.0, 1.0)):
+        value = getattr(args, name)
+        if not (lo <= value <= hi):  # NaN fails too
+            raise SystemExit(f"--{name} must lie in [{lo:g}, {hi:g}], got {value}")
+    if not (args.gamma >= 0 and math.isfinite(args.gamma)):
+        raise SystemExit(f"--gamma must be a finite number >= 0, got {args.gamma}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise SystemExit(f"--lr must be a finite number > 0, got {args.lr}")
+    # The language keeps a dense (vocab x vocab) fp64 transition matrix: 4096 tokens is 134 MB.
+    if not 8 <= args.vocab <= 4096:
+        raise SystemExit(f"--vocab must lie in [8, 4096] (a small synthetic language), got {args.vocab}")
+    if not 0 <= args.seed < 2**63:
+        raise SystemExit(f"--seed must lie in [0, 2^63), got {args.seed}")
+    if args.backend != "auto":
+        dev = (
+            "cuda"
+            if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+            else "cpu"
+        )
+        ok, reason = _backend.availability(args.backend, dev)
+        if not ok:
+            raise SystemExit(f"--backend {args.backend} cannot run on {dev}: {reason}")
+    _check_out(args.out)
+
+
+def _check_out(out):
+    """Fail before any training if --out cannot hold the results (the files are written at the end)."""
+    if not out:
+        raise SystemExit("--out must name a folder, got an empty string")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out must be a folder, got the existing file {out!r}")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".bond_kernels_write_test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise SystemExit(f"--out {out!r} is not a writable folder: {exc.strerror or exc}") from None
 
 
 def run(args):
@@ -677,7 +727,7 @@ def _run(args):
     png = os.path.join(args.out, "demo.png")
     write_plot(png, metrics)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+        json.dump(_json_safe(metrics), f, indent=2, allow_nan=False)
     print(format_table(metrics))
     print(
         f"wrote {png} and {os.path.join(args.out, 'metrics.json')} ({metrics['total_seconds']:.1f} s in all)"

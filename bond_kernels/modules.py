@@ -1,5 +1,7 @@
 """``nn.Module`` wrappers: they hold configuration only and call :mod:`bond_kernels.functional`."""
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -119,11 +121,16 @@ class EMAAnchor:
     ``EMAAnchor(anchor_module, eta=0.02).update(policy_module)`` moves every floating parameter and buffer of
     the anchor with one fused multi-tensor lerp (``torch._foreach_lerp_``, a handful of kernel launches for
     the whole model), never a Python loop of per-tensor kernels.  Integer buffers are copied.  The anchor
-    and policy must have the same architecture (same parameter and buffer names and shapes).
+    and policy must have the same architecture (same parameter and buffer names and shapes); a module
+    wrapped by ``torch.compile`` is unwrapped.  The policy may live on another device (an anchor offloaded
+    to the CPU): its tensors are copied over.  The anchor module is taken over: its parameters stop
+    requiring grad, so pass a copy of the policy (``copy.deepcopy(policy)``), never the policy itself.
     """
 
     def __init__(self, anchor_module: nn.Module, eta: float = 0.02):
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (0.0 <= eta <= 1.0):
+        if isinstance(eta, torch.Tensor) and eta.numel() == 1:
+            eta = eta.item()
+        if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not (0.0 <= eta <= 1.0):
             raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
         if not isinstance(anchor_module, nn.Module):
             raise TypeError(f"anchor_module must be an nn.Module, got {type(anchor_module).__name__}")
@@ -133,22 +140,29 @@ class EMAAnchor:
             p.requires_grad_(False)
 
     def _pairs(self, policy_module):
-        mine = dict(self.anchor.named_parameters())
-        mine.update(dict(self.anchor.named_buffers()))
-        theirs = dict(policy_module.named_parameters())
-        theirs.update(dict(policy_module.named_buffers()))
+        """[(anchor tensor, policy tensor, name)], every name and shape checked before anything moves."""
+        anchor = getattr(self.anchor, "_orig_mod", self.anchor)  # torch.compile's wrapper adds a prefix
+        policy = getattr(policy_module, "_orig_mod", policy_module)
+        mine = dict(anchor.named_parameters())
+        mine.update(dict(anchor.named_buffers()))
+        theirs = dict(policy.named_parameters())
+        theirs.update(dict(policy.named_buffers()))
         if mine.keys() != theirs.keys():
             missing = sorted(set(mine) ^ set(theirs))[:5]
             raise ValueError(
                 f"policy_module must have the anchor's parameters and buffers; these differ: {missing}"
             )
+        pairs = []
         for name, a in mine.items():
             p = theirs[name]
             if a.shape != p.shape:
                 raise ValueError(
                     f"policy_module.{name} has shape {tuple(p.shape)}, the anchor's has {tuple(a.shape)}"
                 )
-            yield a, p
+            if p.device.type == "meta":
+                raise ValueError(f"policy_module.{name} is on the meta device: it holds no values to average")
+            pairs.append((a, p, name))
+        return pairs
 
     @torch.no_grad()
     def update(self, policy_module: nn.Module):
@@ -158,11 +172,11 @@ class EMAAnchor:
                 f"policy_module must be an nn.Module with the anchor's parameters, got {type(policy_module).__name__}"
             )
         groups = {}
-        for a, p in self._pairs(policy_module):
+        for a, p, _ in self._pairs(policy_module):
             if a.is_floating_point():
                 groups.setdefault((a.device, a.dtype), ([], []))
                 groups[(a.device, a.dtype)][0].append(a)
-                groups[(a.device, a.dtype)][1].append(p.detach().to(a.dtype))
+                groups[(a.device, a.dtype)][1].append(p.detach().to(device=a.device, dtype=a.dtype))
             else:
                 a.copy_(p)
         for anchors, policies in groups.values():

@@ -64,6 +64,40 @@ def test_demo_rejects_bad_flags(tmp_path):
         cli.main(["demo", "--out", str(tmp_path), "--steps", "0"])
     with pytest.raises(SystemExit, match="--batch-size must be >= 2"):
         cli.main(["demo", "--out", str(tmp_path), "--batch-size", "1"])
+    # Each is rejected in one line before any training (they used to end in a traceback, some only after
+    # pretraining; --vocab 200000 tried to allocate a 320 GB matrix).
+    bad = {
+        ("--eta", "2"): "--eta must lie in",
+        ("--eta", "nan"): "--eta must lie in",
+        ("--beta", "-0.1"): "--beta must lie in",
+        ("--gamma", "-1"): "--gamma must be a finite number",
+        ("--lr", "nan"): "--lr must be a finite number > 0",
+        ("--lr", "-1"): "--lr must be a finite number > 0",
+        ("--vocab", "4"): "--vocab must lie in",
+        ("--vocab", "200000"): "--vocab must lie in",
+        ("--seed", str(2**64)): "--seed must lie in",
+        ("--backend", "triton"): "--backend triton cannot run on cpu",
+    }
+    for (flag, value), message in bad.items():
+        if flag == "--backend" and torch.cuda.is_available():
+            continue  # a CUDA machine can run it
+        with pytest.raises(SystemExit, match=message):
+            cli.main(["demo", "--out", str(tmp_path), "--device", "cpu", flag, value])
+    # --out is checked first (the files are written only at the end of the run)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SystemExit, match="--out must be a folder"):
+        cli.main(["demo", "--out", str(afile)])
+    with pytest.raises(SystemExit, match="--out .* is not a writable folder"):
+        cli.main(["demo", "--out", str(afile / "sub")])
+    with pytest.raises(SystemExit, match="--out must name a folder"):
+        cli.main(["demo", "--out", ""])
+
+
+def test_metrics_json_has_no_nan():
+    m = {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf"), "e": 2}}
+    assert demo._json_safe(m) == {"a": None, "b": [1.0, None], "c": {"d": None, "e": 2}}
+    json.dumps(demo._json_safe(m), allow_nan=False)
 
 
 def test_reward_counts_targets_and_breaks_ties():

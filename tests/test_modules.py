@@ -320,3 +320,59 @@ def test_ema_anchor_rejects_a_different_architecture():
         ema.update(nn.Linear(5, 3))
     # Nothing was half-updated by the failed calls.
     assert torch.equal(anchor[0].weight, _net(0)[0].weight)
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3), nn.BatchNorm1d(3))
+
+
+def test_ema_anchor_checks_everything_before_moving_anything():
+    """A shape mismatch late in the module list used to leave earlier tensors already updated."""
+    anchor, policy = _bn_net(), _bn_net()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(1.0)
+    policy[1].num_batches_tracked.fill_(9)
+    policy[3].running_mean = torch.zeros(7)  # the last buffer: wrong shape
+    before = copy.deepcopy(anchor.state_dict())
+    ema = bk.EMAAnchor(anchor, eta=0.5)
+    with pytest.raises(ValueError, match=r"policy_module.3.running_mean has shape \(7,\)"):
+        ema.update(policy)
+    after = anchor.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_ema_anchor_unwraps_torch_compile_and_takes_numeric_eta():
+    import numpy as np
+
+    anchor, policy = _bn_net(), _bn_net()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.normal_()
+    want = copy.deepcopy(anchor)
+    bk.EMAAnchor(want, eta=0.25).update(policy)
+    for eta in (np.float32(0.25), torch.tensor(0.25)):
+        got = copy.deepcopy(anchor)
+        bk.EMAAnchor(torch.compile(got), eta=eta).update(torch.compile(policy))
+        for (name, a), b in zip(got.state_dict().items(), want.state_dict().values()):
+            assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="eta must be a number in"):
+        bk.EMAAnchor(anchor, eta=torch.tensor([0.1, 0.2]))
+
+
+def test_ema_anchor_policy_on_another_device():
+    """An anchor kept elsewhere (here: the policy on meta has no values) gets a named error; a policy in
+    another dtype or on the same device is averaged after a copy."""
+    anchor = _bn_net()
+    policy = copy.deepcopy(anchor).to("meta")
+    with pytest.raises(ValueError, match=r"policy_module.0.weight is on the meta device"):
+        bk.EMAAnchor(anchor, eta=0.5).update(policy)
+    policy64 = copy.deepcopy(anchor).double()
+    with torch.no_grad():
+        for p in policy64.parameters():
+            p.normal_()
+    a = copy.deepcopy(anchor)
+    bk.EMAAnchor(a, eta=0.5).update(policy64)
+    want = (anchor[0].weight.double() + policy64[0].weight) / 2
+    torch.testing.assert_close(a[0].weight, want.float())

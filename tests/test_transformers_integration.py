@@ -287,6 +287,27 @@ def test_labels_default_to_input_ids_under_the_mask():
     torch.testing.assert_close(a.token_logprobs, b.token_logprobs)
 
 
+def test_labels_none_gives_the_same_sums_for_left_and_right_padding():
+    """The first real token of a left-padded row has only a pad before it: labels=None does not score it,
+    so the sums match the right-padded batch (positions passed as generation does)."""
+    torch.manual_seed(0)
+    model = _llama()
+    g = torch.Generator().manual_seed(6)
+    lengths = [9, 6, 4]
+    tokens = [torch.randint(0, VOCAB, (n,), generator=g) for n in lengths]
+    right = torch.zeros(3, 9, dtype=torch.long)
+    left = torch.zeros(3, 9, dtype=torch.long)
+    right_mask, left_mask = torch.zeros_like(right), torch.zeros_like(left)
+    for i, t in enumerate(tokens):
+        right[i, : len(t)], right_mask[i, : len(t)] = t, 1
+        left[i, 9 - len(t) :], left_mask[i, 9 - len(t) :] = t, 1
+    pos_left = (left_mask.cumsum(-1) - 1).clamp_min(0)
+    a = sequence_logprobs(model, right, right_mask)
+    b = sequence_logprobs(model, left, left_mask, position_ids=pos_left)
+    torch.testing.assert_close(a.sequence_logprobs, b.sequence_logprobs, rtol=1e-5, atol=1e-5)
+    assert (a.token_logprobs != 0).sum(-1).tolist() == [n - 1 for n in lengths]
+
+
 def test_bad_input():
     model = _llama()
     ids = torch.randint(0, VOCAB, (2, 5))

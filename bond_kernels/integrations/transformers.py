@@ -195,7 +195,9 @@ def sequence_logprobs(
     input_ids (B, T) int; attention_mask (B, T) or None; labels (B, T) int in the transformers convention —
     the same shape as ``input_ids``, ``ignore_index`` (-100) where nothing is scored, shifted inside so that
     position t's prediction scores ``labels[:, t+1]``.  ``labels=None`` scores ``input_ids`` wherever
-    ``attention_mask`` is 1.  Extra keyword arguments go to the backbone (e.g. ``position_ids``).
+    ``attention_mask`` is 1 at that position and the one before (so left and right padding give the same
+    sums; with left padding pass ``position_ids`` as generation does).  Extra keyword arguments go to the
+    backbone (e.g. ``position_ids``).
     Returns :class:`SequenceLogprobs`; differentiable with respect to the model's parameters.
 
     verify: on the first call for this model object, run its own forward once on at most
@@ -234,9 +236,13 @@ def sequence_logprobs(
             )
         )
     if labels is None:
-        labels = (
-            input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore_index)
-        )
+        labels = input_ids
+        if attention_mask is not None:
+            # Score only tokens whose previous position is real: with left padding the first real token would
+            # otherwise be scored from a pad's state, and the sum would depend on the padding side.
+            scored = attention_mask != 0
+            scored[:, 1:] &= attention_mask[:, :-1] != 0
+            labels = input_ids.masked_fill(~scored, ignore_index)
     if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(input_ids.shape):
         raise ValueError(
             f"labels must have input_ids' shape {tuple(input_ids.shape)} (shifted inside), got "
