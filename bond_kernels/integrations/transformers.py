@@ -105,6 +105,11 @@ def _logit_transform(config, temperature):
     return float(temperature) / m, softcap
 
 
+def _relative_error(x, ref):
+    """max |x − ref| / (1 + |ref|): relative for large entries, absolute near 0 (host sync)."""
+    return ((x - ref).abs() / (1.0 + ref.abs())).max().item()
+
+
 def _verify_head(model, backbone, head, weight, bias, input_ids):
     """Once per model: its own forward on a few tokens must give ``transform(lm_head(backbone output))``."""
     ids = input_ids[:1, :_VERIFY_TOKENS]
@@ -151,7 +156,7 @@ def _verify_head(model, backbone, head, weight, bias, input_ids):
     # forward adds more (a LoRA adapter on lm_head, a quantised layer) would be scored without it.
     head_out = seen["head_out"].float()
     plain = torch.nn.functional.linear(h_in.float(), weight.float(), None if bias is None else bias.float())
-    head_err = ((head_out - plain).abs() / (1.0 + head_out.abs())).max().item()
+    head_err = _relative_error(plain, head_out)
     if not head_err <= tol:
         raise ValueError(
             f"model: {where} has an output projection ({type(head).__name__}) whose output is not "
@@ -169,7 +174,7 @@ def _verify_head(model, backbone, head, weight, bias, input_ids):
             f"model: {where} returns logits of shape {tuple(got.shape)} from lm_head outputs of shape "
             f"{tuple(z.shape)}; the fused head cannot reproduce that{skip}"
         )
-    err = ((got - z).abs() / (1.0 + got.abs())).max().item()
+    err = _relative_error(z, got)
     if not err <= tol:
         raise ValueError(
             f"model: {where} post-processes its logits in a way its config does not announce (the fused "
