@@ -8,6 +8,7 @@ import torch
 from . import _backend
 from . import _validate as V
 from . import reference as ref
+from .reference._common import reward_compare_dtype
 from .reference.losses import LOG16
 
 __all__ = [
@@ -417,7 +418,8 @@ def reward_quantiles(rewards, ref_rewards, *, ref_mask=None, smoothing="none", b
     validate = V.boolean(validate, "validate")
     rewards, ref_rewards = _check_quantile_inputs(rewards, ref_rewards, ref_mask, validate)
     mode, eps = _smoothing(smoothing)
-    fp64 = rewards.dtype == torch.float64 or ref_rewards.dtype == torch.float64
+    # fp64 or integer rewards compare in fp64, which only the reference does
+    fp64 = reward_compare_dtype(rewards, ref_rewards) == torch.float64
     integer = not (rewards.is_floating_point() and ref_rewards.is_floating_point())
     if integer and backend not in (None, "auto", "torch"):
         # the kernels compare in fp32, which rounds integers above 2^24 (ties that are not there)
@@ -425,8 +427,8 @@ def reward_quantiles(rewards, ref_rewards, *, ref_mask=None, smoothing="none", b
             f"backend {backend!r} compares fp32 rewards; integer rewards run exactly (in fp64) on backend='torch' "
             f"or 'auto', got rewards {rewards.dtype} and ref_rewards {ref_rewards.dtype}"
         )
-    name = _pick("reward_quantiles", backend, rewards.to(torch.float64) if fp64 or integer else rewards)
-    if name == "torch" or fp64 or integer:
+    name = _pick("reward_quantiles", backend, rewards.to(torch.float64) if fp64 else rewards)
+    if name == "torch" or fp64:
         return ref.reward_quantiles(rewards, ref_rewards, ref_mask=ref_mask, smoothing=smoothing)
     from .ops.reward_quantiles import reward_quantiles as _op
 
@@ -604,10 +606,8 @@ def bond_loss(
     # One launch: quantiles -> log π_BoN -> returns -> baselines -> coefficients and diagnostics.  Rewards are
     # compared in fp64 when either is fp64 or an integer (exactly, as the reference does), else in fp32.
     mode, eps = _smoothing(smoothing)
-    exact = torch.float64 in (policy_rewards.dtype, ref_rewards.dtype) or not (
-        policy_rewards.is_floating_point() and ref_rewards.is_floating_point()
-    )
-    rdt = torch.float64 if exact else torch.float32
+    exact = reward_compare_dtype(policy_rewards, ref_rewards)
+    rdt = torch.float64 if exact == torch.float64 else torch.float32
     mask = (
         ref_mask.contiguous()
         if ref_mask is not None

@@ -6,6 +6,14 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def reward_compare_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    """The dtype in which rewards ``a`` and ``b`` compare exactly: the promotion of two float dtypes (it holds
+    both), fp64 when either is an integer (exact below 2^53; fp32 would round 2^24 + 1 onto 2^24)."""
+    if a.is_floating_point() and b.is_floating_point():
+        return torch.promote_types(a.dtype, b.dtype)
+    return torch.float64
+
+
 def transform_logits(x: torch.Tensor, temperature: float, softcap) -> torch.Tensor:
     """z = softcap·tanh(x / softcap) / temperature (softcap first, Gemma-2 style; None or 0 disables it).
 

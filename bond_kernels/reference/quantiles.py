@@ -2,7 +2,7 @@
 
 import torch
 
-from ._common import compute_dtype
+from ._common import compute_dtype, reward_compare_dtype
 
 
 def reward_quantiles(rewards, ref_rewards, *, ref_mask=None, smoothing="none"):
@@ -20,10 +20,7 @@ def reward_quantiles(rewards, ref_rewards, *, ref_mask=None, smoothing="none"):
     The comparisons are exact: integer rewards are compared as fp64 (exact below 2^53), not rounded to fp32.
     """
     dtype = compute_dtype(rewards, ref_rewards)  # of the results
-    if rewards.is_floating_point() and ref_rewards.is_floating_point():
-        exact = torch.promote_types(rewards.dtype, ref_rewards.dtype)  # holds both exactly
-    else:
-        exact = torch.float64
+    exact = reward_compare_dtype(rewards, ref_rewards)
     r = rewards.to(exact).unsqueeze(-1)
     ref = ref_rewards.to(exact).unsqueeze(-2)
     valid = torch.ones_like(ref, dtype=torch.bool) if ref_mask is None else ref_mask.bool().unsqueeze(-2)
