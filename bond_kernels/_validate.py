@@ -82,6 +82,12 @@ def best_of(n, name: str = "n") -> float:
     return n
 
 
+def free_to_read(x: torch.Tensor) -> bool:
+    """True where reading ``x``'s values costs no device synchronisation: a CPU tensor, outside
+    torch.compile tracing.  Checks that read values run there always, elsewhere only with validate=True."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def has_data(x: torch.Tensor) -> bool:
     """False for tensors whose values cannot be read (``meta``): value checks skip them, shape checks do not."""
     return x.device.type != "meta"

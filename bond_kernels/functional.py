@@ -73,13 +73,18 @@ def _flat_labels(labels):
 def _check_reference_rows(logits, labels, ignore_index):
     """The reference backend raises where the kernels would write NaN (it may synchronise)."""
     V.check_labels_in_range(labels, logits.shape[-1], ignore_index)
-    if not V.has_data(logits):
+    _check_dead_rows(logits, labels != ignore_index, "logits", "whose label is not ignored")
+
+
+def _check_dead_rows(x, keep, name, which):
+    """Raise if a kept row of ``x`` is all -inf (no distribution; the kernels would give NaN).  Syncs."""
+    if not V.has_data(x):
         return
-    dead = torch.isneginf(logits).all(-1) & (labels != ignore_index)
+    dead = torch.isneginf(x).all(-1) & keep
     if bool(dead.any()):
         raise ValueError(
-            f"logits must have a finite entry in every row whose label is not ignored, got {int(dead.sum())} "
-            f"all -inf row(s), the first at position {tuple(dead.nonzero()[0].tolist())} ({V.describe(logits)})"
+            f"{name} must have a finite entry in every row {which}, got {int(dead.sum())} all -inf row(s), "
+            f"the first at position {tuple(dead.nonzero()[0].tolist())} ({V.describe(x)})"
         )
 
 
@@ -177,7 +182,7 @@ def _sequence_layout(logits, labels, cu_seqlens, validate=False):
     V.same_device(logits, cu_seqlens, "logits", "cu_seqlens")
     # Offsets outside [0, total] index out of bounds (or silently drop rows): check them where reading B+1
     # integers costs no device sync (CPU, outside torch.compile tracing), and everywhere with validate=True.
-    if validate or (cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling()):
+    if validate or V.free_to_read(cu_seqlens):
         V.check_cu_seqlens(cu_seqlens, logits.shape[0])
     return cu_seqlens
 
@@ -757,22 +762,6 @@ def jbond_loss(
 # --------------------------------------------------------------------------------------------------------
 # token-level Jeffreys divergence
 # --------------------------------------------------------------------------------------------------------
-def _check_live_rows(policy_logits, anchor_logits, ignore_mask):
-    """The reference backend raises where every backend would give NaN: a row with no finite logit whose
-    divergence is asked for (it may synchronise)."""
-    if not V.has_data(policy_logits):
-        return
-    for name, x in (("policy_logits", policy_logits), ("anchor_logits", anchor_logits)):
-        dead = torch.isneginf(x).all(-1)
-        if ignore_mask is not None:
-            dead &= ~ignore_mask
-        if bool(dead.any()):
-            raise ValueError(
-                f"{name} must have a finite entry in every row that ignore_mask keeps, got {int(dead.sum())} "
-                f"all -inf row(s), the first at position {tuple(dead.nonzero()[0].tolist())} ({V.describe(x)})"
-            )
-
-
 def token_jeffreys(
     policy_logits, anchor_logits, *, beta=0.5, temperature=1.0, ignore_mask=None, backend="auto"
 ):
@@ -807,7 +796,9 @@ def token_jeffreys(
     fp64 = anchor_logits.dtype == torch.float64
     name = _pick("token_jeffreys", backend, policy_logits if not fp64 else anchor_logits)
     if name == "torch":
-        _check_live_rows(policy_logits, anchor_logits, ignore_mask)
+        keep = True if ignore_mask is None else ~ignore_mask
+        _check_dead_rows(policy_logits, keep, "policy_logits", "that ignore_mask keeps")
+        _check_dead_rows(anchor_logits, keep, "anchor_logits", "that ignore_mask keeps")
         return ref.token_jeffreys(
             policy_logits, anchor_logits.detach(), beta=beta, temperature=temperature, ignore_mask=ignore_mask
         )
@@ -924,8 +915,7 @@ def linear_token_logprobs(
         hidden, weight, labels, bias, temperature, softcap, ignore_index
     )
     name = _pick("linear_token_logprobs", backend, hidden)
-    on_host = labels.device.type == "cpu" and not torch.compiler.is_compiling()
-    if validate or name == "torch" or on_host:
+    if validate or name == "torch" or V.free_to_read(labels):
         V.check_labels_in_range(labels, weight.shape[0], ignore_index)
     from .ops import linear_token_logprobs as lin
 

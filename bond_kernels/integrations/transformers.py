@@ -22,7 +22,9 @@ from typing import NamedTuple
 
 import torch
 
+from .. import _validate as V
 from .. import functional as F
+from ..reference._common import transform_logits
 
 # Positions of the one-time check: enough to cover a few vocabulary rows, small enough to cost nothing.
 _VERIFY_TOKENS = 8
@@ -164,10 +166,7 @@ def _verify_head(model, backbone, head, weight, bias, input_ids):
             f"difference {head_err:.3g}); merge the adapter first{skip}"
         )
     temperature, softcap = _logit_transform(model.config, 1.0)
-    z = head_out
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
+    z = transform_logits(head_out, temperature, softcap)
     got = logits.float()
     if got.shape != z.shape:
         raise ValueError(
@@ -210,8 +209,7 @@ def sequence_logprobs(
     raise if its logits are not the head's output through the transform read from its config (see the
     module docstring).  Skipped under ``torch.compile`` tracing.
     """
-    if not isinstance(verify, bool):
-        raise TypeError(f"verify must be a bool, got {verify!r}")
+    verify = V.boolean(verify, "verify")
     if (
         not isinstance(input_ids, torch.Tensor)
         or input_ids.dim() != 2
@@ -261,8 +259,8 @@ def sequence_logprobs(
     head, weight, bias = _head(model)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     rows = getattr(embed, "num_embeddings", None)
-    if rows is not None and input_ids.device.type == "cpu" and input_ids.numel() > 0:
-        lo, hi = int(input_ids.min()), int(input_ids.max())  # free on the CPU; the embedding would IndexError
+    if rows is not None and V.free_to_read(input_ids) and input_ids.numel() > 0:
+        lo, hi = int(input_ids.min()), int(input_ids.max())  # the embedding would raise an IndexError
         if lo < 0 or hi >= rows:
             raise ValueError(
                 f"input_ids must lie in [0, {rows}) (the model's input embedding), got {lo if lo < 0 else hi}"
