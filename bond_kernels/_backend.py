@@ -116,8 +116,8 @@ def _say_once(key, msg):
         logger.warning(msg)
 
 
-def resolve(op: str, backend, device: torch.device) -> str:
-    """Pick the backend that runs ``op`` on tensors on ``device``.  The only place this is decided."""
+def requested(backend) -> str:
+    """What a call asks for: ``backend``, or for ``auto``/None the environment's ``BOND_KERNELS_BACKEND``."""
     if backend is None:
         backend = "auto"
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -126,6 +126,12 @@ def resolve(op: str, backend, device: torch.device) -> str:
         backend = os.environ.get("BOND_KERNELS_BACKEND", "auto") or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"BOND_KERNELS_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve(op: str, backend, device: torch.device) -> str:
+    """Pick the backend that runs ``op`` on tensors on ``device``.  The only place this is decided."""
+    backend = requested(backend)
     supported = OPS[op]
     dev = device.type
     if backend != "auto":
@@ -189,9 +195,8 @@ def measured(op: str, backend, device: torch.device, key, run) -> str:
     shape bucket ``key`` is seen, and keeps the faster for that bucket.  Where timing is not allowed
     (``measuring_allowed``) an earlier measurement still serves; else the ``resolve`` order does."""
     name = resolve(op, backend, device)
-    requested = backend if backend not in (None, "auto") else os.environ.get("BOND_KERNELS_BACKEND", "auto")
     candidates = MEASURED.get((op, device.type))
-    if requested not in ("auto", "") or candidates is None:
+    if requested(backend) != "auto" or candidates is None:
         return name
     memo_key = (op, str(device), key)
     if memo_key in _MEASURED_CHOICE:

@@ -506,11 +506,7 @@ def _check_args(args):
     if not 0 <= args.seed < 2**63:
         raise SystemExit(f"--seed must lie in [0, 2^63), got {args.seed}")
     if args.backend != "auto":
-        dev = (
-            "cuda"
-            if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-            else "cpu"
-        )
+        dev = _device(args.device).type
         ok, reason = _backend.availability(args.backend, dev)
         if not ok:
             raise SystemExit(f"--backend {args.backend} cannot run on {dev}: {reason}")

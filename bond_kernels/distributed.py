@@ -156,14 +156,14 @@ def _shown(field, v):
 
 
 def _check_consistent(rows, what, names):
-    """Every rank must agree on ``names``; otherwise raise with the per-rank values (hashes not shown)."""
+    """Every rank must agree on ``names`` (a field, or a tuple of fields: a hash); otherwise raise with the
+    per-rank values (hashes not shown)."""
     for field, arg, meaning in names:
         fields = field if isinstance(field, tuple) else (field,)
         vals = [tuple(r[f] for f in fields) for r in rows]
         if any(v != vals[0] for v in vals):
-            got = (
-                "" if "hash" in fields[0] else f"; got {[_shown(fields[0], v[0]) for v in vals]} across ranks"
-            )
+            # a tuple of fields is a hash: its values mean nothing to the caller
+            got = "" if len(fields) > 1 else f"; got {[_shown(field, v[0]) for v in vals]} across ranks"
             raise ValueError(f"{arg} must {meaning} on every rank of process_group ({what}){got}")
 
 
