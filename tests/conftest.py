@@ -109,3 +109,23 @@ def pytest_collection_modifyitems(config, items):
 def pytest_terminal_summary(terminalreporter):
     for why, count in _deselected.items():
         terminalreporter.write_line(f"bond_kernels: deselected {count} test(s) marked {why}")
+
+
+@pytest.fixture
+def quantile_launches(monkeypatch):
+    """A fresh measured-``auto`` state and the list of backends each reward_quantiles launch ran on."""
+    from bond_kernels import _backend
+    from bond_kernels.ops import reward_quantiles as rq_op
+
+    monkeypatch.setattr(_backend, "_MEASURED_CHOICE", {})
+    monkeypatch.delenv("BOND_KERNELS_BACKEND", raising=False)
+    monkeypatch.delenv("BOND_KERNELS_AUTO_MEASURE", raising=False)
+    launched = []
+    real = rq_op.reward_quantiles
+
+    def counting(*args):
+        launched.append(args[-1])  # the backend name, the op's last argument
+        return real(*args)
+
+    monkeypatch.setattr(rq_op, "reward_quantiles", counting)
+    return launched

@@ -84,22 +84,10 @@ def test_auto_prefers_the_cuda_kernels(device):
     assert _backend.resolve("bond_sequence", "auto", device) == "cuda"
 
 
-def test_auto_quantiles_measure_both_kernels_once(device, monkeypatch):
+def test_auto_quantiles_measure_both_kernels_once(device, quantile_launches):
     """auto times the CUDA C++ and Triton quantile kernels on the first call of a shape bucket (CUDA
     events), keeps the faster, and gives the same bits as both; the next call of the bucket times nothing."""
-    monkeypatch.setattr(_backend, "_MEASURED_CHOICE", {})
-    monkeypatch.delenv("BOND_KERNELS_BACKEND", raising=False)
-    monkeypatch.delenv("BOND_KERNELS_AUTO_MEASURE", raising=False)
-    from bond_kernels.ops import reward_quantiles as rq_op
-
-    launched = []
-    real = rq_op.reward_quantiles
-
-    def counting(*args):
-        launched.append(args[-1])
-        return real(*args)
-
-    monkeypatch.setattr(rq_op, "reward_quantiles", counting)
+    launched = quantile_launches
     g = torch.Generator(device=device).manual_seed(3)
     r = torch.randn(1024, 16, device=device, generator=g)
     rr = torch.randn(1024, 64, device=device, generator=g)

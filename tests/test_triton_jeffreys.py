@@ -169,25 +169,14 @@ def test_reward_quantiles_infinite_and_masked_nan():
     assert torch.equal(got[0], torch.tensor([[1 / 3, 2 / 3, 1.0]]))
 
 
-def test_auto_quantiles_measure_the_two_kernels(monkeypatch):
+def test_auto_quantiles_measure_the_two_kernels(monkeypatch, quantile_launches):
     """The measured ``auto`` end to end through the functional API, with the Triton kernel as one of the two
     candidates (on CPU under the interpreter, 'cpu' stands in for the CUDA C++ kernel): both run, the
     faster is kept per bucket, the result has the reference's bits, and the next call times nothing."""
     from bond_kernels import _backend
-    from bond_kernels.ops import reward_quantiles as rq_op
 
     monkeypatch.setattr(_backend, "MEASURED", {("reward_quantiles", "cpu"): ("cpu", "triton")})
-    monkeypatch.setattr(_backend, "_MEASURED_CHOICE", {})
-    monkeypatch.delenv("BOND_KERNELS_BACKEND", raising=False)
-    monkeypatch.delenv("BOND_KERNELS_AUTO_MEASURE", raising=False)
-    launched = []
-    real = rq_op.reward_quantiles
-
-    def counting(*args):
-        launched.append(args[-1])
-        return real(*args)
-
-    monkeypatch.setattr(rq_op, "reward_quantiles", counting)
+    launched = quantile_launches
     g = torch.Generator().manual_seed(8)
     r, rr = torch.randn(6, 3, generator=g), torch.randn(6, 10, generator=g)
     got = bk.reward_quantiles(r, rr, smoothing="self")
