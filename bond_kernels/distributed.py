@@ -463,12 +463,27 @@ def _plan_for(name, n, v, h, dtype):
 class _VocabParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, labels, info, temperature, softcap, ignore_index, want_ent, name, group
+        ctx,
+        hidden,
+        weight,
+        bias,
+        labels,
+        info,
+        temperature,
+        softcap,
+        ignore_index,
+        want_ent,
+        name,
+        group,
+        keep,
     ):
-        from .ops.linear_token_logprobs import local_forward
+        from .ops.linear_token_logprobs import local_forward, make_kept
 
         tk = _kernels_for(name)
         plan = _plan_for(name, hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
+        # This rank's grad_weight buffer keeps its last tiles' logits (recompute="auto"): a local choice,
+        # nothing about the exchange changes.
+        kept = make_kept(hidden.shape[0], weight, plan) if keep and ctx.needs_input_grad[1] else None
         lse_l, s_l, target_l, _ = local_forward(
             hidden,
             weight,
@@ -481,7 +496,9 @@ class _VocabParallelLinear(torch.autograd.Function):
             want_ent=want_ent,
             tk=tk,
             plan=plan,
+            kept=kept,
         )
+        ctx.kept = kept
         keep = labels != ignore_index
         zero = torch.zeros((), dtype=lse_l.dtype, device=lse_l.device)
         lse, s, target = allreduce_stats(lse_l, s_l, target_l, group)
@@ -500,6 +517,7 @@ class _VocabParallelLinear(torch.autograd.Function):
         hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
         info, temperature, softcap, ignore_index, want_ent, tk, plan, group = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        kept, ctx.kept = ctx.kept, None  # consumed once: a retained graph's second backward recomputes
         g = torch.zeros_like(lse) if grad_logp is None else grad_logp
         ge = grad_ent if (want_ent and grad_ent is not None) else None
         gh, gw, gb = local_backward(
@@ -521,13 +539,14 @@ class _VocabParallelLinear(torch.autograd.Function):
             need_weight=need_w,
             need_bias=need_b and bias is not None,
             hidden_grad_fp32=True,
+            kept=kept,
         )
         if need_h:
             # Each rank holds the contribution of its vocabulary slice; hidden is replicated, so its
             # gradient is their sum (in fp32, cast once).
             dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=group)
             gh = gh.to(hidden.dtype)
-        return gh, gw, gb, None, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None, None
 
 
 def linear_token_logprobs(
@@ -542,13 +561,14 @@ def linear_token_logprobs(
     return_entropy=False,
     backend="auto",
     process_group,
+    recompute="auto",
 ):
     """:func:`bond_kernels.linear_token_logprobs` with ``weight`` (V_r, H) / ``bias`` (V_r,) sharded by vocabulary.
 
     hidden (..., H) and labels (...) (global ids) are the same on every rank.  Returns the global ``logp``
     [and ``entropy``] on every rank.  Backward: each rank gets its own shard's weight/bias gradient and the
     full ``grad_hidden`` (summed over ranks inside, one all-reduce).  Tiles as the single-GPU op (bounded
-    memory, the logits are never materialised).
+    memory, the logits are never materialised); ``recompute`` as there, per rank.
     """
     from . import functional as F
 
@@ -591,6 +611,7 @@ def linear_token_logprobs(
         bool(return_entropy),
         name,
         process_group,
+        recompute == "auto" and not torch.compiler.is_compiling(),
     )
     logp = logp.view(labels.shape)
     if return_entropy:

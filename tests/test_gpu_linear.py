@@ -184,3 +184,21 @@ def test_shard_engine_pieces_on_gpu():
     ent = torch.where(keep, lse - s, 0.0)
     want_lp, want_ent = lin.linear_token_logprobs_reference(hid.double(), w.double(), y, return_entropy=True)
     assert _max_err(logp, want_lp) < 1e-4 and _max_err(ent, want_ent) < 1e-4
+
+
+def test_recompute_auto_matches_full():
+    """recompute='auto' (kept tiles 6 and 7 of 8 at this shape) against 'full': the same forward bits, the
+    same grad_weight bits (each tile's product is the same cuBLAS call on the same values), grad_hidden to
+    fp32 summation order; both against float64 within eager's bf16 error."""
+    n, h, v = 2048, 1024, 128256
+    hid, w, b, y, up, up_ent = _inputs(n, h, v, torch.bfloat16, True, seed=6)
+    kw = dict(backend="triton", temperature=0.9, softcap=30.0)
+    from bond_kernels.ops.triton.linear_token_logprobs import gpu_plan
+
+    assert lin.make_kept(n, w, gpu_plan(n, v, h, torch.bfloat16)).first == 6
+    auto = _run(bk.linear_token_logprobs, hid, w, b, y, up, up_ent, **kw)
+    full = _run(bk.linear_token_logprobs, hid, w, b, y, up, up_ent, recompute="full", **kw)
+    assert torch.equal(auto[0], full[0]) and torch.equal(auto[1], full[1])
+    assert torch.equal(auto[3], full[3])
+    torch.testing.assert_close(auto[2].float(), full[2].float(), rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(auto[4].float(), full[4].float(), rtol=1e-2, atol=1e-3)

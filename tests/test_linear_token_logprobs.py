@@ -201,7 +201,7 @@ def test_out_of_range_label_raises_on_cpu(bad):
     for backend in ("cpu", "auto", "torch"):
         with pytest.raises(ValueError, match=rf"labels must lie in \[0, 9\).*got {bad}"):
             bk.linear_token_logprobs(hid, w, y, backend=backend)
-    lp, _, _ = lin.cpu_linear_token_logprobs_fwd(hid, w, None, y, 1.0, 0.0, -100, False)
+    lp, _, _, _ = lin.cpu_linear_token_logprobs_fwd(hid, w, None, y, 1.0, 0.0, -100, False)
     assert torch.isnan(lp[2]) and torch.isfinite(lp[[0, 1, 3, 4]]).all()
 
 
@@ -237,8 +237,8 @@ def test_tiles_never_exceed_the_plan(monkeypatch):
     seen = []
     real = lin._tile_logits
 
-    def spy(h_rows, weight, bias, v0, v1, plan):
-        x = real(h_rows, weight, bias, v0, v1, plan)
+    def spy(h_rows, weight, bias, v0, v1, plan, out=None):
+        x = real(h_rows, weight, bias, v0, v1, plan, out=out)
         seen.append(x.numel())
         return x
 
@@ -340,3 +340,167 @@ def test_accumulate_without_fp32_output_matmul(monkeypatch):
     torch.testing.assert_close(dst, want, rtol=1e-2, atol=1e-2)
     lin._accumulate(dst, a, b, False)
     torch.testing.assert_close(dst, 2 * want, rtol=1e-2, atol=2e-2)
+
+
+# --------------------------------------------------------------------------------------------------------
+# recompute="auto": the forward keeps the last tiles' logits in the future grad_weight buffer
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,v,h,vocab", [(29, 97, 12, 10), (8, 50, 40, 7), (64, 1000, 3, 1), (5, 9, 1, 2)])
+def test_kept_layout_never_overlaps(n, v, h, vocab):
+    """The stored logits [0, n·(V − c)) and the kept tiles' grad_weight rows [c·H, V·H) are disjoint, and the
+    first kept tile is the earliest one for which that holds (no tile that could be kept is recomputed)."""
+    plan = lin.Plan(n, vocab, torch.float32)
+    kept = lin.make_kept(n, torch.empty(v, h), plan)
+    k_tiles = -(-v // vocab)
+    fits = [n * (v - k * vocab) <= k * vocab * h for k in range(k_tiles)]
+    first = fits.index(True) if any(fits) else k_tiles
+    if first == k_tiles:
+        assert kept is None
+        return
+    assert kept.first == first and kept.buf.numel() == v * h
+    c = first * vocab
+    for k in range(first, k_tiles):
+        v0, v1 = k * vocab, min(v, (k + 1) * vocab)
+        t = kept.tile(k, v0, v1, n)
+        start = t.storage_offset()
+        assert t.shape == (n, v1 - v0) and t.is_contiguous()
+        assert start + t.numel() <= n * (v - c) <= c * h  # inside the store, before the kept rows of grad_W
+
+
+def test_make_kept_declines():
+    w = torch.empty(100, 8)
+    assert lin.make_kept(9, w, lin.Plan(8, 10, torch.float32)) is None  # two row blocks
+    assert lin.make_kept(8, w, lin.Plan(8, 10, torch.float64)) is None  # tiles in another dtype
+    assert lin.make_kept(8, w, lin.Plan(8, 100, torch.float32)) is None  # one tile: it cannot be kept
+    assert lin.make_kept(0, w, lin.Plan(8, 10, torch.float32)) is None
+
+
+def test_engine_kept_tiles_fp64():
+    """The engine with a Kept buffer (torch tile kernels, fp64): the same values as the reference to 1e-12,
+    and grad_weight IS the buffer."""
+    gen = torch.Generator().manual_seed(15)
+    hid, w, b, y = _inputs((29,), 12, 97, torch.float64, bias=True, gen=gen)
+    g = torch.randn(29, generator=gen, dtype=torch.float64)
+    ge = torch.randn(29, generator=gen, dtype=torch.float64)
+    want_lp, want_ent, want = _reference64(hid, w, b, y, g, ge, temperature=1.3, softcap=2.0)
+    tk = lin.token_kernels("torch")
+    plan = lin.Plan(29, 10, torch.float64)
+    kept = lin.make_kept(29, w, plan)
+    assert kept is not None and kept.first == 7  # 29·(97 − 70) ≤ 70·12: tiles 7, 8, 9 kept
+    lp, lse, ent = lin.engine_forward(hid, w, b, y, 1.3, 2.0, -100, True, tk, plan, kept)
+    grads = lin.local_backward(
+        hid,
+        w,
+        b,
+        y,
+        lse,
+        ent,
+        g,
+        ge,
+        v_offset=0,
+        temperature=1.3,
+        softcap=2.0,
+        ignore_index=-100,
+        tk=tk,
+        plan=plan,
+        need_hidden=True,
+        need_weight=True,
+        need_bias=True,
+        kept=kept,
+    )
+    assert grads[1].data_ptr() == kept.buf.data_ptr()
+    torch.testing.assert_close(lp, want_lp, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ent, want_ent, rtol=1e-12, atol=1e-12)
+    for a, b_ in zip(grads, want):
+        torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-12)
+
+
+def _count_recomputes(monkeypatch):
+    """Counts tile matmuls: "kept" wrote into the Kept buffer, "plain" into a fresh tile."""
+    calls = {"plain": 0, "kept": 0}
+    real = lin._tile_logits
+
+    def spy(h_rows, weight, bias, v0, v1, plan, out=None):
+        calls["kept" if out is not None else "plain"] += 1
+        return real(h_rows, weight, bias, v0, v1, plan, out=out)
+
+    monkeypatch.setattr(lin, "_tile_logits", spy)
+    return calls
+
+
+@pytest.mark.parametrize("bias,tile", [(False, "64,8"), (True, "64,13")])
+def test_auto_keeps_tiles_and_matches(bias, tile, monkeypatch):
+    """recompute='auto' against 'full' and the fp64 reference: identical forward, gradients to fp32
+    rounding, and the backward recomputes only the tiles that were not kept."""
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", tile)
+    gen = torch.Generator().manual_seed(31)
+    hid, w, b, y = _inputs((3, 11), 20, 211, torch.float32, bias=bias, gen=gen)
+    g, ge = torch.randn(3, 11, generator=gen), torch.randn(3, 11, generator=gen)
+    kw = dict(temperature=0.8, softcap=4.0, backend="cpu")
+    calls = _count_recomputes(monkeypatch)
+    auto = _run(bk.linear_token_logprobs, hid, w, b, y, g, ge, **kw)
+    vocab = int(tile.split(",")[1])
+    k_tiles = -(-211 // vocab)
+    first = lin.make_kept(33, w, lin.Plan(33, vocab, torch.float32)).first
+    assert calls["kept"] == k_tiles - first > 0  # the forward wrote the kept tiles into the buffer
+    # forward: the `first` tiles that are not kept; backward: only those again (K + `first` without keeping)
+    assert calls["plain"] == 2 * first
+    full = _run(bk.linear_token_logprobs, hid, w, b, y, g, ge, recompute="full", **kw)
+    assert torch.equal(auto[0], full[0]) and torch.equal(auto[1], full[1])
+    want = _reference64(hid, w, b, y, g, ge, temperature=0.8, softcap=4.0)
+    _compare(auto, want, dict(rtol=2e-5, atol=2e-5), f"auto tile={tile}")
+    for a, f in zip(auto[2], full[2]):
+        torch.testing.assert_close(a, f, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_hidden_grad_only_and_retained_graph(monkeypatch):
+    """The buffer is consumed once: a hidden-only backward, then a second backward through the retained
+    graph (which must recompute every tile, not read gradients as logits), both equal to the reference."""
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "64,9")
+    gen = torch.Generator().manual_seed(32)
+    hid, w, _, y = _inputs((30,), 16, 100, torch.float32, bias=False, gen=gen)
+    g = torch.randn(30, generator=gen)
+    hl, wl = hid.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    lp = bk.linear_token_logprobs(hl, wl, y, backend="cpu")
+    (gh1,) = torch.autograd.grad(lp, hl, g, retain_graph=True)
+    gh2, gw2 = torch.autograd.grad(lp, (hl, wl), g * 0.5 + 1)
+    hd, wd = hid.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = lin.linear_token_logprobs_reference(hd, wd, y)
+    (rh1,) = torch.autograd.grad(ref, hd, g.double(), retain_graph=True)
+    rh2, rw2 = torch.autograd.grad(ref, (hd, wd), g.double() * 0.5 + 1)
+    for a, e in ((gh1, rh1), (gh2, rh2), (gw2, rw2)):
+        torch.testing.assert_close(a.double(), e, rtol=2e-5, atol=2e-5)
+
+
+def test_auto_accumulates_into_existing_grad(monkeypatch):
+    """weight.grad already set: autograd adds our buffer into it (two steps = twice one step's gradient)."""
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "64,9")
+    gen = torch.Generator().manual_seed(33)
+    hid, w, _, y = _inputs((30,), 16, 100, torch.float32, bias=False, gen=gen)
+    g = torch.randn(30, generator=gen)
+    wl = w.clone().requires_grad_(True)
+    bk.linear_token_logprobs(hid, wl, y, backend="cpu").backward(g)
+    once = wl.grad.clone()
+    bk.linear_token_logprobs(hid, wl, y, backend="cpu").backward(g)
+    torch.testing.assert_close(wl.grad, 2 * once)
+
+
+def test_no_buffer_without_weight_grad(monkeypatch):
+    """A frozen weight, no_grad, or recompute='full': the custom op path, nothing kept (the spy sees no
+    tile written into a buffer)."""
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "64,9")
+    calls = _count_recomputes(monkeypatch)
+    hid, w, y = torch.randn(30, 16, requires_grad=True), torch.randn(100, 16), torch.randint(0, 100, (30,))
+    bk.linear_token_logprobs(hid, w, y, backend="cpu").sum().backward()
+    with torch.no_grad():
+        bk.linear_token_logprobs(hid, w.requires_grad_(True), y, backend="cpu")
+    bk.linear_token_logprobs(hid, w, y, backend="cpu", recompute="full").sum().backward()
+    assert calls["kept"] == 0
+
+
+@pytest.mark.parametrize("bad", ["partial", None, 1, True])
+def test_bad_recompute(bad):
+    with pytest.raises(ValueError, match=r"recompute must be 'auto' or 'full', got"):
+        bk.linear_token_logprobs(
+            torch.randn(3, 4), torch.randn(5, 4), torch.randint(0, 5, (3,)), recompute=bad
+        )

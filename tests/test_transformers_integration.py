@@ -167,8 +167,8 @@ def test_never_forms_full_logits(monkeypatch):
     seen = []
     real = lin._tile_logits
 
-    def spy(h_rows, weight, bias, v0, v1, plan):
-        x = real(h_rows, weight, bias, v0, v1, plan)
+    def spy(h_rows, weight, bias, v0, v1, plan, out=None):
+        x = real(h_rows, weight, bias, v0, v1, plan, out=out)
         seen.append(tuple(x.shape))
         return x
 

@@ -18,12 +18,14 @@ from bond_kernels.ops import linear_token_logprobs as lin
 
 pytestmark = [pytest.mark.interpret, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
-# (N, H, V, tile override): automatic (one tile), row blocks with a partial last vocabulary tile, and
-# one-column tiles (every row's label lies in another tile: the fix-up runs on every row).
+# (N, H, V, tile override): automatic (one tile), row blocks with a partial last vocabulary tile,
+# one-column tiles (every row's label lies in another tile: the fix-up runs on every row), and one row block
+# in 24-column tiles, whose last three (the last one partial) the forward keeps for the backward.
 CASES = [
     (13, 16, 101, ""),
     (13, 16, 101, "4,24"),
     (6, 8, 19, "64,1"),
+    (13, 16, 101, "64,24"),
 ]
 TOL = dict(rtol=3e-5, atol=3e-5)
 

@@ -357,6 +357,11 @@ def _worker(rank, world, port, tile):
         for dtype, backend in ((torch.float64, "torch"), (torch.float32, "auto")):
             _check_token(rank, world, dtype, backend)
             _check_linear(rank, world, dtype, backend)
+        # One row block of 13 rows in 4-column tiles: each rank's forward keeps its shard's last tiles in
+        # its grad_weight buffer (recompute="auto"; 2 of 5 tiles at V_r = 19, 1 of 3 at V_r = 9).
+        os.environ["BOND_KERNELS_LINEAR_TILE"] = "16,4"
+        _check_linear(rank, world, torch.float32, "auto")
+        os.environ["BOND_KERNELS_LINEAR_TILE"] = tile
         _check_masked_vocab(rank, world)
         _check_errors(rank, world)
     except BaseException:
