@@ -4,10 +4,18 @@ Design (chosen on analysis; the GPU measurement is owed, see BENCHMARKS.md):
 
 * Arithmetic floor.  Forward + backward needs ``x = h·Wᵀ`` (2·N·H·V), ``grad_h = dx·W`` and
   ``grad_W = dxᵀ·h`` (4·N·H·V).  Without keeping the (N, V) logits (2.1 GB in bf16 at N = 8192,
-  V = 128256: over the 1.2 GB budget on its own) the backward must recompute ``x``: 8·N·H·V in all, so any
-  design that respects the memory budget tops out at 6/8 = 0.75 of the matmul rate in the 6·N·H·V accounting.
-  What decides the result is therefore how close each matmul runs to the card's measured bf16 rate, and
-  how little else runs beside them.
+  V = 128256: over the 1.2 GB budget on its own) the backward must recompute ``x``: 8·N·H·V in all, a
+  ceiling of 6/8 = 0.75 of the matmul rate in the 6·N·H·V accounting, which is exactly PERFORMANCE.md's
+  target: any overhead beside the matmuls would miss it.  The upstream gradient of each token is unknown
+  until the backward, so ``grad_W`` cannot be formed in the forward (Liger's trick needs a scalar loss).
+  What the recompute CAN avoid: the (V, H) ``grad_W`` buffer must exist in the backward anyway, and
+  nothing is in it before then, so the forward allocates it and keeps there the logits of the last
+  H/(N+H) of the vocabulary (``recompute="auto"``, the :class:`Kept` layout in the engine's docstring).  At
+  the benchmark shape that is 42240 of 128256 columns (tiles 21-31 of 32): the backward recomputes 86016
+  columns, the matmuls total 7.34·N·H·V, and the ceiling becomes 0.82.  Peak memory does not move (the
+  buffer is allocated in the forward instead of the backward).  ``recompute="full"`` is the schedule
+  without it; the benchmark measures both in one run.  What decides the result beyond that is how close
+  each matmul runs to the card's measured bf16 rate, and how little else runs beside them.
 * Why cuBLAS tiles and not a fused Triton tile-matmul with an online log-sum-exp across vocabulary tiles:
   the target is a fraction of the ``torch.mm`` (cuBLAS) rate, and cuBLAS runs these tile shapes
   (8192 × 4096 × 4096) at that rate by construction; a hand-written Triton matmul can at best match it
