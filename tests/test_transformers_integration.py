@@ -128,9 +128,12 @@ def _oracle(model, ids, mask, labels):
     return tok, tok.sum(-1)
 
 
+# "5,64": 24 rows in row blocks of 5 (every tile recomputed); "64,16": one row block in 16-column tiles, the
+# last 10 of 19 kept by the forward in the grad_weight buffer (recompute="auto").
+@pytest.mark.parametrize("tile", ["5,64", "64,16"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_matches_full_logits(name, monkeypatch):
-    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "5,64")
+def test_matches_full_logits(name, tile, monkeypatch):
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", tile)
     torch.manual_seed(0)
     model = MODELS[name]().float()
     gen = torch.Generator().manual_seed(1)
@@ -330,3 +333,5 @@ def test_bad_input():
         sequence_logprobs(model, ids[:0], None)
     with pytest.raises(TypeError, match="verify must be a bool"):
         sequence_logprobs(model, ids, None, verify="no")
+    with pytest.raises(ValueError, match="recompute must be 'auto' or 'full', got 'some'"):
+        sequence_logprobs(model, ids, None, recompute="some")

@@ -192,6 +192,7 @@ def sequence_logprobs(
     ignore_index=-100,
     backend="auto",
     verify=True,
+    recompute="auto",
     **model_kwargs,
 ):
     """Log-probs of ``labels`` under a causal LM, through the fused linear head (never the full logits).
@@ -208,6 +209,8 @@ def sequence_logprobs(
     ``_VERIFY_TOKENS`` tokens of the first row (no gradient, dropout off, one host synchronisation) and
     raise if its logits are not the head's output through the transform read from its config (see the
     module docstring).  Skipped under ``torch.compile`` tracing.
+    recompute: as in :func:`bond_kernels.linear_token_logprobs` ("full" when several calls run before one
+    backward).
     """
     verify = V.boolean(verify, "verify")
     if (
@@ -284,5 +287,6 @@ def sequence_logprobs(
         softcap=softcap,
         ignore_index=ignore_index,
         backend=backend,
+        recompute=recompute,
     )
     return SequenceLogprobs(logp, logp.sum(-1))
