@@ -950,6 +950,7 @@ def linear_token_logprobs(
         and torch.is_grad_enabled()
         and weight.requires_grad
         and not torch.compiler.is_compiling()
+        and not lin.saved_tensor_hooks_active()
     )
     op = lin.KeptLinearTokenLogprobs.apply if keep else lin.linear_token_logprobs_fwd
     logp, _, ent = op(

@@ -504,3 +504,53 @@ def test_bad_recompute(bad):
         bk.linear_token_logprobs(
             torch.randn(3, 4), torch.randn(5, 4), torch.randint(0, 5, (3,)), recompute=bad
         )
+
+
+# --------------------------------------------------------------------------------------------------------
+# adversarial: recompute='auto'
+# --------------------------------------------------------------------------------------------------------
+def test_auto_backward_with_create_graph(monkeypatch):
+    """backward(create_graph=True) (a gradient penalty elsewhere in the graph, or an optimizer that asks for
+    it): 'full' gives the first-order gradients, so 'auto' must too, not fail on an ``out=`` matmul that
+    autograd now records.  Differentiating those gradients again is unsupported in both schedules."""
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "64,7")
+    gen = torch.Generator().manual_seed(41)
+    hid, w, b, y = _inputs((10,), 6, 40, torch.float32, bias=True, gen=gen)
+    g = torch.randn(10, generator=gen)
+    want = _reference64(hid, w, b, y, g, torch.zeros(10))[2]
+    for recompute in ("auto", "full"):
+        leaves = [t.clone().requires_grad_(True) for t in (hid, w, b)]
+        lp = bk.linear_token_logprobs(
+            leaves[0], leaves[1], y, bias=leaves[2], backend="cpu", recompute=recompute
+        )
+        got = torch.autograd.grad((lp * g).sum(), leaves, create_graph=True)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a.detach().double(), e, rtol=2e-5, atol=2e-5)
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(got[1].sum(), leaves)
+
+
+@pytest.mark.parametrize("wrap", ["checkpoint", "save_on_cpu"])
+def test_auto_keeps_nothing_under_saved_tensor_hooks(wrap, monkeypatch):
+    """The kept buffer is held on ctx, past any saved-tensor hooks.  Under non-reentrant checkpoint the
+    forward's buffer would live to the backward and the recomputed forward would allocate a second one (peak
+    2·V·H where 'full' has V·H); under save_on_cpu it would stay on the device.  So: nothing kept there, and
+    the gradients still equal the reference."""
+    import torch.utils.checkpoint as cp
+
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "64,7")
+    calls = _count_recomputes(monkeypatch)
+    gen = torch.Generator().manual_seed(42)
+    hid, w, b, y = _inputs((10,), 6, 40, torch.float32, bias=True, gen=gen)
+    g = torch.randn(10, generator=gen)
+    leaves = [t.clone().requires_grad_(True) for t in (hid, w, b)]
+    fn = lambda h_, w_, b_: bk.linear_token_logprobs(h_, w_, y, bias=b_, backend="cpu")
+    if wrap == "checkpoint":
+        lp = cp.checkpoint(fn, *leaves, use_reentrant=False)
+    else:
+        with torch.autograd.graph.save_on_cpu():
+            lp = fn(*leaves)
+    got = torch.autograd.grad((lp * g).sum(), leaves)
+    assert calls["kept"] == 0
+    for a, e in zip(got, _reference64(hid, w, b, y, g, torch.zeros(10))[2]):
+        torch.testing.assert_close(a.double(), e, rtol=2e-5, atol=2e-5)

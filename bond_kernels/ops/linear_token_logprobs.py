@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._dispatch import kernels
 
@@ -866,6 +867,16 @@ def _grads_out(ctx, gh, gw, gb, bias):
 linear_token_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are active (non-reentrant checkpoint, ``save_on_cpu``): the kept buffer
+    lives on ctx, out of their reach, so keeping there would cost what they exist to save (under checkpoint,
+    the forward's buffer held to the backward plus a second one in the recomputed forward: 2·V·H at peak)."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
+    except (AttributeError, TypeError, RuntimeError):  # private API: a torch without it keeps as before
+        return False
+
+
 class KeptLinearTokenLogprobs(torch.autograd.Function):
     """``recompute="auto"`` in eager mode: the custom op's math, plus the forward's :class:`Kept` tiles.
 
@@ -891,6 +902,7 @@ class KeptLinearTokenLogprobs(torch.autograd.Function):
         return logp, lse, ent
 
     @staticmethod
+    @once_differentiable  # no grad mode inside: create_graph=True must not record the out= matmuls (as 'full')
     def backward(ctx, grad_logp, grad_lse, grad_ent):
         hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
         temperature, softcap, ignore_index, backend = ctx.config
