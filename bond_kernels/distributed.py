@@ -34,6 +34,9 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from .ops.linear_token_logprobs import saved_tensor_hooks_active
 
 __all__ = ["ShardInfo", "linear_token_logprobs", "sequence_logprobs", "shard_info", "token_logprobs"]
 
@@ -511,6 +514,7 @@ class _VocabParallelLinear(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
+    @once_differentiable  # no grad mode inside: create_graph=True must not record the engine's out= matmuls
     def backward(ctx, grad_logp, grad_ent):
         from .ops.linear_token_logprobs import local_backward
 
@@ -611,7 +615,7 @@ def linear_token_logprobs(
         bool(return_entropy),
         name,
         process_group,
-        recompute == "auto" and not torch.compiler.is_compiling(),
+        recompute == "auto" and not torch.compiler.is_compiling() and not saved_tensor_hooks_active(),
     )
     logp = logp.view(labels.shape)
     if return_entropy:
