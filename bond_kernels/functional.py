@@ -900,7 +900,9 @@ def linear_token_logprobs(
         the last H/(N+H) of the vocabulary, so the backward recomputes only the rest (1/12 fewer matmul
         FLOPs at N = 2·H; the same peak memory in a forward followed by its backward).  The price: that
         buffer is held from the forward to the backward.  Several forwards before one backward (a loop
-        over chunks) hold one each: use ``"full"`` there, which holds nothing but the inputs.
+        over chunks) hold one each: use ``"full"`` there, which holds nothing but the inputs.  Nothing is
+        kept under torch.compile or while saved-tensor hooks are active (non-reentrant checkpoint,
+        ``save_on_cpu``).
     """
     return_entropy = V.boolean(return_entropy, "return_entropy")
     validate = V.boolean(validate, "validate")
