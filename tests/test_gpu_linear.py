@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 
 # (N, H, V, bias, temperature, softcap): why each is here.
 BF16_CASES = [
-    (2048, 1024, 128256, False, 1.0, None),  # Llama-3 vocabulary, 32 tiles of 4096, partial last one
+    (2048, 1024, 128256, False, 1.0, None),  # Llama-3 vocabulary, 9 tiles of 14336, partial last one
     (1000, 512, 50257, True, 0.8, 30.0),  # GPT-2 vocabulary (odd), bias, temperature and Gemma-style softcap
 ]
 
@@ -187,7 +187,7 @@ def test_shard_engine_pieces_on_gpu():
 
 
 def test_recompute_auto_matches_full():
-    """recompute='auto' (kept tiles 6 and 7 of 8 at this shape) against 'full': the same forward bits, the
+    """recompute='auto' (kept tiles 6-8 of 9 at this shape) against 'full': the same forward bits, the
     same grad_weight bits (each tile's product is the same cuBLAS call on the same values), grad_hidden to
     fp32 summation order; both against float64 within eager's bf16 error."""
     n, h, v = 2048, 1024, 128256

@@ -554,3 +554,26 @@ def test_auto_keeps_nothing_under_saved_tensor_hooks(wrap, monkeypatch):
     assert calls["kept"] == 0
     for a, e in zip(got, _reference64(hid, w, b, y, g, torch.zeros(10))[2]):
         torch.testing.assert_close(a.double(), e, rtol=2e-5, atol=2e-5)
+
+
+def test_plan_aligns_a_tile_boundary_to_the_kept_region():
+    """The automatic plan shrinks (never grows) the tile so that the kept region starts on a tile boundary:
+    at the CPU benchmark shape 10664 of the 10666 columns that may be kept, where 8192-column tiles kept
+    7424; and over many shapes it never keeps less than the unaligned tile would."""
+    plan = lin.cpu_plan(2048, 32000, 1024, torch.float32)
+    kept = lin.make_kept(2048, torch.empty(32000, 1024, device="meta"), plan)
+    assert plan.vocab <= 8192 and 32000 - kept.first * plan.vocab == 10664
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(300):
+        n, v, h = (int(torch.randint(1, hi, (1,), generator=gen)) for hi in (600, 5000, 300))
+        budget = int(torch.randint(1, 4 * v, (1,), generator=gen))
+        mult = int(torch.randint(1, 64, (1,), generator=gen))
+        base = max(mult, min(budget, v) // mult * mult)
+        aligned = lin._align_to_kept(n, v, h, n, base, mult)
+        assert aligned <= base
+        assert _kept_cols(n, v, h, aligned) >= _kept_cols(n, v, h, base), (n, v, h, base, aligned)
+
+
+def _kept_cols(n, v, h, vocab):
+    k = lin.make_kept(n, torch.empty(v, h, device="meta"), lin.Plan(n, min(vocab, v), torch.float32))
+    return 0 if k is None else v - k.first * min(vocab, v)

@@ -259,8 +259,23 @@ def make_plan(n, v, h, dtype, *, compute_dtype, tile_bytes, max_rows, vocab_mult
             vocab = min(vocab, tile_bytes // (max(h, 1) * elem))
         if vocab < v:
             vocab = max(vocab_multiple, vocab // vocab_multiple * vocab_multiple)
+            vocab = _align_to_kept(n, v, h, rows, vocab, vocab_multiple)
     vocab = max(1, min(vocab, v))
     return Plan(rows, vocab, compute_dtype)
+
+
+def _align_to_kept(n, v, h, rows, vocab, multiple):
+    """Shrink the tile (never grow it) so that a tile boundary falls at the first column :func:`make_kept`
+    may keep: the kept tiles then cover up to H/(N+H) of the vocabulary, not only the whole tiles past it.
+    At N = 2048, H = 1024, V = 32000 with 8192-column tiles one tile (7424 columns) was kept; with 7112-column
+    tiles 10664 are (the most is 10666).  Only for one row block, the case that keeps anything."""
+    if n > rows:
+        return vocab
+    c_min = (n * v + n + h - 1) // (n + h)
+    recomputed = (c_min + vocab - 1) // vocab  # tiles before the boundary
+    aligned = (c_min + recomputed - 1) // recomputed
+    aligned = (aligned + multiple - 1) // multiple * multiple
+    return aligned if aligned <= vocab else vocab
 
 
 def cpu_plan(n, v, h, dtype) -> Plan:
