@@ -563,6 +563,8 @@ def test_plan_aligns_a_tile_boundary_to_the_kept_region():
     plan = lin.cpu_plan(2048, 32000, 1024, torch.float32)
     kept = lin.make_kept(2048, torch.empty(32000, 1024, device="meta"), plan)
     assert plan.vocab <= 8192 and 32000 - kept.first * plan.vocab == 10664
+    assert lin._align_to_kept(0, 100, 8, 1, 10, 1) == 10  # no rows: nothing to align (no division by zero)
+    assert lin._align_to_kept(9, 100, 8, 4, 10, 1) == 10  # several row blocks keep nothing
     gen = torch.Generator().manual_seed(7)
     for _ in range(300):
         n, v, h = (int(torch.randint(1, hi, (1,), generator=gen)) for hi in (600, 5000, 300))

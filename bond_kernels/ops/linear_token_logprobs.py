@@ -269,7 +269,7 @@ def _align_to_kept(n, v, h, rows, vocab, multiple):
     may keep: the kept tiles then cover up to H/(N+H) of the vocabulary, not only the whole tiles past it.
     At N = 2048, H = 1024, V = 32000 with 8192-column tiles one tile (7424 columns) was kept; with 7112-column
     tiles 10664 are (the most is 10666).  Only for one row block, the case that keeps anything."""
-    if n > rows:
+    if n > rows or n == 0:
         return vocab
     c_min = (n * v + n + h - 1) // (n + h)
     recomputed = (c_min + vocab - 1) // vocab  # tiles before the boundary
