@@ -30,6 +30,7 @@ Two ways to run (GPU only):
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -52,6 +53,11 @@ PROVIDERS = [
     "cut-cross-entropy (sum)",
     "torch F.linear_cross_entropy chunked (sum)",
     "matmuls only (floor of ours)",
+    # The tile shape, measured (last: a run cut short by its time budget loses these first).  The default
+    # plan is 8192 x 4096 (64 MiB); 2048 columns halve the tile and double the grad_hidden accumulations,
+    # 8192 columns halve those and cost 64 MiB more than the 1.2 GiB target allows.
+    "ours (triton, tile 8192x2048)",
+    "ours (triton, tile 8192x8192)",
 ]
 HEADER = [
     "N",
@@ -123,6 +129,23 @@ def _torch_lce():
     )
 
 
+@contextlib.contextmanager
+def _tile_override(tile):
+    """``BOND_KERNELS_LINEAR_TILE=tile`` inside the block (nothing when ``tile`` is None), restored after."""
+    if tile is None:
+        yield
+        return
+    saved = os.environ.get("BOND_KERNELS_LINEAR_TILE")
+    os.environ["BOND_KERNELS_LINEAR_TILE"] = tile
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["BOND_KERNELS_LINEAR_TILE"]
+        else:
+            os.environ["BOND_KERNELS_LINEAR_TILE"] = saved
+
+
 def build(provider, hid, w, y, up):
     """(step, per_token) where ``step()`` runs forward + backward and ``per_token(h, w, y)`` the log-probs."""
     import bond_kernels as bk
@@ -133,17 +156,22 @@ def build(provider, hid, w, y, up):
         if "recompute=full" in provider:  # the schedule without kept tiles: every tile recomputed
             kw["recompute"] = "full"
         ent = "+entropy" in provider
+        # "tile RxC": the plan's override, set around the forward and the backward (make_plan reads it per
+        # call; with tiles kept, the backward reuses the forward's plan anyway)
+        tile = provider.split("tile ")[1].rstrip(")").replace("x", ",") if "tile " in provider else None
 
         def per_token(h_, w_, y_):
-            out = bk.linear_token_logprobs(h_, w_, y_, backend="triton", return_entropy=ent, **kw)
+            with _tile_override(tile):
+                out = bk.linear_token_logprobs(h_, w_, y_, backend="triton", return_entropy=ent, **kw)
             return out[0] if ent else out
 
         def step():
-            out = bk.linear_token_logprobs(hid, w, y, backend="triton", return_entropy=ent, **kw)
-            if ent:
-                torch.autograd.backward(out, (up, up))
-            else:
-                out.backward(up)
+            with _tile_override(tile):
+                out = bk.linear_token_logprobs(hid, w, y, backend="triton", return_entropy=ent, **kw)
+                if ent:
+                    torch.autograd.backward(out, (up, up))
+                else:
+                    out.backward(up)
 
         return step, per_token
     if provider == "torch eager":
