@@ -839,12 +839,14 @@ def _upstream(lse, ent, grad_logp, grad_ent):
     return grad_logp, grad_ent
 
 
-def _backward(ctx, grad_logp, grad_lse, grad_ent):
+def _gradients(ctx, grad_logp, grad_ent, bwd):
+    """Both autograd paths' backward: ``bwd`` takes the launcher contract's arguments (``need_bias`` already
+    false without a bias) and returns ``(grad_hidden, grad_weight, grad_bias)``."""
     hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
-    temperature, softcap, ignore_index, backend = ctx.config
+    temperature, softcap, ignore_index, _ = ctx.config
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     grad_logp, grad_ent = _upstream(lse, ent, grad_logp, grad_ent)
-    gh, gw, gb = linear_token_logprobs_bwd(
+    gh, gw, gb = bwd(
         hidden,
         weight,
         bias,
@@ -858,14 +860,8 @@ def _backward(ctx, grad_logp, grad_lse, grad_ent):
         ignore_index,
         bool(need_h),
         bool(need_w),
-        bool(need_b),
-        backend,
+        bool(need_b) and bias is not None,
     )
-    return _grads_out(ctx, gh, gw, gb, bias)
-
-
-def _grads_out(ctx, gh, gw, gb, bias):
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
     return (
         gh if need_h else None,
         gw if need_w else None,
@@ -877,6 +873,11 @@ def _grads_out(ctx, gh, gw, gb, bias):
         None,
         None,
     )
+
+
+def _backward(ctx, grad_logp, grad_lse, grad_ent):
+    backend = ctx.config[3]
+    return _gradients(ctx, grad_logp, grad_ent, lambda *args: linear_token_logprobs_bwd(*args, backend))
 
 
 linear_token_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -909,37 +910,15 @@ class KeptLinearTokenLogprobs(torch.autograd.Function):
         logp, lse, ent, kept = fwd(
             hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy, keep=True
         )
-        logp, lse, ent = logp.float(), lse.float(), ent.float()
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
-        ctx.config = (temperature, softcap, ignore_index, backend)
+        out = logp.float(), lse.float(), ent.float()
+        inputs = (hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy, backend)
+        _setup_context(ctx, inputs, out)
         ctx.kept = kept
-        ctx.mark_non_differentiable(lse)
-        return logp, lse, ent
+        return out
 
     @staticmethod
     @once_differentiable  # no grad mode inside: create_graph=True must not record the out= matmuls (as 'full')
     def backward(ctx, grad_logp, grad_lse, grad_ent):
-        hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
-        temperature, softcap, ignore_index, backend = ctx.config
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         kept, ctx.kept = ctx.kept, None
-        grad_logp, grad_ent = _upstream(lse, ent, grad_logp, grad_ent)
-        _, bwd = _launchers(backend)
-        gh, gw, gb = bwd(
-            hidden,
-            weight,
-            bias,
-            labels,
-            lse,
-            ent,
-            grad_logp,
-            grad_ent,
-            temperature,
-            softcap,
-            ignore_index,
-            bool(need_h),
-            bool(need_w),
-            bool(need_b) and bias is not None,
-            kept=kept,
-        )
-        return _grads_out(ctx, gh, gw, gb, bias)
+        _, bwd = _launchers(ctx.config[3])
+        return _gradients(ctx, grad_logp, grad_ent, lambda *args: bwd(*args, kept=kept))
