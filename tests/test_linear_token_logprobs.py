@@ -83,7 +83,8 @@ def test_cpu_matches_reference(lead, h, v, tile, temperature, softcap, bias, mon
 
 
 def test_engine_with_torch_tile_kernels_fp64(monkeypatch):
-    """The engine itself (independent of the C++ kernels): fp64 through the torch tile kernels, to 1e-12."""
+    """The engine itself (independent of the C++ kernels): fp64 through the torch tile kernels, to 1e-12,
+    with and without kept tiles."""
     gen = torch.Generator().manual_seed(5)
     hid, w, b, y = _inputs((29,), 12, 97, torch.float64, bias=True, gen=gen)
     g, ge = (
@@ -92,9 +93,13 @@ def test_engine_with_torch_tile_kernels_fp64(monkeypatch):
     )
     want_lp, want_ent, want = _reference64(hid, w, b, y, g, ge, temperature=1.3, softcap=2.0)
     tk = lin.token_kernels("torch")
-    for rows, vocab in ((29, 97), (4, 10), (7, 1)):
+    # (29, 10): one row block, so the forward keeps tiles 7, 8, 9 (29·(97 − 70) ≤ 70·12) in a Kept buffer
+    kept_first = {(29, 97): None, (4, 10): None, (7, 1): None, (29, 10): 7}
+    for (rows, vocab), first in kept_first.items():
         plan = lin.Plan(rows, vocab, torch.float64)
-        lp, lse, ent = lin.engine_forward(hid, w, b, y, 1.3, 2.0, -100, True, tk, plan)
+        kept = lin.make_kept(29, w, plan)
+        assert (kept and kept.first) == first
+        lp, lse, ent = lin.engine_forward(hid, w, b, y, 1.3, 2.0, -100, True, tk, plan, kept)
         grads = lin.local_backward(
             hid,
             w,
@@ -113,7 +118,10 @@ def test_engine_with_torch_tile_kernels_fp64(monkeypatch):
             need_hidden=True,
             need_weight=True,
             need_bias=True,
+            kept=kept,
         )
+        if kept is not None:
+            assert grads[1].data_ptr() == kept.buf.data_ptr()  # grad_weight IS the buffer
         torch.testing.assert_close(lp, want_lp, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(ent, want_ent, rtol=1e-12, atol=1e-12)
         for a, b_ in zip(grads, want):
@@ -373,46 +381,6 @@ def test_make_kept_declines():
     assert lin.make_kept(8, w, lin.Plan(8, 10, torch.float64)) is None  # tiles in another dtype
     assert lin.make_kept(8, w, lin.Plan(8, 100, torch.float32)) is None  # one tile: it cannot be kept
     assert lin.make_kept(0, w, lin.Plan(8, 10, torch.float32)) is None
-
-
-def test_engine_kept_tiles_fp64():
-    """The engine with a Kept buffer (torch tile kernels, fp64): the same values as the reference to 1e-12,
-    and grad_weight IS the buffer."""
-    gen = torch.Generator().manual_seed(15)
-    hid, w, b, y = _inputs((29,), 12, 97, torch.float64, bias=True, gen=gen)
-    g = torch.randn(29, generator=gen, dtype=torch.float64)
-    ge = torch.randn(29, generator=gen, dtype=torch.float64)
-    want_lp, want_ent, want = _reference64(hid, w, b, y, g, ge, temperature=1.3, softcap=2.0)
-    tk = lin.token_kernels("torch")
-    plan = lin.Plan(29, 10, torch.float64)
-    kept = lin.make_kept(29, w, plan)
-    assert kept is not None and kept.first == 7  # 29·(97 − 70) ≤ 70·12: tiles 7, 8, 9 kept
-    lp, lse, ent = lin.engine_forward(hid, w, b, y, 1.3, 2.0, -100, True, tk, plan, kept)
-    grads = lin.local_backward(
-        hid,
-        w,
-        b,
-        y,
-        lse,
-        ent,
-        g,
-        ge,
-        v_offset=0,
-        temperature=1.3,
-        softcap=2.0,
-        ignore_index=-100,
-        tk=tk,
-        plan=plan,
-        need_hidden=True,
-        need_weight=True,
-        need_bias=True,
-        kept=kept,
-    )
-    assert grads[1].data_ptr() == kept.buf.data_ptr()
-    torch.testing.assert_close(lp, want_lp, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ent, want_ent, rtol=1e-12, atol=1e-12)
-    for a, b_ in zip(grads, want):
-        torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-12)
 
 
 def _count_recomputes(monkeypatch):
