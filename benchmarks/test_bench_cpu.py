@@ -117,17 +117,22 @@ def median_ms(fn, rounds=ROUNDS):
     return statistics.median(times)
 
 
-def paired_ms(fn_a, fn_b, rounds=ROUNDS):
-    """Medians of fn_a and fn_b timed alternately (one warm-up each)."""
-    fn_a()
-    fn_b()
-    ta, tb = [], []
+def round_robin_ms(fns, rounds=ROUNDS):
+    """Median ms of each callable, timed in turn within every round (one warm-up call each first)."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
     for _ in range(rounds):
-        for fn, out in ((fn_a, ta), (fn_b, tb)):
+        for fn, out in zip(fns, times):
             t0 = time.perf_counter()
             fn()
             out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ta), statistics.median(tb)
+    return [statistics.median(t) for t in times]
+
+
+def paired_ms(fn_a, fn_b, rounds=ROUNDS):
+    """Medians of fn_a and fn_b timed alternately (one warm-up each)."""
+    return tuple(round_robin_ms([fn_a, fn_b], rounds))
 
 
 def _status_kb(field):

@@ -21,16 +21,14 @@ Run: ``python benchmarks/test_bench_cpu_linear.py`` (the table of BENCHMARKS.md)
 """
 
 import os
-import statistics
 import sys
-import time
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
-from test_bench_cpu import cpu_model, peak_extra_bytes  # noqa: E402
+from test_bench_cpu import cpu_model, peak_extra_bytes, round_robin_ms  # noqa: E402
 
 import bond_kernels as bk  # noqa: E402
 from bond_kernels import _ext  # noqa: E402
@@ -89,19 +87,6 @@ def make(provider, h, w, y, g):
         return hh.grad, ww.grad
 
     return step
-
-
-def round_robin_ms(fns, rounds=ROUNDS):
-    """Median ms of each callable, timed in turn within every round (one warm-up call each first)."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, out in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
 
 
 def _available(providers, args):
