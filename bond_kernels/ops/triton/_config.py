@@ -11,22 +11,39 @@ capture and in the interpreter (which cannot time kernels).
 import contextlib
 import os
 
+import torch
 import triton
 
-# Per-iteration block cap of the streaming sweeps (forward, backward, the two-sweep gradient-in-forward).
-# 4096 columns at 8 warps is 16 values per thread: the fp32 copy of the block plus the two per-lane
-# accumulators of the online log-sum-exp (running sum, entropy term).  ptxas (triton 3.6 and 3.9, sm_90)
-# gives these kernels 53-80 registers per thread and no spills, i.e. 3-4 programs (24-32 warps) per SM,
-# each with 8 KB (bf16) of loads in flight per iteration.  Larger blocks add registers and cut the
-# programs per SM.  Timings of the alternatives are owed (benchmarks: --sweep; BENCHMARKS.md, GPU section).
+# Per-iteration block cap of the streaming sweeps (forward, backward).  4096 columns at 8 warps is 16 values
+# per thread: the fp32 copy of the block plus the per-lane accumulators of the online log-sum-exp.  At the
+# benchmark shapes the forward takes 58-64 registers (80 with the entropy): 3-4 programs, 24-32 warps per
+# SM; the backward 34-48: 5-6 programs.  Every figure here is from BENCHMARKS.md "Compile budget" (triton
+# 3.9, sm_90, benchmarks/compile_budget.py through the launchers, so with the alignment hints real launches
+# get; CI fails on any spill).  Timings of the alternatives are owed (gpu_check.sh sweep).
 MAX_BLOCK = 4096
 
+# Depth of the software pipeline of every streaming loop (``tl.range(num_stages=...)``, lowered to cp.async
+# by triton 3.6 and 3.9): NUM_STAGES − 1 blocks are being copied into shared memory while one is reduced.
+# At 3 stages a 4096-column bf16 sweep has 16 KB in flight per program (shared memory 16 KB per program,
+# 4 programs per SM: 64 KB), against the ~25 KB per SM that 4.8 TB/s at ~0.7 us latency over 132 SMs needs.
+NUM_STAGES = 3
+
 # Largest row the gradient-in-forward kernel keeps whole in registers (one read of the logits instead of
-# two sweeps).  16384 columns at 16 warps is 32 fp32 values per thread: ptxas gives 113-128 registers and
-# no spills (one program per SM).  A longer row would spill to local memory, which costs more than the
-# second sweep it saves.
+# two sweeps).  16384 columns at 16 warps is 32 fp32 values per thread: 86-112 registers, one program
+# (16 warps) per SM, no spills.  A longer row would spill to local memory, which costs more than the second sweep.
 SINGLE_PASS_MAX = 16384
 
+# Block and pipeline depth of the two-sweep gradient-in-forward.  Its grid is bounded (two_sweep_programs),
+# often to about one program per SM, so each program needs more bytes in flight than a streaming sweep:
+# 4096 columns at 8 warps with 5 stages keeps 4 blocks ahead, 32 KB of bf16 per program (99-112 registers,
+# up to 2 programs per SM).  8192 columns at 16 warps reached the 128-register cap of 16-warp programs with
+# a softcap on triton 3.6 (an 8-byte spill).
+TWO_SWEEP_BLOCK = 4096
+TWO_SWEEP_STAGES = 5
+
+# Share of L2 the rows in flight of the two-sweep kernel may occupy, so that its second read of a row hits
+# L2 (a 128256-column bf16 row is 250 KB: 132 SMs × 4 programs would be 132 MB of rows, over a 50 MB L2).
+TWO_SWEEP_L2_SHARE = 0.5
 
 # Options every launch passes.  FP fusion (fused multiply-add) stays on explicitly: it is what every
 # accuracy and speed figure here was taken with, triton 3.9 warns on each compile when the option is left
@@ -39,15 +56,25 @@ def autotune_enabled() -> bool:
     return os.environ.get("BOND_KERNELS_AUTOTUNE", "0") == "1"
 
 
+def fast_tanh(device) -> bool:
+    """Whether softcap's tanh is the one-instruction ``tanh.approx.f32`` (CUDA only, opt-in with
+    ``BOND_KERNELS_FAST_TANH=1``).  Off by default: its relative error, about 2^-11 by the PTX manual, is
+    |softcap|·2^-11 in the capped logit (0.015 at softcap = 30, 150× the 1e-4 accuracy target), against ~1e-7
+    of the exp2 formula, which costs three special-function instructions per element instead of one."""
+    return getattr(device, "type", None) == "cuda" and os.environ.get("BOND_KERNELS_FAST_TANH", "0") == "1"
+
+
 # Set only by ``forced()`` (the benchmarks' launch-configuration sweep); empty in normal use.
 _FORCED = {}
 
 
 @contextlib.contextmanager
-def forced(block=None, warps=None):
-    """Within the block, streaming sweeps launch with this BLOCK / num_warps (benchmark sweeps only)."""
+def forced(block=None, warps=None, stages=None, programs=None):
+    """Within the block, streaming sweeps launch with this BLOCK / num_warps / NUM_STAGES, and the two-sweep
+    kernel with this many programs (benchmark sweeps only)."""
     saved = dict(_FORCED)
-    _FORCED.update({k: v for k, v in (("block", block), ("warps", warps)) if v is not None})
+    given = (("block", block), ("warps", warps), ("stages", stages), ("programs", programs))
+    _FORCED.update({k: v for k, v in given if v is not None})
     try:
         yield
     finally:
@@ -57,7 +84,7 @@ def forced(block=None, warps=None):
 
 def block_size(n_cols: int, cap: int = MAX_BLOCK) -> int:
     """Next power of two of ``n_cols`` capped at ``cap`` (register pressure, see ``MAX_BLOCK``); at least 16."""
-    if "block" in _FORCED and cap == MAX_BLOCK:
+    if "block" in _FORCED and cap in (MAX_BLOCK, TWO_SWEEP_BLOCK):
         return _FORCED["block"]
     return max(16, min(triton.next_power_of_2(max(int(n_cols), 1)), cap))
 
@@ -71,6 +98,34 @@ def num_warps(block: int) -> int:
     if block <= 4096:
         return 8
     return 16
+
+
+def num_stages(two_sweep: bool = False) -> int:
+    """Software-pipeline depth of the streaming loops (``NUM_STAGES``; ``TWO_SWEEP_STAGES`` for that kernel)."""
+    return _FORCED.get("stages", TWO_SWEEP_STAGES if two_sweep else NUM_STAGES)
+
+
+_DEVICE_PROPS = {}
+
+
+def _props(device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_PROPS:
+        _DEVICE_PROPS[index] = torch.cuda.get_device_properties(index)
+    return _DEVICE_PROPS[index]
+
+
+def two_sweep_programs(n_rows: int, row_bytes: int, device) -> int:
+    """Programs of the persistent two-sweep kernel: as many rows in flight as fit in ``TWO_SWEEP_L2_SHARE`` of
+    L2, but at least half the SMs (fewer cannot pull the card's bandwidth) and at most one per row.  On CPU
+    (the interpreter) 3, so that the tests run several rows per program with an uneven split."""
+    if "programs" in _FORCED:
+        return max(1, min(n_rows, _FORCED["programs"]))
+    if getattr(device, "type", None) != "cuda":
+        return max(1, min(n_rows, 3))
+    props = _props(device)
+    rows = int(props.L2_cache_size * TWO_SWEEP_L2_SHARE) // max(int(row_bytes), 1)
+    return max(1, min(n_rows, max(rows, props.multi_processor_count // 2)))
 
 
 def single_pass(n_cols: int) -> bool:

@@ -36,12 +36,11 @@ from . import _config
 # rejects plain Python globals inside @triton.jit (the interpreter does not).
 _M_INIT = tl.constexpr(-1.0e30)
 
-# Block caps, from ptxas resource usage of these kernels (triton 3.9, sm_90, bf16, compiled here without a
-# GPU; timings are owed, see BENCHMARKS.md).  The forward holds a block of both rows plus four per-lane
-# accumulators: 2048 columns at 8 warps take 79 registers (3 resident programs, 24 warps per SM), while 4096
-# at 8 warps take 148 (one program, 8 warps: too few loads in flight for a streaming kernel) and 4096 at 16
-# warps 82 (one program of 16 warps).  The backward keeps no accumulators: 4096 at 8 warps take 64 registers
-# (4 programs, 32 warps per SM).  No configuration spills.
+# Block caps.  The forward holds a block of both rows plus four per-lane accumulators: at 2048 columns and
+# 8 warps it takes 79-80 registers (3 programs, 24 warps per SM, 48 KB of bf16 in flight with the 3-stage
+# pipeline); the backward keeps no accumulators: 4096 at 8 warps takes 36 (bf16) to 60 (fp32) registers,
+# 3-6 programs per SM.  No variant spills.  Figures: BENCHMARKS.md "Compile budget" (through the launchers,
+# with their alignment hints), checked in CI; timings of wider blocks are owed (gpu_check.sh sweep).
 FWD_MAX_BLOCK = 2048
 BWD_MAX_BLOCK = 4096
 
@@ -72,6 +71,7 @@ def _token_jeffreys_fwd_kernel(
     # constexpr
     HAS_IGNORE: tl.constexpr,
     BLOCK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row·stride overflows int32 at 16384 × 256000
     p_row = policy_ptr + row * stride_p
@@ -90,7 +90,7 @@ def _token_jeffreys_fwd_kernel(
     s_q = tl.zeros((BLOCK,), tl.float32)  # Σ e^{a − m_q}
     c_p = tl.zeros((BLOCK,), tl.float32)  # Σ e^{z − m_p}·(z − a)
     c_q = tl.zeros((BLOCK,), tl.float32)  # Σ e^{a − m_q}·(a − z)
-    for start in range(0, V, BLOCK):
+    for start in tl.range(0, V, BLOCK, num_stages=NUM_STAGES):
         offs = start + cols
         valid = offs < limit
         z = tl.load(p_row + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
@@ -147,6 +147,7 @@ def _token_jeffreys_bwd_kernel(
     # constexpr
     HAS_IGNORE: tl.constexpr,
     BLOCK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     p_row = policy_ptr + row * stride_p
@@ -165,7 +166,7 @@ def _token_jeffreys_bwd_kernel(
     w_d = g * (1.0 - beta)
     limit = tl.where(keep, V, 0)
     cols = tl.arange(0, BLOCK)
-    for start in range(0, V, BLOCK):
+    for start in tl.range(0, V, BLOCK, num_stages=NUM_STAGES):
         offs = start + cols
         in_row = offs < V
         valid = offs < limit
@@ -211,6 +212,7 @@ def token_jeffreys_fwd(policy, anchor, beta, temperature, ignore_mask):
         1.0 / float(temperature),
         HAS_IGNORE=has_ignore,
         BLOCK=block,
+        NUM_STAGES=_config.num_stages(),
         num_warps=warps,
         **_config.LAUNCH_OPTIONS,
     )
@@ -243,6 +245,7 @@ def token_jeffreys_bwd(policy, anchor, lse_p, lse_q, kl_pq, grad_div, beta, temp
         1.0 / float(temperature),
         HAS_IGNORE=has_ignore,
         BLOCK=block,
+        NUM_STAGES=_config.num_stages(),
         num_warps=warps,
         **_config.LAUNCH_OPTIONS,
     )

@@ -19,9 +19,16 @@ Memory traffic per row of ``V`` elements of ``b`` bytes (what the benchmarks div
     most ``_config.SINGLE_PASS_MAX`` columns are held whole in registers: one read and one write
     (``2·b·V``).  Longer rows take two sweeps in the same program, the first computing ``lse``, the second
     reading the row again and writing the gradient: ``3·b·V`` bytes requested, of which the second read is
-    served from L2 only while the rows in flight fit in it (at V = 128256 bf16 a row is 250 KB, so a few
-    hundred concurrent programs exceed a 50 MB L2).  Liger's in-place cross-entropy makes the same two
-    sweeps per row.
+    served from L2 only while the rows in flight fit in it (at V = 128256 bf16 a row is 250 KB, so the
+    ~500 programs an unbounded grid keeps resident would need 130 MB).  That kernel is therefore
+    persistent, with its grid bounded by ``_config.two_sweep_programs``, and hints the first read
+    evict-last (triton 3.9 keeps the hint on cp.async; 3.6 drops it there).  Liger's in-place
+    cross-entropy makes the same two sweeps per row, unbounded.
+
+Pipelining: each streaming loop runs over the whole blocks without a mask and is software-pipelined with
+``tl.range(num_stages=_config.NUM_STAGES)``, which triton 3.6 and 3.9 lower to cp.async (``LDGSTS`` in the
+SASS; ``benchmarks/compile_budget.py`` fails if a streaming kernel loses it); one masked block takes the
+ragged tail.  The label compare is 32-bit against a block-relative scalar.
 
 Indexing: row ``r = b·T + t`` of a (B, T, V) view starts at ``b·stride_b + t·stride_t`` (a 2-D (N, V) input is
 B = N, T = 1), so ``logits[:, :-1]`` is read in place.  Offsets are int64: 16384 × 262144 elements overflow
@@ -46,10 +53,45 @@ _M_INIT = tl.constexpr(-1.0e30)  # a constexpr: jit code may only read constexpr
 # helpers
 # --------------------------------------------------------------------------------------------------------
 @triton.jit
-def _tanh(y):
-    # tanh without libdevice (the interpreter cannot run it): 1 − 2/(e^{2y} + 1).  e^{2y} overflows to +inf
-    # for y > 44 and gives exactly 1; y = −inf gives exactly −1; absolute error ~1e-7 near 0.
-    return 1.0 - 2.0 / (tl.exp2(y * 2.8853900817779268) + 1.0)
+def _tanh(y, FAST: tl.constexpr):
+    if FAST:
+        # One MUFU.TANH instruction (sm_75+), opt-in on CUDA (``_config.fast_tanh``).  The PTX manual gives a
+        # maximum relative error of about 2^-11: |softcap|·2^-11 in the capped logit, 0.015 at softcap = 30
+        # (tests/test_gpu_token_logprobs.py measures it against fp64).  The formula below costs three
+        # special-function instructions per element (exp2, and the reciprocal inside the division).
+        return tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=f,f", [y], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        # Without libdevice (the interpreter cannot run it): 1 − 2/(e^{2y} + 1).  e^{2y} overflows to +inf
+        # for y > 44 and gives exactly 1; y = −inf gives exactly −1; absolute error ~1e-7 near 0.
+        return 1.0 - 2.0 / (tl.exp2(y * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr):
+    # Loaded logits → (u, t): u = z·log2(e) with z = softcap·tanh(x/softcap)/T, and t = tanh(x/softcap)
+    # (the softcap's derivative is 1 − t²; without a softcap t is unused and compiled away).
+    x = x.to(tl.float32)
+    t = x
+    if HAS_SOFTCAP:
+        t = _tanh(x * inv_softcap, FAST_TANH)
+        x = softcap * t
+    return x * scale, t
+
+
+@triton.jit
+def _lse_step(u, m, s, a, RETURN_ENTROPY: tl.constexpr):
+    # One block of the online log-sum-exp in base 2 (u = −inf where masked): scalar running max m (one block
+    # reduction), per-lane running sums s, and for the entropy a_v = Σ e·(u − m), rescaled like s.
+    m_new = tl.maximum(m, tl.max(u, 0))
+    alpha = tl.exp2(m - m_new)
+    d = u - m_new
+    e = tl.exp2(d)
+    if RETURN_ENTROPY:
+        a = alpha * (a + (m - m_new) * s) + tl.where(e > 0.0, e * d, 0.0)
+    s = s * alpha + e
+    return m_new, s, a
 
 
 @triton.jit
@@ -64,8 +106,8 @@ def _row_start(row, T, stride_b, stride_t):
 def _grad_block(
     u,
     t_cap,
-    cols,
-    label,
+    offs,
+    label_rel,
     g,
     g_ent,
     ent,
@@ -74,10 +116,12 @@ def _grad_block(
     HAS_SOFTCAP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
 ):
-    # d(g·logp + g_H·H)/dx for one block; u = z·log2(e) (−inf where masked), lse2 = lse·log2(e).
+    # d(g·logp + g_H·H)/dx for one block; u = z·log2(e) (−inf where masked), lse2 = lse·log2(e).  The label
+    # compare is 32-bit and block-relative: offs (int32 lane index) against label − block start, a scalar
+    # (a 64-bit compare per element was a quarter of the loop's instructions).
     d = u - lse2  # log2 p
     p = tl.exp2(d)
-    dz = tl.where(cols == label, g, 0.0) - g * p
+    dz = tl.where(offs == label_rel, g, 0.0) - g * p
     if HAS_GRAD_ENTROPY:
         # p·(log p + H) → 0 where p = 0 (−inf logits): avoid 0·(−inf).
         dz -= g_ent * tl.where(p > 0.0, p * (d * 0.6931471805599453 + ent), 0.0)
@@ -89,6 +133,11 @@ def _grad_block(
 
 # --------------------------------------------------------------------------------------------------------
 # kernels
+#
+# Every sweep is split into the whole blocks (v_full = V − V mod BLOCK columns, loaded without a mask:
+# no per-element compare or select) and one masked tail block.  The whole-block loop is software-pipelined
+# (``tl.range(num_stages=NUM_STAGES)``: cp.async copies of the next NUM_STAGES − 1 blocks are in flight
+# while one block is reduced), so the block reductions' barriers no longer stall the loads.
 # --------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T", "ignore_index"])
 def _token_logprobs_fwd_kernel(
@@ -111,8 +160,10 @@ def _token_logprobs_fwd_kernel(
     ignore_index,
     # constexpr
     HAS_SOFTCAP: tl.constexpr,
+    FAST_TANH: tl.constexpr,
     RETURN_ENTROPY: tl.constexpr,
     BLOCK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row·stride reaches 16384 × 262144 > 2^31
     label = tl.load(labels_ptr + row).to(tl.int64)
@@ -124,42 +175,46 @@ def _token_logprobs_fwd_kernel(
         return
     row_ptr = logits_ptr + _row_start(row, T, stride_b, stride_t)
     offs = tl.arange(0, BLOCK)
+    v_full = V - V % BLOCK
 
-    # Online log-sum-exp in base 2: scalar running max m (one block reduction per iteration), per-lane
-    # running sums s (reduced once at the end), and for the entropy a_v = Σ e·(u − m), rescaled like s.
     m = tl.full((), _M_INIT, tl.float32)
     s = tl.zeros([BLOCK], dtype=tl.float32)
     a = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, V, BLOCK):
-        cols = start + offs
+    for start in tl.range(0, v_full, BLOCK, num_stages=NUM_STAGES):
+        x = tl.load(row_ptr + start + offs)
+        u, t = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+        m, s, a = _lse_step(u, m, s, a, RETURN_ENTROPY)
+    if v_full < V:
+        cols = v_full + offs
         mask = cols < V
-        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            x = softcap * _tanh(x * inv_softcap)
-        u = tl.where(mask, x * scale, float("-inf"))  # mask after the softcap: tanh(0) is not −inf
-        m_new = tl.maximum(m, tl.max(u, 0))
-        alpha = tl.exp2(m - m_new)
-        d = u - m_new
-        e = tl.exp2(d)
-        if RETURN_ENTROPY:
-            a = alpha * (a + (m - m_new) * s) + tl.where(e > 0.0, e * d, 0.0)
-        s = s * alpha + e
-        m = m_new
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0)
+        u, t = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+        u = tl.where(mask, u, float("-inf"))  # mask after the softcap: tanh(0) is not −inf
+        m, s, a = _lse_step(u, m, s, a, RETURN_ENTROPY)
     s_tot = tl.sum(s, 0)
     log2_s = tl.log2(s_tot)
     lse2 = m + log2_s
 
     # Label gather: one scalar load, transformed exactly like the sweep.  Out of range → NaN (no host sync).
     in_range = (label >= 0) & (label < V)
-    x_y = tl.load(row_ptr + tl.where(in_range, label, 0)).to(tl.float32)
-    if HAS_SOFTCAP:
-        x_y = softcap * _tanh(x_y * inv_softcap)
-    logp = tl.where(in_range, (x_y * scale - lse2) * 0.6931471805599453, float("nan"))
+    x_y = tl.load(row_ptr + tl.where(in_range, label, 0))
+    u_y, t_y = _transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+    logp = tl.where(in_range, (u_y - lse2) * 0.6931471805599453, float("nan"))
     tl.store(logp_ptr + row, logp)
     tl.store(lse_ptr + row, lse2 * 0.6931471805599453)
     if RETURN_ENTROPY:
         # H = lse − E[z] = ln2·(log2 s − Σa/s): relative to the max, so no cancellation of large logits.
         tl.store(ent_ptr + row, (log2_s - tl.sum(a, 0) / s_tot) * 0.6931471805599453)
+
+
+@triton.jit
+def _zero_row(grad_row, V, BLOCK: tl.constexpr):
+    # An ignored row's gradient: zeros, without reading the logits.
+    offs = tl.arange(0, BLOCK)
+    zero = tl.zeros([BLOCK], dtype=grad_row.dtype.element_ty)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        tl.store(grad_row + cols, zero, mask=cols < V)
 
 
 @triton.jit(do_not_specialize=["T", "ignore_index"])
@@ -188,40 +243,47 @@ def _token_logprobs_bwd_kernel(
     ignore_index,
     # constexpr
     HAS_SOFTCAP: tl.constexpr,
+    FAST_TANH: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
     BLOCK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row·stride reaches 16384 × 262144 > 2^31
     label = tl.load(labels_ptr + row).to(tl.int64)
     grad_row = grad_ptr + _row_start(row, T, grad_stride_b, grad_stride_t)
-    offs = tl.arange(0, BLOCK)
     if label == ignore_index:  # zero gradient, no read of the logits
-        zero = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
-        for start in range(0, V, BLOCK):
-            cols = start + offs
-            tl.store(grad_row + cols, zero, mask=cols < V)
+        _zero_row(grad_row, V, BLOCK)
         return
     row_ptr = logits_ptr + _row_start(row, T, stride_b, stride_t)
+    offs = tl.arange(0, BLOCK)
+    v_full = V - V % BLOCK
     in_range = (label >= 0) & (label < V)
     g = tl.where(in_range, tl.load(grad_logp_ptr + row), float("nan"))  # bad label → NaN row
+    label32 = tl.where(in_range, label, -1).to(tl.int32)  # V < 2^31: the in-range label fits
     lse2 = tl.load(lse_ptr + row) * 1.4426950408889634
     g_ent = 0.0
     ent = 0.0
     if HAS_GRAD_ENTROPY:
         g_ent = tl.load(grad_ent_ptr + row)
         ent = tl.load(ent_ptr + row)
-    # In place (grad_ptr == logits_ptr, same strides) is safe: each block is read before it is written
-    # and no other program touches this row.
-    for start in range(0, V, BLOCK):
-        cols = start + offs
+    # In place (grad_ptr == logits_ptr, same strides) is safe: each block is read before it is written, the
+    # blocks in flight ahead of it are other columns, and no other program touches this row.
+    for start in tl.range(0, v_full, BLOCK, num_stages=NUM_STAGES):
+        x = tl.load(row_ptr + start + offs)
+        u, t_cap = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+        dx = _grad_block(
+            u, t_cap, offs, label32 - start, g, g_ent, ent, lse2, inv_temp, HAS_SOFTCAP, HAS_GRAD_ENTROPY
+        )
+        tl.store(grad_row + start + offs, dx.to(grad_ptr.dtype.element_ty))
+    if v_full < V:
+        cols = v_full + offs
         mask = cols < V
-        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        t_cap = x
-        if HAS_SOFTCAP:
-            t_cap = _tanh(x * inv_softcap)
-            x = softcap * t_cap
-        u = tl.where(mask, x * scale, float("-inf"))
-        dx = _grad_block(u, t_cap, cols, label, g, g_ent, ent, lse2, inv_temp, HAS_SOFTCAP, HAS_GRAD_ENTROPY)
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0)
+        u, t_cap = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+        u = tl.where(mask, u, float("-inf"))
+        dx = _grad_block(
+            u, t_cap, offs, label32 - v_full, g, g_ent, ent, lse2, inv_temp, HAS_SOFTCAP, HAS_GRAD_ENTROPY
+        )
         tl.store(grad_row + cols, dx.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -249,91 +311,163 @@ def _token_logprobs_fwd_bwd_kernel(
     ignore_index,
     # constexpr
     HAS_SOFTCAP: tl.constexpr,
-    SINGLE_PASS: tl.constexpr,
+    FAST_TANH: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # Gradient in the forward for rows of V ≤ BLOCK ≤ _config.SINGLE_PASS_MAX: the whole row lives in
+    # registers, one read and one write.
     row = tl.program_id(0).to(tl.int64)  # int64: row·stride reaches 16384 × 262144 > 2^31
     label = tl.load(labels_ptr + row).to(tl.int64)
     grad_row = grad_ptr + _row_start(row, T, grad_stride_b, grad_stride_t)
-    offs = tl.arange(0, BLOCK)
     if label == ignore_index:
         tl.store(logp_ptr + row, 0.0)
-        zero = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
-        for start in range(0, V, BLOCK):
-            cols = start + offs
-            tl.store(grad_row + cols, zero, mask=cols < V)
+        _zero_row(grad_row, V, BLOCK)
         return
     row_ptr = logits_ptr + _row_start(row, T, stride_b, stride_t)
+    offs = tl.arange(0, BLOCK)
     in_range = (label >= 0) & (label < V)
     g = tl.where(in_range, tl.load(grad_logp_ptr + row), float("nan"))  # bad label → NaN row
-    # The label logit first: in place, the sweep below overwrites it.
-    x_y = tl.load(row_ptr + tl.where(in_range, label, 0)).to(tl.float32)
-    if HAS_SOFTCAP:
-        x_y = softcap * _tanh(x_y * inv_softcap)
+    label32 = tl.where(in_range, label, -1).to(tl.int32)
+    # The label logit first: in place, the store below overwrites it.
+    u_y, t_y = _transform(
+        tl.load(row_ptr + tl.where(in_range, label, 0)), scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH
+    )
+    mask = offs < V
+    x = tl.load(row_ptr + offs, mask=mask, other=0.0)
+    u, t_cap = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+    u = tl.where(mask, u, float("-inf"))
+    m = tl.max(u, 0)
+    lse2 = m + tl.log2(tl.sum(tl.exp2(u - m), 0))
+    dx = _grad_block(u, t_cap, offs, label32, g, 0.0, 0.0, lse2, inv_temp, HAS_SOFTCAP, False)
+    tl.store(grad_row + offs, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+    tl.store(logp_ptr + row, tl.where(in_range, (u_y - lse2) * 0.6931471805599453, float("nan")))
 
-    if SINGLE_PASS:
-        # The whole row (BLOCK ≥ V) lives in registers: one read, one write.
-        mask = offs < V
-        x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        t_cap = x
-        if HAS_SOFTCAP:
-            t_cap = _tanh(x * inv_softcap)
-            x = softcap * t_cap
-        u = tl.where(mask, x * scale, float("-inf"))
-        m = tl.max(u, 0)
-        lse2 = m + tl.log2(tl.sum(tl.exp2(u - m), 0))
-        dx = _grad_block(u, t_cap, offs, label, g, 0.0, 0.0, lse2, inv_temp, HAS_SOFTCAP, False)
-        tl.store(grad_row + offs, dx.to(grad_ptr.dtype.element_ty), mask=mask)
-    else:
-        # Sweep 1: online log-sum-exp (as the forward kernel, without the entropy).
-        m = tl.full((), _M_INIT, tl.float32)
-        s = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, V, BLOCK):
-            cols = start + offs
-            mask = cols < V
-            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                x = softcap * _tanh(x * inv_softcap)
-            u = tl.where(mask, x * scale, float("-inf"))
-            m_new = tl.maximum(m, tl.max(u, 0))
-            s = s * tl.exp2(m - m_new) + tl.exp2(u - m_new)
-            m = m_new
-        lse2 = m + tl.log2(tl.sum(s, 0))
-        # Sweep 2: read the row again (from L2 while it is still there) and write the gradient.
-        for start in range(0, V, BLOCK):
-            cols = start + offs
-            mask = cols < V
-            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            t_cap = x
-            if HAS_SOFTCAP:
-                t_cap = _tanh(x * inv_softcap)
-                x = softcap * t_cap
-            u = tl.where(mask, x * scale, float("-inf"))
-            dx = _grad_block(u, t_cap, cols, label, g, 0.0, 0.0, lse2, inv_temp, HAS_SOFTCAP, False)
-            tl.store(grad_row + cols, dx.to(grad_ptr.dtype.element_ty), mask=mask)
-    logp = tl.where(in_range, (x_y * scale - lse2) * 0.6931471805599453, float("nan"))
-    tl.store(logp_ptr + row, logp)
+
+@triton.jit(do_not_specialize=["N", "T", "ignore_index"])
+def _token_logprobs_fwd_bwd_two_sweep_kernel(
+    # pointers
+    logits_ptr,
+    labels_ptr,
+    grad_logp_ptr,
+    logp_ptr,
+    grad_ptr,
+    # sizes
+    N,
+    T,
+    V,
+    # strides (elements)
+    stride_b,
+    stride_t,
+    grad_stride_b,
+    grad_stride_t,
+    # scalars
+    scale,
+    inv_temp,
+    softcap,
+    inv_softcap,
+    ignore_index,
+    # constexpr
+    HAS_SOFTCAP: tl.constexpr,
+    FAST_TANH: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    # Gradient in the forward for rows longer than _config.SINGLE_PASS_MAX: per row, sweep 1 computes the
+    # log-sum-exp, sweep 2 reads the row again and writes the gradient.  The second read is served by L2
+    # only while every row in flight stays there, so the grid is persistent and bounded
+    # (_config.two_sweep_programs: rows in flight × row bytes ≤ a share of L2); sweep 1 marks its lines
+    # evict-last, sweep 2 and the gradient stores evict-first, so the gradient does not push the rows out.
+    offs = tl.arange(0, BLOCK)
+    v_full = V - V % BLOCK
+    for r in range(tl.program_id(0), N, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)  # int64: row·stride reaches 16384 × 262144 > 2^31 (r may be a Python int)
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        grad_row = grad_ptr + _row_start(row, T, grad_stride_b, grad_stride_t)
+        if label == ignore_index:
+            tl.store(logp_ptr + row, 0.0)
+            _zero_row(grad_row, V, BLOCK)
+        else:
+            row_ptr = logits_ptr + _row_start(row, T, stride_b, stride_t)
+            in_range = (label >= 0) & (label < V)
+            g = tl.where(in_range, tl.load(grad_logp_ptr + row), float("nan"))  # bad label → NaN row
+            label32 = tl.where(in_range, label, -1).to(tl.int32)
+            # The label logit first: in place, sweep 2 overwrites it.
+            u_y, t_y = _transform(
+                tl.load(row_ptr + tl.where(in_range, label, 0)),
+                scale,
+                softcap,
+                inv_softcap,
+                HAS_SOFTCAP,
+                FAST_TANH,
+            )
+            # Sweep 1: online log-sum-exp (as the forward kernel, without the entropy).
+            m = tl.full((), _M_INIT, tl.float32)
+            s = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in tl.range(0, v_full, BLOCK, num_stages=NUM_STAGES):
+                x = tl.load(row_ptr + start + offs, eviction_policy="evict_last")
+                u, t = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+                m, s, unused = _lse_step(u, m, s, s, False)
+            if v_full < V:
+                cols = v_full + offs
+                mask = cols < V
+                x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last")
+                u, t = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+                u = tl.where(mask, u, float("-inf"))
+                m, s, unused = _lse_step(u, m, s, s, False)
+            lse2 = m + tl.log2(tl.sum(s, 0))
+            # Sweep 2: read the row again (from L2) and write the gradient.
+            for start in tl.range(0, v_full, BLOCK, num_stages=NUM_STAGES):
+                x = tl.load(row_ptr + start + offs, eviction_policy="evict_first")
+                u, t_cap = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+                dx = _grad_block(
+                    u, t_cap, offs, label32 - start, g, 0.0, 0.0, lse2, inv_temp, HAS_SOFTCAP, False
+                )
+                tl.store(
+                    grad_row + start + offs, dx.to(grad_ptr.dtype.element_ty), eviction_policy="evict_first"
+                )
+            if v_full < V:
+                cols = v_full + offs
+                mask = cols < V
+                x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_first")
+                u, t_cap = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+                u = tl.where(mask, u, float("-inf"))
+                dx = _grad_block(
+                    u, t_cap, offs, label32 - v_full, g, 0.0, 0.0, lse2, inv_temp, HAS_SOFTCAP, False
+                )
+                tl.store(
+                    grad_row + cols,
+                    dx.to(grad_ptr.dtype.element_ty),
+                    mask=mask,
+                    eviction_policy="evict_first",
+                )
+            tl.store(logp_ptr + row, tl.where(in_range, (u_y - lse2) * 0.6931471805599453, float("nan")))
 
 
 # Reproducible by default; BOND_KERNELS_AUTOTUNE=1 tunes BLOCK × warps per V (restoring buffers the
 # in-place variants overwrite, so tuning never corrupts the logits).
 if _config.autotune_enabled():
-    _FWD = triton.autotune(_config.streaming_configs(), key=["V", "HAS_SOFTCAP", "RETURN_ENTROPY"])(
-        _token_logprobs_fwd_kernel
-    )
+    _FWD = triton.autotune(
+        _config.streaming_configs(), key=["V", "HAS_SOFTCAP", "RETURN_ENTROPY", "NUM_STAGES"]
+    )(_token_logprobs_fwd_kernel)
     _BWD = triton.autotune(
-        _config.streaming_configs(), key=["V", "HAS_SOFTCAP", "HAS_GRAD_ENTROPY"], restore_value=["grad_ptr"]
+        _config.streaming_configs(),
+        key=["V", "HAS_SOFTCAP", "HAS_GRAD_ENTROPY", "NUM_STAGES"],
+        restore_value=["grad_ptr"],
     )(_token_logprobs_bwd_kernel)
     _FWD_BWD = triton.autotune(
-        _config.warp_configs(),
-        key=["V", "HAS_SOFTCAP", "SINGLE_PASS", "BLOCK"],
-        restore_value=["logits_ptr", "grad_ptr"],
+        _config.warp_configs(), key=["V", "HAS_SOFTCAP", "BLOCK"], restore_value=["logits_ptr", "grad_ptr"]
     )(_token_logprobs_fwd_bwd_kernel)
+    _FWD_BWD_2 = triton.autotune(
+        _config.warp_configs(),
+        key=["V", "HAS_SOFTCAP", "BLOCK", "NUM_STAGES"],
+        restore_value=["logits_ptr", "grad_ptr"],
+    )(_token_logprobs_fwd_bwd_two_sweep_kernel)
 else:
-    _FWD, _BWD, _FWD_BWD = (
+    _FWD, _BWD, _FWD_BWD, _FWD_BWD_2 = (
         _token_logprobs_fwd_kernel,
         _token_logprobs_bwd_kernel,
         _token_logprobs_fwd_bwd_kernel,
+        _token_logprobs_fwd_bwd_two_sweep_kernel,
     )
 
 
@@ -385,25 +519,29 @@ def _grad_strides(grad: torch.Tensor):
     return (grad.stride(0), 0) if grad.dim() == 2 else (grad.stride(0), grad.stride(1))
 
 
-def _scalars(temperature: float, softcap: float):
+def _scalars(temperature: float, softcap: float, device: torch.device) -> dict:
+    """The scalar kernel arguments and the softcap's constexprs, by keyword."""
     temperature = float(temperature)
     softcap = float(softcap or 0.0)
     has_softcap = softcap != 0.0
-    return (
-        _LOG2E / temperature,
-        1.0 / temperature,
-        softcap,
-        (1.0 / softcap if has_softcap else 0.0),
-        has_softcap,
+    return dict(
+        scale=_LOG2E / temperature,
+        inv_temp=1.0 / temperature,
+        softcap=softcap,
+        inv_softcap=(1.0 / softcap if has_softcap else 0.0),
+        HAS_SOFTCAP=has_softcap,
+        # only with a softcap: without one the flag would compile a second, identical variant
+        FAST_TANH=has_softcap and _config.fast_tanh(device),
     )
 
 
 def _meta(v: int, tuned_block: bool):
-    """Launch keywords: none under autotuning (the tuner picks them), else the named helpers' choice."""
+    """Launch keywords: the pipeline depth, and BLOCK / num_warps unless the autotuner picks them."""
+    meta = {"NUM_STAGES": _config.num_stages()}
     if _config.autotune_enabled() and tuned_block:
-        return {}
+        return meta
     block = _config.block_size(v)
-    return {"BLOCK": block, "num_warps": _config.num_warps(block)}
+    return {**meta, "BLOCK": block, "num_warps": _config.num_warps(block)}
 
 
 def token_logprobs_fwd(logits, labels, temperature, softcap, ignore_index, return_entropy):
@@ -415,7 +553,8 @@ def token_logprobs_fwd(logits, labels, temperature, softcap, ignore_index, retur
     ent = torch.empty(n if return_entropy else 0, **f32)
     if n == 0:
         return logp, lse, ent
-    scale, _, cap, inv_cap, has_cap = _scalars(temperature, softcap)
+    scalars = _scalars(temperature, softcap, logits.device)
+    del scalars["inv_temp"]
     _FWD[(n,)](
         logits,
         labels,
@@ -426,12 +565,9 @@ def token_logprobs_fwd(logits, labels, temperature, softcap, ignore_index, retur
         v,
         stride_b,
         stride_t,
-        scale,
-        cap,
-        inv_cap,
-        int(ignore_index),
-        HAS_SOFTCAP=has_cap,
+        ignore_index=int(ignore_index),
         RETURN_ENTROPY=bool(return_entropy),
+        **scalars,
         **_meta(v, True),
         **_config.LAUNCH_OPTIONS,
     )
@@ -457,7 +593,6 @@ def token_logprobs_bwd(
     else:
         entropy = grad_entropy = lse  # unused pointers
     g_stride_b, g_stride_t = _grad_strides(grad)
-    scale, inv_temp, cap, inv_cap, has_cap = _scalars(temperature, softcap)
     _BWD[(n,)](
         logits,
         labels,
@@ -472,13 +607,9 @@ def token_logprobs_bwd(
         stride_t,
         g_stride_b,
         g_stride_t,
-        scale,
-        inv_temp,
-        cap,
-        inv_cap,
-        int(ignore_index),
-        HAS_SOFTCAP=has_cap,
+        ignore_index=int(ignore_index),
         HAS_GRAD_ENTROPY=has_grad_ent,
+        **_scalars(temperature, softcap, logits.device),
         **_meta(v, True),
         **_config.LAUNCH_OPTIONS,
     )
@@ -486,7 +617,8 @@ def token_logprobs_bwd(
 
 
 def token_logprobs_fwd_bwd(logits, labels, grad_logp, temperature, softcap, ignore_index, inplace):
-    """(logp fp32 (N,), d(Σ g·logp)/d logits in the logits' dtype and shape), one sweep per row where V allows."""
+    """(logp fp32 (N,), d(Σ g·logp)/d logits in the logits' dtype and shape): one read of the row when it fits
+    in registers (V ≤ ``_config.SINGLE_PASS_MAX``), else two sweeps with the second read served by L2."""
     n, t, v, stride_b, stride_t = _layout(logits, labels)
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -494,32 +626,32 @@ def token_logprobs_fwd_bwd(logits, labels, grad_logp, temperature, softcap, igno
         return logp, grad
     grad_logp = _row_vector(grad_logp, n, "grad_logp")
     g_stride_b, g_stride_t = _grad_strides(grad)
-    scale, inv_temp, cap, inv_cap, has_cap = _scalars(temperature, softcap)
-    single = _config.single_pass(v)
-    block = _config.block_size(v, cap=_config.SINGLE_PASS_MAX) if single else _config.block_size(v)
-    meta = {"BLOCK": block}
-    if not _config.autotune_enabled():
-        meta["num_warps"] = _config.num_warps(block)
-    _FWD_BWD[(n,)](
-        logits,
-        labels,
-        grad_logp,
-        logp,
-        grad,
-        t,
-        v,
-        stride_b,
-        stride_t,
-        g_stride_b,
-        g_stride_t,
-        scale,
-        inv_temp,
-        cap,
-        inv_cap,
-        int(ignore_index),
-        HAS_SOFTCAP=has_cap,
-        SINGLE_PASS=single,
-        **meta,
-        **_config.LAUNCH_OPTIONS,
-    )
+    args = (logits, labels, grad_logp, logp, grad)
+    strides = (stride_b, stride_t, g_stride_b, g_stride_t)
+    scalars = _scalars(temperature, softcap, logits.device)
+    if _config.single_pass(v):
+        block = _config.block_size(v, cap=_config.SINGLE_PASS_MAX)
+        meta = {"BLOCK": block}
+        if not _config.autotune_enabled():
+            meta["num_warps"] = _config.num_warps(block)
+        _FWD_BWD[(n,)](
+            *args, t, v, *strides, ignore_index=int(ignore_index), **scalars, **meta, **_config.LAUNCH_OPTIONS
+        )
+    else:
+        block = _config.block_size(v, cap=_config.TWO_SWEEP_BLOCK)
+        meta = {"BLOCK": block, "NUM_STAGES": _config.num_stages(two_sweep=True)}
+        if not _config.autotune_enabled():
+            meta["num_warps"] = _config.num_warps(block)
+        programs = _config.two_sweep_programs(n, v * logits.element_size(), logits.device)
+        _FWD_BWD_2[(programs,)](
+            *args,
+            n,
+            t,
+            v,
+            *strides,
+            ignore_index=int(ignore_index),
+            **scalars,
+            **meta,
+            **_config.LAUNCH_OPTIONS,
+        )
     return logp, grad
