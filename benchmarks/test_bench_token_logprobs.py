@@ -342,7 +342,10 @@ def table(vocabs, modes, skip, n=N, out=None, only=()):
 # The launch configurations the sweep times by default: BLOCK x num_warps with 4 to 32 elements per thread
 # (fewer than 4: 16-byte bf16 loads no longer fill; more than 32: the fp32 copy of the block plus the
 # accumulators pass ~128 registers and spill, see _config.py).  14 of the 5 x 4 grid; the default of
-# _config.py (4096 x 8) first, so a sweep cut off by its time budget still has the baseline.
+# _config.py (4096 x 8) first, so a sweep cut off by its time budget still has the baseline.  Compiled for
+# sm_90 by triton 3.9 with no GPU (bf16, no softcap or entropy: the sweep's variants), the 14 use 27-127
+# registers a thread and no stack or local memory in each of the three kernels; 16384 x 4 (64 a thread)
+# reaches 255 registers and 96-112 bytes of stack.
 SWEEP_BLOCKS = (1024, 2048, 4096, 8192, 16384)
 SWEEP_WARPS = (4, 8, 16, 32)
 SWEEP_MIN_PER_THREAD, SWEEP_MAX_PER_THREAD = 4, 32
