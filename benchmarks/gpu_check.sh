@@ -51,7 +51,7 @@
 #   GPU_CHECK_TEST_TIMEOUT_S  per-test limit where pytest-timeout is installed (default 100)
 #   GPU_CHECK_SKIP_BUILD=1 / GPU_CHECK_SWEEP=0   leave out the build / the sweep (older spellings)
 #   GPU_CHECK_ROLLOVER=0   a stage gets its own budget only (no time left over by the stages before it)
-#   GPU_CHECK_DRY_RUN=1    the whole script on a CPU machine, in about a minute: every stage at tiny shapes
+#   GPU_CHECK_DRY_RUN=1    the whole script on a CPU machine (57-78 s on 2 cores): every stage at tiny shapes
 #                          (N = 8, V in {96, 160, 64}) with the Triton kernels interpreted (TRITON_INTERPRET=1)
 #                          and CPU timings (numbers mean nothing), gpu-tests only collects the gpu tests
 #                          (status collect-only: nothing passes on the CPU), build only imports _C
