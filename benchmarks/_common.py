@@ -3,15 +3,45 @@
 Every memory-bound benchmark divides the bytes its op MUST move (its floor, stated where it is computed) by
 the measured median time, and reports that rate as a fraction of the device-to-device copy bandwidth
 measured in the same process (bytes read + bytes written), so results carry across cards and runs.
+
+Dry run (``GPU_CHECK_DRY_RUN=1`` in the environment, no CUDA device): the GPU benchmark scripts run on the
+CPU instead (``DEV = "cpu"``; the Triton kernels need ``TRITON_INTERPRET=1`` too), timed with
+``time.perf_counter`` (``triton.testing.do_bench`` needs a GPU driver), with no peak-memory figure, and
+every heading says DRY RUN: this proves benchmarks/gpu_check.sh and the scripts' code paths, never speed.
 """
 
 import datetime
 import os
 import platform
+import statistics
+import time
 
 import torch
 
 GB = 1e9
+
+DRY_RUN = os.environ.get("GPU_CHECK_DRY_RUN", "0") == "1"
+# Where the GPU benchmarks put their tensors: CUDA, or the CPU in a dry run on a machine without one.
+DEV = "cuda" if torch.cuda.is_available() or not DRY_RUN else "cpu"
+
+
+def no_device_reason():
+    """None where the GPU benchmarks can run (a CUDA device, or a dry run), else why not."""
+    if DEV == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device: these benchmarks need a GPU (GPU_CHECK_DRY_RUN=1 runs them on the CPU)"
+    return None
+
+
+def sync():
+    """Wait for the device (a no-op on the CPU)."""
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def empty_cache():
+    """Hand cached device memory back (a no-op on the CPU)."""
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
 
 
 def card() -> str:
@@ -23,7 +53,8 @@ def card() -> str:
     except Exception:  # triton is optional for the CPU benchmarks
         tv = "none"
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {cpu_name()}"
-    return f"{dev}, torch {torch.__version__}, triton {tv}"
+    dry = " — DRY RUN on the CPU (perf_counter timings, not measurements)" if DEV == "cpu" and DRY_RUN else ""
+    return f"{dev}, torch {torch.__version__}, triton {tv}{dry}"
 
 
 def cpu_name() -> str:
@@ -41,22 +72,42 @@ def today() -> str:
 
 
 def median_ms(fn, *, warmup=25, rep=100) -> float:
-    """Median time of ``fn()`` in ms on the GPU (triton.testing.do_bench: L2 flushed between calls)."""
+    """Median time of ``fn()`` in ms on the GPU (triton.testing.do_bench: L2 flushed between calls).
+
+    On the CPU (dry run) one ``time.perf_counter`` call (``cpu_median_ms``): do_bench needs a GPU driver, and
+    the Triton interpreter is far too slow for its millisecond budgets.  Callers warm up first.
+    """
+    if DEV != "cuda":
+        return cpu_median_ms(fn)
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def cpu_median_ms(fn, rounds=1) -> float:
+    """Median wall time of ``rounds`` calls of ``fn()`` in ms (CPU, dry run: the numbers mean nothing, one
+    call proves the path runs)."""
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written (2·nbytes per copy)."""
 
+    if DEV != "cuda":
+        nbytes = min(nbytes, 1 << 24)  # dry run: 16 MiB is plenty to exercise the code
+
     def timed():
-        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_(0, 255)
+        src = torch.empty(nbytes, dtype=torch.uint8, device=DEV).random_(0, 255)
         dst = torch.empty_like(src)
         return median_ms(lambda: dst.copy_(src))
 
     ms = timed()
-    torch.cuda.empty_cache()  # the two buffers died with timed()
+    empty_cache()  # the two buffers died with timed()
     return 2 * nbytes / (ms * 1e-3)
 
 
@@ -64,8 +115,11 @@ def peak_extra_bytes(fn) -> int:
     """Peak GPU memory allocated while ``fn()`` runs, above what was allocated before (inputs excluded).
 
     Outputs count while they are alive inside ``fn``; call it after a warm-up so compilation caches and
-    lazily created workspaces do not count.
+    lazily created workspaces do not count.  On the CPU (dry run) NaN, without calling ``fn``: there is no
+    allocator statistic to read.
     """
+    if DEV != "cuda":
+        return float("nan")
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -74,6 +128,22 @@ def peak_extra_bytes(fn) -> int:
     peak = torch.cuda.max_memory_allocated() - base
     del out
     return int(peak)
+
+
+def cuda_graph_ms(fn, rep=50):
+    """Median ms of ``fn`` replayed from a CUDA graph (do_bench_cudagraph); "n/a (CPU dry run)" on the CPU."""
+    if DEV != "cuda":
+        return "n/a (CPU dry run)"
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
+
+
+def fmt_gb(nbytes, x_logits=None) -> str:
+    """'1.23 GB' (with ' (0.50×)' of the logits when given); 'n/a (CPU)' for the NaN of a CPU dry run."""
+    if nbytes != nbytes:
+        return "n/a (CPU)"
+    return f"{nbytes / GB:.2f} GB" + ("" if x_logits is None else f" ({x_logits:.2f}×)")
 
 
 # Byte floors of the token log-prob paths, for N rows of V logits of `elt` bytes (O(N) terms omitted:

@@ -17,7 +17,10 @@
    gradient-in-forward variant (coefficients from behaviour log-probs, one read + one write).
 
 Run (GPU only): ``pytest benchmarks/test_bench_bond.py -m gpu`` or ``python benchmarks/test_bench_bond.py
---table [--out results.md]`` (benchmarks/gpu_check.sh uses the latter).
+--table [--out results.md]`` (benchmarks/gpu_check.sh uses the latter; each row is appended to the file as
+it is measured).  ``--seq-b B``, ``--jf N,V`` and ``--step PROMPTS,T,V`` change the shapes of parts 1-3.  With
+``GPU_CHECK_DRY_RUN=1`` and no GPU it runs on the CPU (``TRITON_INTERPRET=1``; the sequence-level op on the
+``cpu`` backend; perf_counter timings, not measurements; no CUDA-graph column): gpu_check.sh's dry run.
 """
 
 import argparse
@@ -33,7 +36,8 @@ import _common as C  # noqa: E402
 
 # Where the benchmarks run and which backend serves the sequence-level op: module globals, so a CPU smoke
 # run (tiny sizes, "cpu") can exercise every code path of this file before it costs GPU time.
-DEV, SEQ_BACKEND = "cuda", "cuda"
+DEV = C.DEV
+SEQ_BACKEND = "cuda" if DEV == "cuda" else "cpu"
 SEQ_B, SEQ_M, SEQ_K, SEQ_J = 1024, 16, 64, 1
 JF_N, JF_V = 8192, 128256
 STEP_PROMPTS, STEP_T, STEP_V = 32, 128, 128256
@@ -52,29 +56,31 @@ def seq_inputs(b=SEQ_B, m=SEQ_M, k=SEQ_K, j=SEQ_J, seed=0):
     return lp, rl, pr, rr, bl
 
 
+# Each reference comes before the cases compared with it: rows are written as they are measured, with
+# their speed-up over a reference already timed.
 SEQ_CASES = [
     "bond_sequence op (cuda), m = 16",
     "bond_sequence op (cuda), m = 1 (batch LOO, last block)",
-    "bk.bond_loss fwd (fused)",
     "reference bond_loss fwd",
-    "bk.bond_loss fwd+bwd (fused)",
+    "bk.bond_loss fwd (fused)",
     "reference bond_loss fwd+bwd",
+    "bk.bond_loss fwd+bwd (fused)",
+    "reference reward_quantiles",
     "reward_quantiles (cuda)",
     "reward_quantiles (triton)",
-    "reference reward_quantiles",
     "jbond_sequence op (cuda), B = 1024",
-    "bk.jbond_loss fwd (fused)",
     "reference jbond_loss fwd",
+    "bk.jbond_loss fwd (fused)",
 ]
 
 
-def seq_cases():
+def seq_cases(b=SEQ_B):
     """{name: (fn, reference name or None)} for the sequence-level rows (names: SEQ_CASES)."""
     import bond_kernels as bk
     from bond_kernels import reference as R
     from bond_kernels.ops.bond_sequence import bond_sequence, jbond_sequence
 
-    lp, rl, pr, rr, bl = seq_inputs()
+    lp, rl, pr, rr, bl = seq_inputs(b)
     no_mask = torch.empty(0, dtype=torch.bool, device=DEV)
     lpd, bld = lp.detach(), bl.detach()
     kw = dict(n=16, beta=0.5, correction=True)
@@ -131,39 +137,36 @@ def seq_cases():
         ),
         "reference jbond_loss fwd": (lambda: R.jbond_loss(jl, jal, jpr, jar, jbest, gamma=0.1), None),
     }
-    assert list(cases) == SEQ_CASES
-    return cases
+    assert sorted(cases) == sorted(SEQ_CASES)
+    return {name: cases[name] for name in SEQ_CASES}
 
 
-def measure_seq():
-    import triton.testing
-
-    rows = []
-    cases = seq_cases()
-    for name, (fn, _) in cases.items():
+def measure_seq(b=SEQ_B):
+    """Yields one row a case, in SEQ_CASES order, as soon as it is timed (speed-ups against earlier rows)."""
+    cases = seq_cases(b)
+    done = {}
+    for name, (fn, vs) in cases.items():
         try:
             fn()
-            torch.cuda.synchronize()
+            C.sync()
             eager = C.median_ms(fn, warmup=50, rep=200)
         except Exception as exc:  # e.g. no _C.cuda (build failed): the other rows still get numbers
             msg = f"FAILED: {type(exc).__name__}: {exc}"[:200].replace("|", "/").replace("\n", " ")
-            rows.append({"name": name, "eager_ms": msg, "graph_ms": "", "vs": cases[name][1]})
+            yield {"name": name, "eager_ms": msg, "graph_ms": "", "speedup": ""}
             continue
         try:
-            graph = float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
+            graph = C.cuda_graph_ms(fn, rep=50)
         except Exception as exc:  # a provider that cannot be captured still gets its eager time
             graph = f"n/a ({type(exc).__name__})"
-        rows.append({"name": name, "eager_ms": eager, "graph_ms": graph, "vs": cases[name][1]})
-    by_name = {r["name"]: r for r in rows}
-    for r in rows:
-        ref = by_name.get(r["vs"]) if r["vs"] else None
-        if ref is not None and isinstance(r["graph_ms"], float) and isinstance(ref["graph_ms"], float):
-            r["speedup"] = (
-                f"{ref['graph_ms'] / r['graph_ms']:.1f}× (graph), {ref['eager_ms'] / r['eager_ms']:.1f}× (eager)"
-            )
-        else:
-            r["speedup"] = ""
-    return rows
+        r = done[name] = {"name": name, "eager_ms": eager, "graph_ms": graph, "speedup": ""}
+        ref = done.get(vs) if vs else None
+        if ref is not None:
+            parts = []
+            if isinstance(graph, float) and isinstance(ref["graph_ms"], float):
+                parts.append(f"{ref['graph_ms'] / graph:.1f}× (graph)")
+            parts.append(f"{ref['eager_ms'] / eager:.1f}× (eager)")
+            r["speedup"] = ", ".join(parts)
+        yield r
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -215,11 +218,11 @@ def jf_build(mode, provider, z, a, up):
 
 
 def measure_jf(copy_bps, n=JF_N, v=JF_V, skip=()):
+    """Yields one row a (mode, provider) as soon as it is timed."""
     from bond_kernels import reference as R
 
     z, a, up = jf_inputs(n, v)
     truth = R.token_jeffreys(z[:256].double(), a[:256].double(), beta=0.5)
-    rows = []
     for mode, passes in (("fwd", 2), ("fwd+bwd", 5)):
         for provider in JF_PROVIDERS:
             if any(s in provider for s in skip):
@@ -227,43 +230,38 @@ def measure_jf(copy_bps, n=JF_N, v=JF_V, skip=()):
             try:
                 fn = jf_build(mode, provider, z, a, up)
                 out = fn()
-                torch.cuda.synchronize()
+                C.sync()
                 err = (out[:256].double() - truth).abs().max().item() if mode == "fwd" else None
                 del out
                 peak = C.peak_extra_bytes(fn)
                 ms = C.median_ms(fn)
             except Exception as exc:  # e.g. torch eager out of memory: keep the other rows
-                rows.append(
-                    {"mode": mode, "provider": provider, "failed": f"{type(exc).__name__}: {exc}"[:200]}
-                )
-                torch.cuda.empty_cache()
+                C.empty_cache()
+                yield {"mode": mode, "provider": provider, "failed": f"{type(exc).__name__}: {exc}"[:200]}
                 continue
             floor = passes * n * v * z.element_size()
             gbps, frac = C.rate(floor, ms, copy_bps)
-            rows.append(
-                {
-                    "mode": mode,
-                    "provider": provider,
-                    "ms": ms,
-                    "gbps": gbps,
-                    "frac": frac,
-                    "peak": peak,
-                    "err": err,
-                    "floor": floor,
-                }
-            )
-            torch.cuda.empty_cache()
-    return rows
+            C.empty_cache()
+            yield {
+                "mode": mode,
+                "provider": provider,
+                "ms": ms,
+                "gbps": gbps,
+                "frac": frac,
+                "peak": peak,
+                "err": err,
+                "floor": floor,
+            }
 
 
 def sweep_jf(copy_bps, n=JF_N, v=JF_V):
-    """Forward/backward kernel time under a few (BLOCK, num_warps): which caps to keep (ops/triton/token_jeffreys.py)."""
+    """Yields the forward/backward kernel time under a few (BLOCK, num_warps), row by row: which caps to
+    keep (ops/triton/token_jeffreys.py)."""
     from bond_kernels.ops.triton import token_jeffreys as tj
 
     z, a, up = jf_inputs(n, v)
     no_mask = torch.empty(0, dtype=torch.bool, device=DEV)
     div, lse_p, lse_q, kl = tj.token_jeffreys_fwd(z, a, 0.5, 1.0, no_mask)
-    rows = []
     outs = [torch.empty(n, device=DEV) for _ in range(4)]
     grad = torch.empty_like(z)
     for kernel, passes in (("fwd", 2), ("bwd", 3)):
@@ -312,11 +310,10 @@ def sweep_jf(copy_bps, n=JF_N, v=JF_V):
                 fn()
                 ms = C.median_ms(fn, rep=50)
             except Exception as exc:
-                rows.append([kernel, block, warps, f"FAILED: {type(exc).__name__}", ""])
+                yield [kernel, block, warps, f"FAILED: {type(exc).__name__}", ""]
                 continue
             frac = C.rate(passes * n * v * z.element_size(), ms, copy_bps)[1]
-            rows.append([kernel, block, warps, f"{ms:.3f}", f"{frac:.2f}"])
-    return rows
+            yield [kernel, block, warps, f"{ms:.3f}", f"{frac:.2f}"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -401,32 +398,35 @@ def step_build(provider, x, y, ref_logp, rewards, ref_rewards, up):
     raise KeyError(provider)
 
 
-def measure_step(copy_bps, skip=()):
-    x, y, ref_logp, rewards, ref_rewards, up = step_inputs()
-    rows = []
+def measure_step(copy_bps, skip=(), prompts=STEP_PROMPTS, t=STEP_T, v=STEP_V):
+    """Yields one row a provider as soon as it is timed (the first, token_logprobs alone, is the base)."""
+    x, y, ref_logp, rewards, ref_rewards, up = step_inputs(prompts, t, v)
+    base = None
+    n = x.shape[0] * x.shape[1]
     for provider in STEP_PROVIDERS:
         if any(s in provider for s in skip):
             continue
         try:
             fn = step_build(provider, x, y, ref_logp, rewards, ref_rewards, up)
             fn()
-            torch.cuda.synchronize()
+            C.sync()
             peak = C.peak_extra_bytes(fn)
             ms = C.median_ms(fn)
         except Exception as exc:
-            rows.append({"provider": provider, "failed": f"{type(exc).__name__}: {exc}"[:200]})
-            torch.cuda.empty_cache()
+            C.empty_cache()
+            yield {"provider": provider, "failed": f"{type(exc).__name__}: {exc}"[:200]}
             continue
-        rows.append({"provider": provider, "ms": ms, "peak": peak})
-        torch.cuda.empty_cache()
-    base = next((r["ms"] for r in rows if r["provider"] == "token_logprobs fwd+bwd" and "ms" in r), None)
-    n, v = x.shape[0] * x.shape[1], x.shape[2]
-    for r in rows:
-        if "ms" in r:
-            r["ratio"] = f"{r['ms'] / base:.3f}×" if base else ""
-            floor = (3 if "grad in forward" not in r["provider"] else 2) * n * v * x.element_size()
-            r["frac"] = C.rate(floor, r["ms"], copy_bps)[1]
-    return rows
+        C.empty_cache()
+        if provider == "token_logprobs fwd+bwd":
+            base = ms
+        floor = (3 if "grad in forward" not in provider else 2) * n * v * x.element_size()
+        yield {
+            "provider": provider,
+            "ms": ms,
+            "peak": peak,
+            "ratio": f"{ms / base:.3f}×" if base else "",
+            "frac": C.rate(floor, ms, copy_bps)[1],
+        }
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -494,15 +494,19 @@ def _fmt(x, spec):
     return format(x, spec) if isinstance(x, float) else str(x)
 
 
-def table(skip=(), out=None, sweep=True):
+def table(skip=(), out=None, sweep=True, jf=(JF_N, JF_V), step=(STEP_PROMPTS, STEP_T, STEP_V), seq_b=SEQ_B):
     t0 = time.time()
     copy_bps = C.copy_bandwidth()
     head = f"{C.card()}, {C.today()}"
-    _emit(f"### BOND sequence level, B = {SEQ_B}, n = {SEQ_M}, k = {SEQ_K}, j = {SEQ_J} — {head}\n", out)
+    _emit(
+        f"### BOND sequence level, B = {seq_b}, n = {SEQ_M}, k = {SEQ_K}, j = {SEQ_J}, ops on the "
+        f"{SEQ_BACKEND} backend — {head}\n",
+        out,
+    )
     _emit("Medians: do_bench (eager launches) and do_bench_cudagraph (GPU time of a replayed graph).\n", out)
     _emit(C.markdown_table(["case", "ms (eager)", "ms (CUDA graph)", "speed-up vs torch reference"], []), out)
     try:
-        for r in measure_seq():
+        for r in measure_seq(seq_b):
             _emit(
                 f"| {r['name']} | {_fmt(r['eager_ms'], '.4f')} | {_fmt(r['graph_ms'], '.4f')} | {r['speedup']} |",
                 out,
@@ -511,7 +515,8 @@ def table(skip=(), out=None, sweep=True):
         _emit(f"| sequence level | FAILED: {type(exc).__name__}: {exc} | | |", out)
     _emit("", out)
 
-    _emit(f"### token_jeffreys, N = {JF_N}, V = {JF_V}, bf16 — {head}\n", out)
+    jf_n, jf_v = jf
+    _emit(f"### token_jeffreys, N = {jf_n}, V = {jf_v}, bf16 — {head}\n", out)
     _emit(
         f"Copy bandwidth measured in this run: {copy_bps / C.GB:.0f} GB/s (read + write).  Floors: fwd "
         "2·2·N·V bytes, fwd+bwd 5·2·N·V.\n",
@@ -532,30 +537,31 @@ def table(skip=(), out=None, sweep=True):
         ),
         out,
     )
-    for r in measure_jf(copy_bps, skip=skip):
+    for r in measure_jf(copy_bps, jf_n, jf_v, skip=skip):
         if "failed" in r:
             _emit(f"| {r['mode']} | {r['provider']} | FAILED: {r['failed']} | | | | |", out)
             continue
         err = "" if r["err"] is None else f"{r['err']:.2g}"
         _emit(
             f"| {r['mode']} | {r['provider']} | {r['ms']:.3f} | {r['gbps']:.0f} | {r['frac']:.2f} | "
-            f"{r['peak'] / C.GB:.2f} GB | {err} |",
+            f"{C.fmt_gb(r['peak'])} | {err} |",
             out,
         )
     _emit("", out)
 
     if sweep:
-        _emit(f"### token_jeffreys launch configurations, N = {JF_N}, V = {JF_V}, bf16 — {head}\n", out)
+        _emit(f"### token_jeffreys launch configurations, N = {jf_n}, V = {jf_v}, bf16 — {head}\n", out)
         _emit("Floors: fwd kernel 2·2·N·V bytes, bwd kernel 3·2·N·V.\n", out)
         _emit(C.markdown_table(["kernel", "BLOCK", "warps", "ms", "frac of copy BW"], []), out)
-        for r in sweep_jf(copy_bps):
+        for r in sweep_jf(copy_bps, jf_n, jf_v):
             _emit("| " + " | ".join(str(c) for c in r) + " |", out)
         _emit("", out)
-        torch.cuda.empty_cache()
+        C.empty_cache()
 
+    prompts, t, v = step
     _emit(
-        f"### whole BOND step, N = {STEP_PROMPTS * 2 * STEP_T} tokens ({STEP_PROMPTS} prompts × (policy + BoN) × "
-        f"{STEP_T}), V = {STEP_V}, bf16 — {head}\n",
+        f"### whole BOND step, N = {prompts * 2 * t} tokens ({prompts} prompts × (policy + BoN) × "
+        f"{t}), V = {v}, bf16 — {head}\n",
         out,
     )
     _emit(
@@ -569,12 +575,12 @@ def table(skip=(), out=None, sweep=True):
         ),
         out,
     )
-    for r in measure_step(copy_bps, skip=skip):
+    for r in measure_step(copy_bps, skip, prompts, t, v):
         if "failed" in r:
             _emit(f"| {r['provider']} | FAILED: {r['failed']} | | | |", out)
             continue
         _emit(
-            f"| {r['provider']} | {r['ms']:.3f} | {r['ratio']} | {r['frac']:.2f} | {r['peak'] / C.GB:.2f} GB |",
+            f"| {r['provider']} | {r['ms']:.3f} | {r['ratio']} | {r['frac']:.2f} | {C.fmt_gb(r['peak'])} |",
             out,
         )
     _emit(f"\n<!-- test_bench_bond.py --table took {time.time() - t0:.0f} s -->\n", out)
@@ -585,12 +591,22 @@ def main(argv=None):
     ap.add_argument("--table", action="store_true", help="print the markdown tables (do_bench medians)")
     ap.add_argument("--no-sweep", action="store_true", help="leave out the token_jeffreys launch sweep")
     ap.add_argument("--skip", default="", help="comma-separated substrings of provider names to leave out")
+    ap.add_argument("--seq-b", type=int, default=SEQ_B, help="prompts B of the sequence-level rows")
+    ap.add_argument("--jf", default=f"{JF_N},{JF_V}", help="N,V of the token_jeffreys rows")
+    ap.add_argument(
+        "--step", default=f"{STEP_PROMPTS},{STEP_T},{STEP_V}", help="PROMPTS,T,V of the whole-step rows"
+    )
     ap.add_argument("--out", default=None, help="append the markdown to this file")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: these benchmarks need a GPU", file=sys.stderr)
+    why = C.no_device_reason()
+    if why:
+        print(why, file=sys.stderr)
         return 2
-    table([s for s in a.skip.split(",") if s], a.out, sweep=not a.no_sweep)
+    jf = tuple(int(x) for x in a.jf.split(","))
+    step = tuple(int(x) for x in a.step.split(","))
+    if len(jf) != 2 or len(step) != 3:
+        ap.error("--jf takes N,V and --step PROMPTS,T,V")
+    table([s for s in a.skip.split(",") if s], a.out, not a.no_sweep, jf, step, a.seq_b)
     return 0
 
 

@@ -26,7 +26,10 @@ Accounting:
 Two ways to run (GPU only):
   * ``pytest benchmarks/test_bench_linear.py -m gpu`` (pytest-benchmark; numbers in extra_info);
   * ``python benchmarks/test_bench_linear.py --table [--out FILE]`` prints one markdown table (used by
-    benchmarks/gpu_check.sh); ``--n/--h/--v`` change the shape, ``--skip`` leaves providers out.
+    benchmarks/gpu_check.sh); ``--n/--h/--v`` change the shape, ``--skip`` leaves providers out and
+    ``--providers`` keeps only those whose name contains one of its comma-separated substrings.
+  With ``GPU_CHECK_DRY_RUN=1`` and no GPU the script runs on the CPU (``TRITON_INTERPRET=1``, tiny shapes;
+  perf_counter timings, not measurements; the matmul ceiling from a 256³ product): gpu_check.sh's dry run.
 """
 
 import argparse
@@ -73,21 +76,27 @@ HEADER = [
 ]
 
 
+# Size of the square bf16 product whose rate is the ceiling (a CPU dry run takes a small one).
+MATMUL_N = 8192 if C.DEV == "cuda" else 256
+
+
 def matmul_tflops() -> float:
-    """bf16 ``torch.mm`` rate of 8192 × 8192 × 8192 in TFLOP/s (the ceiling of this run)."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    """bf16 ``torch.mm`` rate of MATMUL_N³ (8192³ on the GPU) in TFLOP/s: the ceiling of this run."""
+    m = MATMUL_N
+    a = torch.randn(m, m, device=C.DEV, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=C.DEV, dtype=torch.bfloat16)
     ms = C.median_ms(lambda: torch.mm(a, b))
-    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+    return 2 * m**3 / (ms * 1e-3) / 1e12
 
 
 def inputs(n=N, h=H, v=V, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    hid = torch.randn(n, h, device="cuda", generator=g).to(torch.bfloat16).requires_grad_(True)
-    w = (torch.randn(v, h, device="cuda", generator=g) / h**0.5 * 4).to(torch.bfloat16).requires_grad_(True)
-    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    dev = C.DEV
+    g = torch.Generator(device=dev).manual_seed(seed)
+    hid = torch.randn(n, h, device=dev, generator=g).to(torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(v, h, device=dev, generator=g) / h**0.5 * 4).to(torch.bfloat16).requires_grad_(True)
+    y = torch.randint(0, v, (n,), device=dev, generator=g)
     y[::97] = -100
-    up = torch.randn(n, device="cuda", generator=g)
+    up = torch.randn(n, device=dev, generator=g)
     return hid, w, y, up
 
 
@@ -195,7 +204,7 @@ def build(provider, hid, w, y, up):
         return (lambda: f(hid, w, y, "sum").backward()), lambda h_, w_, y_: -f(h_, w_, y_, "none")
     if provider.startswith("matmuls only"):
         hd, wd = hid.detach(), w.detach()
-        logits = torch.empty(hd.shape[0], wd.shape[0], device="cuda", dtype=torch.bfloat16)
+        logits = torch.empty(hd.shape[0], wd.shape[0], device=hd.device, dtype=torch.bfloat16)
         gh, gw = torch.empty_like(hd), torch.empty_like(wd)
 
         def step():
@@ -223,7 +232,7 @@ def measure(provider, tflops_peak, n=N, h=H, v=V):
 
     run()  # warm-up: compilation, autotuning, cuBLAS workspaces
     _clear(hid, w)
-    torch.cuda.synchronize()
+    C.sync()
     ms = C.median_ms(run, warmup=5, rep=30)
     _clear(hid, w)
     peak = C.peak_extra_bytes(run) if not provider.startswith("matmuls") else float("nan")
@@ -309,15 +318,15 @@ def _emit(line, out):
             f.write(line + "\n")
 
 
-def table(skip=(), n=N, h=H, v=V, out=None):
+def table(skip=(), n=N, h=H, v=V, out=None, only=()):
     peak = matmul_tflops()
-    torch.cuda.empty_cache()
+    C.empty_cache()
     _emit(
         f"### linear_token_logprobs, N = {n}, H = {h}, V = {v}, bf16, fwd+bwd — {C.card()}, {C.today()}\n",
         out,
     )
     _emit(
-        f"bf16 8192³ matmul measured in this run: {peak:.0f} TFLOP/s.  FLOPs counted: 6·N·H·V = "
+        f"bf16 {MATMUL_N}³ matmul measured in this run: {peak:.0f} TFLOP/s.  FLOPs counted: 6·N·H·V = "
         f"{6 * n * h * v / 1e12:.1f} TFLOP.  Peak extra memory includes the returned gradients "
         f"(grad_weight alone: {v * h * 2 / C.GB:.2f} GB).\n",
         out,
@@ -325,6 +334,8 @@ def table(skip=(), n=N, h=H, v=V, out=None):
     _emit(C.markdown_table(HEADER, []), out)
     rows = []
     for provider in PROVIDERS:
+        if only and not any(s in provider for s in only):
+            continue
         if any(s in provider for s in skip):
             continue
         t0 = time.time()
@@ -338,9 +349,9 @@ def table(skip=(), n=N, h=H, v=V, out=None):
                 f"| {n} | {h} | {v} | {provider} | FAILED: {type(exc).__name__}: {str(exc)[:200]} | | | | |",
                 out,
             )
-            torch.cuda.empty_cache()
+            C.empty_cache()
             continue
-        torch.cuda.empty_cache()  # the provider's tensors died with measure()
+        C.empty_cache()  # the provider's tensors died with measure()
         rows.append(r)
         _emit("| " + " | ".join(str(c) for c in _row(r)) + f" |  <!-- {time.time() - t0:.1f} s -->", out)
     _emit("", out)
@@ -354,12 +365,17 @@ def main(argv=None):
     ap.add_argument("--h", type=int, default=H)
     ap.add_argument("--v", type=int, default=V)
     ap.add_argument("--skip", default="", help="comma-separated substrings of provider names to leave out")
+    ap.add_argument(
+        "--providers", default="", help="comma-separated substrings: keep only providers whose name has one"
+    )
     ap.add_argument("--out", default=None, help="append the markdown to this file")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: these benchmarks need a GPU", file=sys.stderr)
+    why = C.no_device_reason()
+    if why:
+        print(why, file=sys.stderr)
         return 2
-    table([s for s in a.skip.split(",") if s], a.n, a.h, a.v, a.out)
+    only = [s for s in a.providers.split(",") if s]
+    table([s for s in a.skip.split(",") if s], a.n, a.h, a.v, a.out, only)
     return 0
 
 

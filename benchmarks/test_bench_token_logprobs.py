@@ -19,6 +19,12 @@ Two ways to run (GPU only):
   * ``pytest benchmarks/test_bench_token_logprobs.py -m gpu`` (pytest-benchmark; numbers in extra_info);
   * ``python benchmarks/test_bench_token_logprobs.py --table`` prints one markdown table (benchmarks/
     gpu_check.sh uses this); ``--sweep`` times the launch configurations of the three kernels.
+    One invocation can be cut down to what one stage of gpu_check.sh needs: ``--vocab 128256`` (one V),
+    ``--modes fwd,fwd+bwd``, ``--providers torch.compile`` (keep only providers whose name contains one of
+    these), ``--skip torch.compile`` (leave those out); ``--sweep-configs 4096x8,8192x16`` (BLOCK x warps;
+    default: ``SWEEP_CONFIGS``, the pruned list) and ``--sweep-kernels fwd,bwd``.
+  With ``GPU_CHECK_DRY_RUN=1`` and no GPU the script runs on the CPU (``TRITON_INTERPRET=1``, tiny ``--n``
+  and ``--vocab``; timings from time.perf_counter, not measurements): gpu_check.sh's dry run.
 """
 
 import argparse
@@ -79,20 +85,24 @@ def _eager(x, y):
 
 
 _COMPILED = {}
+# torch.compile's backend for the "torch.compile" rows: inductor (what a trainer gets).  gpu_check.sh's CPU
+# dry run sets "aot_eager" (dynamo and AOTAutograd without inductor's C++ compile, which takes ~30 s cold).
+COMPILE_BACKEND = os.environ.get("BOND_BENCH_COMPILE_BACKEND", "inductor")
 
 
 def _compiled(v):
     # Static shapes, one compiled function per V (as a trainer with a fixed vocabulary would see).
     if v not in _COMPILED:
-        _COMPILED[v] = torch.compile(_eager, dynamic=False)
+        _COMPILED[v] = torch.compile(_eager, dynamic=False, backend=COMPILE_BACKEND)
     return _COMPILED[v]
 
 
 def inputs(v, n=N, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = (torch.randn(n, v, device="cuda", generator=g) * 4).to(dtype)
-    y = torch.randint(0, v, (n,), device="cuda", generator=g)
-    up = torch.randn(n, device="cuda", generator=g)
+    dev = C.DEV
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = (torch.randn(n, v, device=dev, generator=g) * 4).to(dtype)
+    y = torch.randint(0, v, (n,), device=dev, generator=g)
+    up = torch.randn(n, device=dev, generator=g)
     return x, y, up
 
 
@@ -191,7 +201,7 @@ def measure(mode, provider, v, copy_bps, n=N):
         x = x.clone()
     fn, logp_fn = build(mode, provider, x, y, up)
     fn()  # compile / warm up outside the timings
-    torch.cuda.synchronize()
+    C.sync()
     peak = C.peak_extra_bytes(fn)
     err = None
     if logp_fn is not None:
@@ -205,7 +215,7 @@ def measure(mode, provider, v, copy_bps, n=N):
     gbps, frac = C.rate(floor, ms, copy_bps)
     logits_bytes = x.numel() * x.element_size()
     del x, y, up, fn, logp_fn
-    torch.cuda.empty_cache()
+    C.empty_cache()
     return {
         "v": v,
         "n": n,
@@ -231,7 +241,7 @@ def _row(r):
         f"{r['ms']:.3f}",
         f"{r['gbps']:.0f}",
         f"{r['copy_frac']:.2f}",
-        f"{r['peak_extra_bytes'] / C.GB:.2f} GB ({r['peak_extra_x_logits']:.2f}×)",
+        C.fmt_gb(r["peak_extra_bytes"], r["peak_extra_x_logits"]),
         err,
     ]
 
@@ -287,9 +297,17 @@ def _emit(line, out):
             f.write(line + "\n")
 
 
-def table(vocabs, modes, skip, n=N, out=None):
+def selected(provider, only=(), skip=()):
+    """Whether ``provider`` is measured: it contains one of ``only`` (when given) and none of ``skip``."""
+    if only and not any(s in provider for s in only):
+        return False
+    return not any(s in provider for s in skip)
+
+
+def table(vocabs, modes, skip, n=N, out=None, only=()):
     copy_bps = C.copy_bandwidth()
-    _emit(f"### token_logprobs, N = {n}, bf16 — {C.card()}, {C.today()}\n", out)
+    backend = "" if COMPILE_BACKEND == "inductor" else f", torch.compile backend {COMPILE_BACKEND}"
+    _emit(f"### token_logprobs, N = {n}, bf16{backend} — {C.card()}, {C.today()}\n", out)
     _emit(
         f"Copy bandwidth measured in this run: {copy_bps / C.GB:.0f} GB/s (read + write).  Floors: fwd 2·N·V, "
         "fwd+bwd 6·N·V, fwd_bwd 4·N·V bytes.\n",
@@ -300,7 +318,7 @@ def table(vocabs, modes, skip, n=N, out=None):
     for v in vocabs:
         for mode in modes:
             for provider in PROVIDERS[mode]:
-                if any(s in provider for s in skip):
+                if not selected(provider, only, skip):
                     continue
                 t0 = time.time()
                 try:
@@ -309,8 +327,9 @@ def table(vocabs, modes, skip, n=N, out=None):
                     _emit(f"| {v} | {mode} | {provider} | unavailable: {exc} | | | | |", out)
                     continue
                 except Exception as exc:  # one failing peer must not lose the other rows
-                    _emit(f"| {v} | {mode} | {provider} | FAILED: {type(exc).__name__}: {exc} | | | | |", out)
-                    torch.cuda.empty_cache()
+                    msg = f"{type(exc).__name__}: {exc}"[:300].replace("|", "/").replace("\n", " ")
+                    _emit(f"| {v} | {mode} | {provider} | FAILED: {msg} | | | | |", out)
+                    C.empty_cache()
                     continue
                 rows.append(r)
                 _emit(
@@ -320,50 +339,96 @@ def table(vocabs, modes, skip, n=N, out=None):
     return rows
 
 
-def _sweep_vocab(v, n, copy_bps, out):
+# The launch configurations the sweep times by default: BLOCK x num_warps with 4 to 32 elements per thread
+# (fewer than 4: 16-byte bf16 loads no longer fill; more than 32: the fp32 copy of the block plus the
+# accumulators pass ~128 registers and spill, see _config.py).  14 of the 5 x 4 grid; the default of
+# _config.py (4096 x 8) first, so a sweep cut off by its time budget still has the baseline.  Compiled for
+# sm_90 by triton 3.9 with no GPU (bf16, no softcap or entropy: the sweep's variants), the 14 use 27-127
+# registers a thread and no stack or local memory in each of the three kernels; 16384 x 4 (64 a thread)
+# reaches 255 registers and 96-112 bytes of stack.
+SWEEP_BLOCKS = (1024, 2048, 4096, 8192, 16384)
+SWEEP_WARPS = (4, 8, 16, 32)
+SWEEP_MIN_PER_THREAD, SWEEP_MAX_PER_THREAD = 4, 32
+
+
+def pruned_configs(blocks=SWEEP_BLOCKS, warps=SWEEP_WARPS, lo=SWEEP_MIN_PER_THREAD, hi=SWEEP_MAX_PER_THREAD):
+    """(BLOCK, num_warps) pairs with ``lo`` to ``hi`` elements per thread (32 threads a warp)."""
+    return [(b, w) for b in blocks for w in warps if lo <= b // (32 * w) <= hi]
+
+
+def _baseline_first(configs):
+    from bond_kernels.ops.triton import _config
+
+    base = (_config.MAX_BLOCK, _config.num_warps(_config.MAX_BLOCK))
+    return sorted(configs, key=lambda c: c != base)  # stable: the rest keep their order
+
+
+SWEEP_KERNELS = ("fwd", "bwd", "fwd_bwd")
+
+
+def parse_configs(text):
+    """``"4096x8,8192x16"`` -> [(4096, 8), (8192, 16)]; ``"pruned"`` -> the default list."""
+    if text in ("", "pruned"):
+        return _baseline_first(pruned_configs())
+    out = []
+    for item in text.split(","):
+        block, _, warps = item.strip().partition("x")
+        if not warps:
+            raise ValueError(f"--sweep-configs wants BLOCKxWARPS items (e.g. 4096x8), got {item!r}")
+        out.append((int(block), int(warps)))
+    return out
+
+
+def _sweep_vocab(v, n, copy_bps, out, configs, kernels=SWEEP_KERNELS):
     from bond_kernels.ops.triton import _config
     from bond_kernels.ops.triton import token_logprobs as tk
 
     x, y, up = inputs(v, n)
     _, lse, _ = tk.token_logprobs_fwd(x, y, 1.0, 0.0, -100, False)
-    empty = torch.empty(0, device="cuda")
+    empty = torch.empty(0, device=x.device)
     # (kernel, launch, passes over the logits it must make: read, or read + write)
-    kernels = [
-        ("fwd", lambda: tk.token_logprobs_fwd(x, y, 1.0, 0.0, -100, False), 1),
-        ("bwd", lambda: tk.token_logprobs_bwd(x, y, lse, empty, up, empty, 1.0, 0.0, -100, False), 2),
-        ("fwd_bwd", lambda: tk.token_logprobs_fwd_bwd(x, y, up, 1.0, 0.0, -100, False), 2),
-    ]
+    launches = {
+        "fwd": (lambda: tk.token_logprobs_fwd(x, y, 1.0, 0.0, -100, False), 1),
+        "bwd": (lambda: tk.token_logprobs_bwd(x, y, lse, empty, up, empty, 1.0, 0.0, -100, False), 2),
+        "fwd_bwd": (lambda: tk.token_logprobs_fwd_bwd(x, y, up, 1.0, 0.0, -100, False), 2),
+    }
     rows = []
-    for name, fn, passes in kernels:
-        for block in (1024, 2048, 4096, 8192, 16384):
-            for warps in (4, 8, 16, 32):
-                if block // (32 * warps) < 2:  # under 2 values per thread: loads no longer vectorise
+    # configuration outer, kernel inner: a sweep cut off by its budget has every kernel of the
+    # configurations it reached
+    for block, warps in configs:
+        for name in kernels:
+            fn, passes = launches[name]
+            t0 = time.time()
+            with _config.forced(block=block, warps=warps):
+                try:
+                    fn()
+                    ms = C.median_ms(fn, rep=50)
+                except Exception as exc:
+                    _emit(f"| {v} | {name} | {block} | {warps} | FAILED: {type(exc).__name__} | |", out)
                     continue
-                with _config.forced(block=block, warps=warps):
-                    try:
-                        fn()
-                        ms = C.median_ms(fn, rep=50)
-                    except Exception as exc:
-                        _emit(f"| {v} | {name} | {block} | {warps} | FAILED: {type(exc).__name__} | |", out)
-                        continue
-                frac = C.rate(passes * x.numel() * x.element_size(), ms, copy_bps)[1]
-                r = [v, name, block, warps, f"{ms:.3f}", f"{frac:.2f}"]
-                rows.append(r)
-                _emit("| " + " | ".join(str(c) for c in r) + " |", out)
+            frac = C.rate(passes * x.numel() * x.element_size(), ms, copy_bps)[1]
+            r = [v, name, block, warps, f"{ms:.3f}", f"{frac:.2f}"]
+            rows.append(r)
+            _emit("| " + " | ".join(str(c) for c in r) + f" |  <!-- {time.time() - t0:.1f} s -->", out)
     return rows
 
 
-def sweep(vocabs, n=N, out=None):
+def sweep(vocabs, n=N, out=None, configs=None, kernels=SWEEP_KERNELS):
     """Median ms of each kernel under each (BLOCK, num_warps): which default to keep (_config.py)."""
+    configs = parse_configs("pruned") if configs is None else configs
     copy_bps = C.copy_bandwidth()
     header = ["V", "kernel", "BLOCK", "warps", "ms", "frac of copy BW"]
     _emit(f"### launch-configuration sweep, N = {n}, bf16 — {C.card()}, {C.today()}\n", out)
-    _emit(f"Copy bandwidth measured in this run: {copy_bps / C.GB:.0f} GB/s.  Defaults: _config.py.\n", out)
+    _emit(
+        f"Copy bandwidth measured in this run: {copy_bps / C.GB:.0f} GB/s.  Defaults: _config.py.  "
+        f"{len(configs)} configurations (BLOCK x warps): {', '.join(f'{b}x{w}' for b, w in configs)}.\n",
+        out,
+    )
     _emit(C.markdown_table(header, []), out)
     rows = []
     for v in vocabs:
-        rows += _sweep_vocab(v, n, copy_bps, out)
-        torch.cuda.empty_cache()
+        rows += _sweep_vocab(v, n, copy_bps, out, configs, kernels)
+        C.empty_cache()
     _emit("", out)
     return rows
 
@@ -377,18 +442,41 @@ def main(argv=None):
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--n", type=int, default=N)
     ap.add_argument("--skip", default="", help="comma-separated substrings of provider names to leave out")
+    ap.add_argument(
+        "--providers", default="", help="comma-separated substrings: keep only providers whose name has one"
+    )
+    ap.add_argument(
+        "--sweep-configs",
+        default="pruned",
+        help="BLOCKxWARPS list for --sweep, e.g. 4096x8,8192x16 (default 'pruned': 4 to 32 elements a thread)",
+    )
+    ap.add_argument("--sweep-kernels", default=",".join(SWEEP_KERNELS), help="kernels for --sweep")
     ap.add_argument("--out", default=None, help="append the markdown to this file")
     a = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: these benchmarks need a GPU", file=sys.stderr)
+    why = C.no_device_reason()
+    if why:
+        print(why, file=sys.stderr)
         return 2
+    modes = [m for m in a.modes.split(",") if m]
+    kernels = [k for k in a.sweep_kernels.split(",") if k]
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"--modes: unknown mode {m!r} (choose from {', '.join(MODES)})")
+    for k in kernels:
+        if k not in SWEEP_KERNELS:
+            ap.error(f"--sweep-kernels: unknown kernel {k!r} (choose from {', '.join(SWEEP_KERNELS)})")
+    try:
+        configs = parse_configs(a.sweep_configs)
+    except ValueError as exc:
+        ap.error(str(exc))
     if not (a.table or a.sweep):
         a.table = True
     if a.table:
         skip = [s for s in a.skip.split(",") if s]
-        table([int(v) for v in a.vocab.split(",")], a.modes.split(","), skip, a.n, a.out)
+        only = [s for s in a.providers.split(",") if s]
+        table([int(v) for v in a.vocab.split(",")], modes, skip, a.n, a.out, only)
     if a.sweep:
-        sweep([int(v) for v in a.sweep_vocab.split(",")], a.n, a.out)
+        sweep([int(v) for v in a.sweep_vocab.split(",")], a.n, a.out, configs, kernels)
     return 0
 
 
