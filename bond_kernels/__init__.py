@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from . import functional, reference
 from ._info import info
+from .distillation import linear_token_jeffreys
 from .functional import (
     best_of_n_indices,
     bon_log_prob,
@@ -34,6 +35,7 @@ __all__ = [
     "functional",
     "info",
     "jbond_loss",
+    "linear_token_jeffreys",
     "linear_token_logprobs",
     "reference",
     "reward_quantiles",

@@ -26,6 +26,7 @@ OPS = {
     "reward_quantiles": ("cuda", "triton", "cpu", "torch"),
     "bond_sequence": ("cuda", "cpu", "torch"),
     "token_jeffreys": ("triton", "cpu", "torch"),
+    "linear_token_jeffreys": ("triton", "cpu", "torch"),
 }
 
 # Preference order of ``auto`` per device type.

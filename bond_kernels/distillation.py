@@ -1,0 +1,185 @@
+"""Functional API of the distillation ops: student-teacher divergences computed from hidden states and LM heads.
+
+``linear_token_jeffreys`` is the BOND token regulariser (and TRL's generalised JSD) without either model's
+(N, V) logits: see :mod:`bond_kernels.ops.linear_token_jeffreys` for the tiles and
+:mod:`bond_kernels.reference.linear_token_jeffreys` for the math.
+"""
+
+import torch
+
+from . import _backend
+from . import _validate as V
+
+DIVERGENCES = ("jeffreys", "gjsd")
+
+
+def _head_args(hidden, weight, bias, name):
+    """Checks of one model's (hidden, weight, bias); ``name`` is "" for the student, "teacher_" for the teacher."""
+    V.float_tensor(hidden, f"{name}hidden")
+    V.float_tensor(weight, f"{name}weight")
+    h = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != h:
+        raise ValueError(
+            f"{name}weight must be (V, H) with {name}hidden's size H = {h} as its second dimension, "
+            f"got {V.describe(weight)}"
+        )
+    if h == 0 or weight.shape[0] == 0:
+        raise ValueError(
+            f"{name}hidden and {name}weight must be non-empty (H ≥ 1, V ≥ 1), got {name}hidden "
+            f"{V.describe(hidden)} and {name}weight {V.describe(weight)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"{name}weight must have {name}hidden's dtype {hidden.dtype}, got {V.describe(weight)}"
+        )
+    V.same_device(hidden, weight, f"{name}hidden", f"{name}weight")
+    if bias is not None:
+        V.float_tensor(bias, f"{name}bias")
+        if tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype:
+            raise ValueError(
+                f"{name}bias must be ({weight.shape[0]},) of {name}weight's dtype {weight.dtype}, "
+                f"got {V.describe(bias)}"
+            )
+        V.same_device(hidden, bias, f"{name}hidden", f"{name}bias")
+
+
+def _ignored(labels, ignore_index, ignore_mask, lead, device):
+    """(N,) bool: True where the row counts (from labels != ignore_index and/or ~ignore_mask)."""
+    keep = torch.ones(lead, dtype=torch.bool, device=device)
+    if labels is not None:
+        V.tensor(labels, "labels")
+        if labels.dtype not in V.LABEL_DTYPES or tuple(labels.shape) != lead:
+            raise ValueError(
+                f"labels must be an int64 (or int32) tensor of shape {lead}, got {V.describe(labels)}"
+            )
+        if labels.device != device:
+            raise ValueError(f"labels must be on hidden's device {device}, got {V.describe(labels)}")
+        keep = keep & (labels != V.integer(ignore_index, "ignore_index"))
+    if ignore_mask is not None:
+        V.tensor(ignore_mask, "ignore_mask")
+        if ignore_mask.dtype != torch.bool or tuple(ignore_mask.shape) != lead:
+            raise ValueError(
+                f"ignore_mask must be a bool tensor of shape {lead}, got {V.describe(ignore_mask)}"
+            )
+        if ignore_mask.device != device:
+            raise ValueError(
+                f"ignore_mask must be on hidden's device {device}, got {V.describe(ignore_mask)}"
+            )
+        keep = keep & ~ignore_mask
+    return keep.reshape(-1)
+
+
+def linear_token_jeffreys(
+    hidden,
+    weight,
+    teacher_hidden,
+    teacher_weight,
+    *,
+    bias=None,
+    teacher_bias=None,
+    beta=0.5,
+    divergence="jeffreys",
+    temperature=1.0,
+    softcap=None,
+    teacher_softcap=None,
+    labels=None,
+    ignore_index=-100,
+    ignore_mask=None,
+    backend="auto",
+    tile_bytes=None,
+):
+    """Per-token divergence between the student's and the teacher's next-token distributions, from hidden
+    states and LM heads, never holding either model's (N, V) logits.
+
+    hidden (..., H_s) and weight (V, H_s) (+ bias (V,)): the student, differentiated (hidden, weight, bias).
+    teacher_hidden (..., H_t) and teacher_weight (V, H_t) (+ teacher_bias): the teacher, a constant; they must
+    not require grad (detach them, or freeze the teacher), since no gradient reaches them.
+    divergence: ``"jeffreys"`` gives ``β·KL(s‖t) + (1−β)·KL(t‖s)`` (as :func:`bond_kernels.token_jeffreys`
+    with the student as policy); ``"gjsd"`` gives TRL's GKD / DistillationTrainer convention: β = 0 the forward
+    KL(t‖s), β = 1 the reverse KL(s‖t), in between the generalised JSD with mixture (1−β)·s + β·t.
+    temperature divides both models' logits (after each model's softcap ``c·tanh(x/c)``).
+    labels with ``ignore_index``, and/or ignore_mask (True = ignored), select rows: ignored rows give 0 and
+    no gradient.  Returns (...) fp32 (fp64 for fp64 inputs, on the reference).  Spec:
+    :func:`bond_kernels.reference.linear_token_jeffreys.linear_token_jeffreys`.
+    tile_bytes: bytes of one fp32 (N, C) logits tile (default 64 MiB on CUDA, 16 MiB on CPU).
+    """
+    _head_args(hidden, weight, bias, "")
+    _head_args(teacher_hidden, teacher_weight, teacher_bias, "teacher_")
+    lead = tuple(hidden.shape[:-1])
+    if tuple(teacher_hidden.shape[:-1]) != lead:
+        raise ValueError(
+            f"teacher_hidden must have hidden's leading shape {lead} (one row per token), "
+            f"got {V.describe(teacher_hidden)}"
+        )
+    if teacher_weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"teacher_weight must have weight's vocabulary size V = {weight.shape[0]} rows (the two models must "
+            f"share a vocabulary), got {V.describe(teacher_weight)}"
+        )
+    V.same_device(hidden, teacher_hidden, "hidden", "teacher_hidden")
+    for t, name in (
+        (teacher_hidden, "teacher_hidden"),
+        (teacher_weight, "teacher_weight"),
+        (teacher_bias, "teacher_bias"),
+    ):
+        if t is not None and t.requires_grad:
+            raise ValueError(
+                f"{name} requires grad, but linear_token_jeffreys gives the teacher no gradient: pass "
+                f"{name}.detach() (or freeze the teacher with requires_grad_(False))"
+            )
+    if not isinstance(divergence, str) or divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    beta = V.unit_interval(beta, "beta")
+    temperature = V.positive_float(temperature, "temperature")
+    cap_s, cap_t = V.softcap_value(softcap), V.softcap_value(teacher_softcap)
+    keep = _ignored(labels, ignore_index, ignore_mask, lead, hidden.device)
+    if tile_bytes is not None and (
+        isinstance(tile_bytes, bool) or not isinstance(tile_bytes, int) or tile_bytes < 1
+    ):
+        raise ValueError(f"tile_bytes must be a positive int, got {tile_bytes!r}")
+
+    fp64 = torch.float64 in (hidden.dtype, teacher_hidden.dtype)
+    if fp64 and backend in (None, "auto"):
+        name = "torch"
+    else:
+        name = _backend.resolve("linear_token_jeffreys", backend, hidden.device)
+    h_s = hidden.reshape(-1, hidden.shape[-1])
+    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    if name == "torch" and fp64:
+        from .reference.linear_token_jeffreys import linear_token_jeffreys as reference
+
+        div = reference(
+            h_s,
+            weight,
+            h_t,
+            teacher_weight,
+            bias=bias,
+            teacher_bias=teacher_bias,
+            beta=beta,
+            divergence=divergence,
+            temperature=temperature,
+            softcap=cap_s or None,
+            teacher_softcap=cap_t or None,
+            ignore_mask=~keep,
+        )
+        return div.view(lead)
+    from .ops.linear_token_jeffreys import LinearTokenJeffreys, tile_columns
+
+    cols = tile_columns(h_s.shape[0], weight.shape[0], hidden.device, tile_bytes)
+    div = LinearTokenJeffreys.apply(
+        h_s,
+        weight,
+        bias,
+        h_t,
+        teacher_weight,
+        teacher_bias,
+        keep,
+        beta,
+        divergence,
+        temperature,
+        cap_s,
+        cap_t,
+        name,
+        cols,
+    )
+    return div.view(lead)

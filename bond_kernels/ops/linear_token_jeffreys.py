@@ -1,0 +1,234 @@
+"""Student-teacher divergence from hidden states and LM heads, in vocabulary tiles (the engine and its autograd).
+
+Spec: :mod:`bond_kernels.reference.linear_token_jeffreys` (the math of both conventions and their gradients).
+Neither model's (N, V) logits ever exist: the vocabulary is visited in tiles of ``C`` columns, each the two
+matmuls ``h_s·W_s[c]ᵀ`` and ``h_t·W_t[c]ᵀ`` (cuBLAS on a GPU, the CPU BLAS here) followed by O(N·C) elementwise
+work in fp32.
+
+Forward, ``divergence="jeffreys"`` (and TRL's ``"gjsd"`` at β ∈ {0, 1}, which are KL(t‖s) and KL(s‖t)): one
+pass.  Per row and tile it folds online statistics of both distributions: the running maxes ``m_s, m_t``, the
+sums ``Σ e^{z−m_s}`` and ``Σ e^{a−m_t}`` and the cross terms ``Σ e^{z−m_s}·(z−a)`` and ``Σ e^{a−m_t}·(a−z)``,
+rescaled when a max grows; at the end ``KL(s‖t) = Σ s·(z−a) − (lse_s − lse_t)`` and symmetrically.
+``divergence="gjsd"`` with 0 < β < 1 needs ``log m = logaddexp(log s + log(1−β), log t + log β)`` per entry,
+so it takes two passes: the log-sum-exps first, then the divergence (the matmuls run twice).
+
+Backward: the tiles are recomputed and the per-entry gradient ``dz`` (reference docstring) becomes
+``dx = g·dz/T·(1 − tanh²)`` (the last factor with a softcap), then ``grad_h += dx·W_s[c]``,
+``grad_W_s[c] = dxᵀ·h_s`` (each tile of grad_W written once) and ``grad_b_s[c] = Σ_rows dx``.  With the
+``cpu`` or ``triton`` backend the Jeffreys ``dz`` of a tile is one fused kernel (the ``token_jeffreys``
+backward, which takes the full rows' statistics and so works on any column slice); ``torch`` computes it
+with torch ops.
+
+Memory beyond the inputs and gradients: two fp32 (N, C) tiles and a few temporaries of that size, with C
+chosen so that one tile is ``tile_bytes`` (64 MiB on CUDA, 16 MiB on CPU), plus O(N) statistics.  Ignored rows
+are computed (no host sync to compact them) and their outputs and gradients zeroed with ``where`` (a NaN in
+an ignored row's hidden state does not leak into the weight gradient).
+"""
+
+import math
+
+import torch
+
+from . import _dispatch
+
+GPU_TILE_BYTES = 64 << 20
+CPU_TILE_BYTES = 16 << 20
+# Tiles of a multiple of 256 columns keep the matmul dimensions multiples of the MMA tile on a GPU.
+VOCAB_MULTIPLE = 256
+
+
+def tile_columns(n_rows: int, vocab: int, device: torch.device, tile_bytes=None) -> int:
+    """Columns per vocabulary tile: one fp32 (n_rows, C) tile of ``tile_bytes``, a multiple of 256, ≤ vocab."""
+    if tile_bytes is None:
+        tile_bytes = GPU_TILE_BYTES if device.type == "cuda" else CPU_TILE_BYTES
+    c = int(tile_bytes) // (4 * max(int(n_rows), 1))
+    c = max(VOCAB_MULTIPLE, c // VOCAB_MULTIPLE * VOCAB_MULTIPLE)
+    return max(1, min(c, int(vocab)))
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    # Tensor cores take bf16/fp16 on a GPU; CPU BLAS runs half types far slower than fp32, so fp32 there.
+    return x.dtype if x.is_cuda else torch.float32
+
+
+class Head:
+    """One model's LM head and its logit transform: z = cap(h·Wᵀ + b)/T over a column range."""
+
+    def __init__(self, hidden, weight, bias, softcap, temperature):
+        dt = _matmul_dtype(hidden)
+        self.hidden = hidden.to(dt)
+        self.weight, self.bias = weight, bias
+        self.dt, self.softcap, self.temperature = dt, softcap, temperature
+
+    def raw(self, c0, c1):
+        w = self.weight[c0:c1].to(self.dt)
+        if self.bias is None:
+            return (self.hidden @ w.T).float()
+        return torch.addmm(self.bias[c0:c1].to(self.dt), self.hidden, w.T).float()
+
+    def capped(self, x):
+        """(cap(x), tanh(x/c) or None)."""
+        if not self.softcap:
+            return x, None
+        t = torch.tanh(x / self.softcap)
+        return self.softcap * t, t
+
+    def logits(self, c0, c1):
+        """Transformed logits z (N, C) fp32, and tanh(x/c) for the softcap's derivative (or None)."""
+        capped, t = self.capped(self.raw(c0, c1))
+        return capped / self.temperature, t
+
+
+def _tiles(vocab, cols):
+    return [(c0, min(c0 + cols, vocab)) for c0 in range(0, vocab, cols)]
+
+
+def _fold(state, z):
+    """Online log-sum-exp: fold tile z (N, C) into (m, s); returns the new state and e = exp(z − m_new)."""
+    m, s = state
+    m_new = torch.maximum(m, z.amax(1))
+    m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+    alpha = torch.exp(m - m_safe)
+    e = torch.exp(z - m_safe[:, None])
+    return (m_new, s * alpha + e.sum(1)), e, alpha
+
+
+def _cross(e, d):
+    return torch.where(e > 0, e * d, torch.zeros((), device=e.device)).sum(1)
+
+
+def jeffreys_stats(student: Head, teacher: Head, n, vocab, cols):
+    """One pass: (lse_s, lse_t, KL(s‖t), KL(t‖s)), fp32 (N,) each."""
+    dev = student.hidden.device
+    init = lambda: (torch.full((n,), -math.inf, device=dev), torch.zeros(n, device=dev))  # noqa: E731
+    st_s, st_t = init(), init()
+    c_s = torch.zeros(n, device=dev)
+    c_t = torch.zeros(n, device=dev)
+    for c0, c1 in _tiles(vocab, cols):
+        z, _ = student.logits(c0, c1)
+        a, _ = teacher.logits(c0, c1)
+        st_s, e_s, alpha_s = _fold(st_s, z)
+        st_t, e_t, alpha_t = _fold(st_t, a)
+        d = z - a
+        c_s = c_s * alpha_s + _cross(e_s, d)
+        c_t = c_t * alpha_t - _cross(e_t, d)
+    (m_s, s_s), (m_t, s_t) = st_s, st_t
+    log_s, log_t = torch.log(s_s), torch.log(s_t)
+    # Δ = lse_s − lse_t from the maxes and the log-sums apart: each lse may be large while Δ is small.
+    delta = (m_s - m_t) + (log_s - log_t)
+    return m_s + log_s, m_t + log_t, c_s / s_s - delta, c_t / s_t + delta
+
+
+def lse_pass(student: Head, teacher: Head, n, vocab, cols):
+    dev = student.hidden.device
+    init = lambda: (torch.full((n,), -math.inf, device=dev), torch.zeros(n, device=dev))  # noqa: E731
+    st_s, st_t = init(), init()
+    for c0, c1 in _tiles(vocab, cols):
+        st_s, _, _ = _fold(st_s, student.logits(c0, c1)[0])
+        st_t, _, _ = _fold(st_t, teacher.logits(c0, c1)[0])
+    return st_s[0] + torch.log(st_s[1]), st_t[0] + torch.log(st_t[1])
+
+
+def _plogp(p, logp, logq):
+    return (p * torch.where(p > 0, logp - logq, torch.zeros((), device=p.device))).sum(1)
+
+
+def gjsd_pass(student: Head, teacher: Head, lse_s, lse_t, beta, n, vocab, cols):
+    """Second pass of the generalised JSD: (D, KL(s‖m)), fp32 (N,) each."""
+    dev = student.hidden.device
+    kl_tm = torch.zeros(n, device=dev)
+    kl_sm = torch.zeros(n, device=dev)
+    for c0, c1 in _tiles(vocab, cols):
+        log_s = student.logits(c0, c1)[0] - lse_s[:, None]
+        log_t = teacher.logits(c0, c1)[0] - lse_t[:, None]
+        log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
+        kl_tm += _plogp(log_t.exp(), log_t, log_m)
+        kl_sm += _plogp(log_s.exp(), log_s, log_m)
+    return beta * kl_tm + (1.0 - beta) * kl_sm, kl_sm
+
+
+def _dz_jeffreys(xs, xt, lse_s, lse_t, kl_st, beta, coef, backend, temperature):
+    """Gradient of Σ coef·D (Jeffreys) with respect to the capped student logits ``xs`` (N, C) fp32, from the
+    capped tiles of both models and the full rows' statistics (so any column slice is exact)."""
+    if backend in ("cpu", "triton"):
+        # One fused kernel: the token_jeffreys backward, which divides by T itself.
+        empty = torch.empty(0, dtype=torch.bool, device=xs.device)
+        return _dispatch.kernels(backend).token_jeffreys_bwd(
+            xs, xt, lse_s, lse_t, kl_st, coef, beta, temperature, empty
+        )
+    log_s = xs / temperature - lse_s[:, None]
+    log_t = xt / temperature - lse_t[:, None]
+    s, t = log_s.exp(), log_t.exp()
+    zero = torch.zeros((), device=xs.device)
+    dz = beta * torch.where(s > 0, s * (log_s - log_t - kl_st[:, None]), zero) + (1.0 - beta) * (s - t)
+    return dz * (coef / temperature)[:, None]
+
+
+def _dz_gjsd(xs, xt, lse_s, lse_t, kl_sm, beta, coef, temperature):
+    """Gradient of Σ coef·D (generalised JSD, 0 < β < 1) with respect to the capped student logits."""
+    log_s = xs / temperature - lse_s[:, None]
+    log_t = xt / temperature - lse_t[:, None]
+    log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
+    s = log_s.exp()
+    zero = torch.zeros((), device=xs.device)
+    dz = (1.0 - beta) * torch.where(s > 0, s * (log_s - log_m - kl_sm[:, None]), zero)
+    return dz * (coef / temperature)[:, None]
+
+
+class LinearTokenJeffreys(torch.autograd.Function):
+    """(h_s, W_s, b_s, h_t, W_t, b_t, keep, options) → per-row divergence (N,) fp32; gradients for the student."""
+
+    @staticmethod
+    def forward(
+        ctx, h_s, w_s, b_s, h_t, w_t, b_t, keep, beta, divergence, temperature, cap_s, cap_t, backend, cols
+    ):
+        n, vocab = h_s.shape[0], w_s.shape[0]
+        student = Head(h_s, w_s, b_s, cap_s, temperature)
+        teacher = Head(h_t, w_t, b_t, cap_t, temperature)
+        mode = divergence if (divergence == "jeffreys" or 0.0 < beta < 1.0) else "kl"
+        if mode == "gjsd":
+            lse_s, lse_t = lse_pass(student, teacher, n, vocab, cols)
+            div, aux = gjsd_pass(student, teacher, lse_s, lse_t, beta, n, vocab, cols)
+            jeffreys_beta = None
+        else:
+            lse_s, lse_t, kl_st, kl_ts = jeffreys_stats(student, teacher, n, vocab, cols)
+            # "kl": TRL's β = 0 is KL(t‖s), β = 1 is KL(s‖t): Jeffreys with β 0 and 1.
+            jeffreys_beta = beta if mode == "jeffreys" else (1.0 if beta == 1.0 else 0.0)
+            div, aux = jeffreys_beta * kl_st + (1.0 - jeffreys_beta) * kl_ts, kl_st
+        div = torch.where(keep, div, torch.zeros((), device=div.device))
+        ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, keep, lse_s, lse_t, aux)
+        ctx.opts = (mode, beta, jeffreys_beta, temperature, cap_s, cap_t, backend, cols)
+        return div
+
+    @staticmethod
+    def backward(ctx, grad_div):
+        h_s, w_s, b_s, h_t, w_t, b_t, keep, lse_s, lse_t, aux = ctx.saved_tensors
+        mode, beta, jeffreys_beta, temperature, cap_s, cap_t, backend, cols = ctx.opts
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        vocab = w_s.shape[0]
+        student = Head(h_s, w_s, b_s, cap_s, temperature)
+        teacher = Head(h_t, w_t, b_t, cap_t, temperature)
+        coef = torch.where(keep, grad_div.float(), torch.zeros((), device=grad_div.device)).contiguous()
+        grad_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
+        grad_w = torch.empty_like(w_s) if need_w else None
+        grad_b = torch.empty_like(b_s) if (need_b and b_s is not None) else None
+        for c0, c1 in _tiles(vocab, cols):
+            xs, tanh = student.capped(student.raw(c0, c1))
+            xt, _ = teacher.capped(teacher.raw(c0, c1))
+            if mode == "gjsd":
+                dx = _dz_gjsd(xs, xt, lse_s, lse_t, aux, beta, coef, temperature)
+            else:
+                dx = _dz_jeffreys(xs, xt, lse_s, lse_t, aux, jeffreys_beta, coef, backend, temperature)
+            if tanh is not None:
+                dx = dx * (1.0 - tanh * tanh)
+            dx = torch.where(keep[:, None], dx, torch.zeros((), device=dx.device))
+            if grad_b is not None:
+                grad_b[c0:c1] = dx.sum(0).to(b_s.dtype)
+            dx = dx.to(student.dt)
+            if grad_h is not None:
+                grad_h += dx @ w_s[c0:c1].to(student.dt)
+            if grad_w is not None:
+                grad_w[c0:c1] = (dx.T @ student.hidden).to(w_s.dtype)
+        if grad_h is not None:
+            grad_h = grad_h.to(h_s.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None, None
