@@ -29,6 +29,7 @@ Two ways to run (GPU only):
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -364,19 +365,39 @@ def _baseline_first(configs):
 
 
 SWEEP_KERNELS = ("fwd", "bwd", "fwd_bwd")
+# The pipeline knobs at the default block, timed right after the baseline (they are what the kernels were
+# designed around without a GPU): the depth of the cp.async pipeline (_config.NUM_STAGES, 3) and, for the
+# two-sweep gradient-in-forward only, its number of persistent programs (_config.two_sweep_programs: about
+# 100 at V = 128256 bf16 on a 50 MB L2; 528 is ~4 per SM, an L2-oblivious grid).
+PIPELINE_CONFIGS = ("4096x8s2", "4096x8s4", "4096x8s5", "4096x8p66", "4096x8p264", "4096x8p528")
+
+
+def _parse_item(item):
+    """``"4096x8"`` -> (4096, 8, None, None); ``"4096x8s4"`` sets NUM_STAGES; ``"4096x8p264"`` the programs."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?:s(\d+))?(?:p(\d+))?", item.strip())
+    if not m:
+        raise ValueError(
+            f"--sweep-configs wants BLOCKxWARPS[sSTAGES][pPROGRAMS] items (e.g. 4096x8s4), got {item!r}"
+        )
+    block, warps, stages, programs = (int(g) if g else None for g in m.groups())
+    return block, warps, stages, programs
 
 
 def parse_configs(text):
-    """``"4096x8,8192x16"`` -> [(4096, 8), (8192, 16)]; ``"pruned"`` -> the default list."""
+    """``"4096x8,8192x16s4"`` -> [(4096, 8, None, None), (8192, 16, 4, None)]; ``"pruned"`` -> the baseline,
+    ``PIPELINE_CONFIGS``, then the rest of the pruned BLOCK x warps list."""
     if text in ("", "pruned"):
-        return _baseline_first(pruned_configs())
-    out = []
-    for item in text.split(","):
-        block, _, warps = item.strip().partition("x")
-        if not warps:
-            raise ValueError(f"--sweep-configs wants BLOCKxWARPS items (e.g. 4096x8), got {item!r}")
-        out.append((int(block), int(warps)))
-    return out
+        base, *rest = _baseline_first(pruned_configs())
+        return (
+            [(*base, None, None)]
+            + [_parse_item(i) for i in PIPELINE_CONFIGS]
+            + [(*c, None, None) for c in rest]
+        )
+    return [_parse_item(item) for item in text.split(",")]
+
+
+def _label(block, warps, stages, programs):
+    return f"{block}x{warps}" + (f"s{stages}" if stages else "") + (f"p{programs}" if programs else "")
 
 
 def _sweep_vocab(v, n, copy_bps, out, configs, kernels=SWEEP_KERNELS):
@@ -395,19 +416,25 @@ def _sweep_vocab(v, n, copy_bps, out, configs, kernels=SWEEP_KERNELS):
     rows = []
     # configuration outer, kernel inner: a sweep cut off by its budget has every kernel of the
     # configurations it reached
-    for block, warps in configs:
+    for block, warps, stages, programs in configs:
         for name in kernels:
+            if programs is not None and name != "fwd_bwd":
+                continue  # the programs knob is the two-sweep kernel's only
             fn, passes = launches[name]
             t0 = time.time()
-            with _config.forced(block=block, warps=warps):
+            with _config.forced(block=block, warps=warps, stages=stages, programs=programs):
                 try:
                     fn()
                     ms = C.median_ms(fn, rep=50)
                 except Exception as exc:
-                    _emit(f"| {v} | {name} | {block} | {warps} | FAILED: {type(exc).__name__} | |", out)
+                    _emit(
+                        f"| {v} | {name} | {block} | {warps} | {stages or '-'} | {programs or '-'} | "
+                        f"FAILED: {type(exc).__name__} | |",
+                        out,
+                    )
                     continue
             frac = C.rate(passes * x.numel() * x.element_size(), ms, copy_bps)[1]
-            r = [v, name, block, warps, f"{ms:.3f}", f"{frac:.2f}"]
+            r = [v, name, block, warps, stages or "-", programs or "-", f"{ms:.3f}", f"{frac:.2f}"]
             rows.append(r)
             _emit("| " + " | ".join(str(c) for c in r) + f" |  <!-- {time.time() - t0:.1f} s -->", out)
     return rows
@@ -417,11 +444,12 @@ def sweep(vocabs, n=N, out=None, configs=None, kernels=SWEEP_KERNELS):
     """Median ms of each kernel under each (BLOCK, num_warps): which default to keep (_config.py)."""
     configs = parse_configs("pruned") if configs is None else configs
     copy_bps = C.copy_bandwidth()
-    header = ["V", "kernel", "BLOCK", "warps", "ms", "frac of copy BW"]
+    header = ["V", "kernel", "BLOCK", "warps", "stages", "programs", "ms", "frac of copy BW"]
     _emit(f"### launch-configuration sweep, N = {n}, bf16 — {C.card()}, {C.today()}\n", out)
     _emit(
         f"Copy bandwidth measured in this run: {copy_bps / C.GB:.0f} GB/s.  Defaults: _config.py.  "
-        f"{len(configs)} configurations (BLOCK x warps): {', '.join(f'{b}x{w}' for b, w in configs)}.\n",
+        f"{len(configs)} configurations (BLOCK x warps, s = NUM_STAGES, p = two-sweep programs): "
+        f"{', '.join(_label(*c) for c in configs)}.\n",
         out,
     )
     _emit(C.markdown_table(header, []), out)

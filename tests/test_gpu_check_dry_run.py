@@ -186,14 +186,18 @@ def test_sweep_covers_the_pruned_configurations(dry_run):
     out, _ = dry_run
     rows = _rows((out / "sweep.md").read_text())
     configs = []
-    for _v, _kernel, block, warps, *_ in rows:
-        if (int(block), int(warps)) not in configs:
-            configs.append((int(block), int(warps)))
-    assert configs[0] == (4096, 8), configs  # _config.py's default first
-    assert len(configs) == 14, configs
-    assert all(4 <= b // (32 * w) <= 32 for b, w in configs), configs
+    for _v, _kernel, block, warps, stages, programs, *_ in rows:
+        if (int(block), int(warps), stages, programs) not in configs:
+            configs.append((int(block), int(warps), stages, programs))
+    assert configs[0] == (4096, 8, "-", "-"), configs  # _config.py's default first
+    plain = [c for c in configs if c[2:] == ("-", "-")]
+    assert len(plain) == 14, configs
+    assert all(4 <= b // (32 * w) <= 32 for b, w, *_ in plain), configs
+    # then the pipeline depths (every kernel) and the two-sweep programs (fwd_bwd only)
+    assert [c[2] for c in configs if c[2] != "-"] == ["2", "4", "5"], configs
+    assert [c[3] for c in configs if c[3] != "-"] == ["66", "264", "528"], configs
     assert {k for _, k, *_ in rows} == {"fwd", "bwd", "fwd_bwd"}
-    assert len(rows) == 3 * len(configs)
+    assert len(rows) == 3 * (14 + 3) + 3
 
 
 def test_outputs_fit_what_the_device_returns(dry_run):
