@@ -85,6 +85,7 @@ def linear_token_jeffreys(
     labels=None,
     ignore_index=-100,
     ignore_mask=None,
+    return_entropy=False,
     backend="auto",
     tile_bytes=None,
 ):
@@ -101,8 +102,11 @@ def linear_token_jeffreys(
     labels with ``ignore_index``, and/or ignore_mask (True = ignored), select rows: ignored rows give 0 and
     no gradient.  Returns (...) fp32 (fp64 for fp64 inputs, on the reference).  Spec:
     :func:`bond_kernels.reference.linear_token_jeffreys.linear_token_jeffreys`.
+    return_entropy: also return the student's per-token entropy (...) fp32, not differentiated (a diagnostic,
+        as TRL's DistillationTrainer logs it), from the same pass.
     tile_bytes: bytes of one fp32 (N, C) logits tile (default 64 MiB on CUDA, 16 MiB on CPU).
     """
+    return_entropy = V.boolean(return_entropy, "return_entropy")
     _head_args(hidden, weight, bias, "")
     _head_args(teacher_hidden, teacher_weight, teacher_bias, "teacher_")
     lead = tuple(hidden.shape[:-1])
@@ -162,11 +166,24 @@ def linear_token_jeffreys(
             teacher_softcap=cap_t or None,
             ignore_mask=~keep,
         )
-        return div.view(lead)
+        if not return_entropy:
+            return div.view(lead)
+        from .reference.token_logprobs import token_logprobs as ref_token_logprobs
+
+        with torch.no_grad():  # the entropy is a diagnostic: no gradient, as on the tiled path
+            logits = h_s.to(div.dtype) @ weight.to(div.dtype).T
+            if bias is not None:
+                logits = logits + bias.to(div.dtype)
+            first = torch.zeros(h_s.shape[0], dtype=torch.long, device=h_s.device)
+            _, ent = ref_token_logprobs(
+                logits, first, temperature=temperature, softcap=cap_s or None, return_entropy=True
+            )
+            ent = torch.where(keep, ent, torch.zeros((), dtype=ent.dtype, device=ent.device))
+        return div.view(lead), ent.view(lead)
     from .ops.linear_token_jeffreys import LinearTokenJeffreys, tile_columns
 
     cols = tile_columns(h_s.shape[0], weight.shape[0], hidden.device, tile_bytes)
-    div = LinearTokenJeffreys.apply(
+    div, ent = LinearTokenJeffreys.apply(
         h_s,
         weight,
         bias,
@@ -182,4 +199,4 @@ def linear_token_jeffreys(
         name,
         cols,
     )
-    return div.view(lead)
+    return (div.view(lead), ent.view(lead)) if return_entropy else div.view(lead)

@@ -84,13 +84,31 @@ def _tiles(vocab, cols):
 
 
 def _fold(state, z):
-    """Online log-sum-exp: fold tile z (N, C) into (m, s); returns the new state and e = exp(z − m_new)."""
-    m, s = state
+    """Online log-sum-exp: fold tile z (N, C) into (m, s, a), a = Σ e^{z−m}·(z − m) (for the entropy, relative
+    to the max so large logits do not cancel); returns the new state, e = exp(z − m_new) and the rescale."""
+    m, s, a = state
     m_new = torch.maximum(m, z.amax(1))
     m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
     alpha = torch.exp(m - m_safe)
-    e = torch.exp(z - m_safe[:, None])
-    return (m_new, s * alpha + e.sum(1)), e, alpha
+    d = z - m_safe[:, None]
+    e = torch.exp(d)
+    shift = torch.where(s > 0, (m - m_safe) * s, torch.zeros_like(s))
+    a = alpha * (a + shift) + _cross(e, d)
+    return (m_new, s * alpha + e.sum(1), a), e, alpha
+
+
+def _init(n, device):
+    return (
+        torch.full((n,), -math.inf, device=device),
+        torch.zeros(n, device=device),
+        torch.zeros(n, device=device),
+    )
+
+
+def _lse_entropy(state):
+    """(lse, entropy) of a folded state: lse = m + log s, H = log s − a/s."""
+    m, s, a = state
+    return m + torch.log(s), torch.log(s) - a / s
 
 
 def _cross(e, d):
@@ -98,10 +116,9 @@ def _cross(e, d):
 
 
 def jeffreys_stats(student: Head, teacher: Head, n, vocab, cols):
-    """One pass: (lse_s, lse_t, KL(s‖t), KL(t‖s)), fp32 (N,) each."""
+    """One pass: (lse_s, lse_t, KL(s‖t), KL(t‖s), H(s)), fp32 (N,) each."""
     dev = student.hidden.device
-    init = lambda: (torch.full((n,), -math.inf, device=dev), torch.zeros(n, device=dev))  # noqa: E731
-    st_s, st_t = init(), init()
+    st_s, st_t = _init(n, dev), _init(n, dev)
     c_s = torch.zeros(n, device=dev)
     c_t = torch.zeros(n, device=dev)
     for c0, c1 in _tiles(vocab, cols):
@@ -112,21 +129,22 @@ def jeffreys_stats(student: Head, teacher: Head, n, vocab, cols):
         d = z - a
         c_s = c_s * alpha_s + _cross(e_s, d)
         c_t = c_t * alpha_t - _cross(e_t, d)
-    (m_s, s_s), (m_t, s_t) = st_s, st_t
+    (m_s, s_s, _), (m_t, s_t, _) = st_s, st_t
     log_s, log_t = torch.log(s_s), torch.log(s_t)
     # Δ = lse_s − lse_t from the maxes and the log-sums apart: each lse may be large while Δ is small.
     delta = (m_s - m_t) + (log_s - log_t)
-    return m_s + log_s, m_t + log_t, c_s / s_s - delta, c_t / s_t + delta
+    return m_s + log_s, m_t + log_t, c_s / s_s - delta, c_t / s_t + delta, _lse_entropy(st_s)[1]
 
 
 def lse_pass(student: Head, teacher: Head, n, vocab, cols):
+    """(lse_s, lse_t, H(s)), fp32 (N,) each."""
     dev = student.hidden.device
-    init = lambda: (torch.full((n,), -math.inf, device=dev), torch.zeros(n, device=dev))  # noqa: E731
-    st_s, st_t = init(), init()
+    st_s, st_t = _init(n, dev), _init(n, dev)
     for c0, c1 in _tiles(vocab, cols):
         st_s, _, _ = _fold(st_s, student.logits(c0, c1)[0])
         st_t, _, _ = _fold(st_t, teacher.logits(c0, c1)[0])
-    return st_s[0] + torch.log(st_s[1]), st_t[0] + torch.log(st_t[1])
+    lse_s, ent = _lse_entropy(st_s)
+    return lse_s, st_t[0] + torch.log(st_t[1]), ent
 
 
 def _plogp(p, logp, logq):
@@ -176,7 +194,8 @@ def _dz_gjsd(xs, xt, lse_s, lse_t, kl_sm, beta, coef, temperature):
 
 
 class LinearTokenJeffreys(torch.autograd.Function):
-    """(h_s, W_s, b_s, h_t, W_t, b_t, keep, options) → per-row divergence (N,) fp32; gradients for the student."""
+    """(h_s, W_s, b_s, h_t, W_t, b_t, keep, options) → (divergence, student entropy), (N,) fp32 each;
+    gradients for the student through the divergence (the entropy is not differentiated)."""
 
     @staticmethod
     def forward(
@@ -187,27 +206,32 @@ class LinearTokenJeffreys(torch.autograd.Function):
         teacher = Head(h_t, w_t, b_t, cap_t, temperature)
         mode = divergence if (divergence == "jeffreys" or 0.0 < beta < 1.0) else "kl"
         if mode == "gjsd":
-            lse_s, lse_t = lse_pass(student, teacher, n, vocab, cols)
+            lse_s, lse_t, ent = lse_pass(student, teacher, n, vocab, cols)
             div, aux = gjsd_pass(student, teacher, lse_s, lse_t, beta, n, vocab, cols)
             jeffreys_beta = None
         else:
-            lse_s, lse_t, kl_st, kl_ts = jeffreys_stats(student, teacher, n, vocab, cols)
+            lse_s, lse_t, kl_st, kl_ts, ent = jeffreys_stats(student, teacher, n, vocab, cols)
             # "kl": TRL's β = 0 is KL(t‖s), β = 1 is KL(s‖t): Jeffreys with β 0 and 1.
             jeffreys_beta = beta if mode == "jeffreys" else (1.0 if beta == 1.0 else 0.0)
             div, aux = jeffreys_beta * kl_st + (1.0 - jeffreys_beta) * kl_ts, kl_st
-        div = torch.where(keep, div, torch.zeros((), device=div.device))
+        zero = torch.zeros((), device=div.device)
+        div = torch.where(keep, div, zero)
+        ent = torch.where(keep, ent, zero)
         ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, keep, lse_s, lse_t, aux)
         ctx.opts = (mode, beta, jeffreys_beta, temperature, cap_s, cap_t, backend, cols)
-        return div
+        ctx.mark_non_differentiable(ent)  # the student's entropy is a diagnostic, as in TRL's chunked loss
+        return div, ent
 
     @staticmethod
-    def backward(ctx, grad_div):
+    def backward(ctx, grad_div, _grad_ent):
         h_s, w_s, b_s, h_t, w_t, b_t, keep, lse_s, lse_t, aux = ctx.saved_tensors
         mode, beta, jeffreys_beta, temperature, cap_s, cap_t, backend, cols = ctx.opts
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         vocab = w_s.shape[0]
         student = Head(h_s, w_s, b_s, cap_s, temperature)
         teacher = Head(h_t, w_t, b_t, cap_t, temperature)
+        if grad_div is None:  # only the entropy was used
+            return (None,) * 14
         coef = torch.where(keep, grad_div.float(), torch.zeros((), device=grad_div.device)).contiguous()
         grad_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
         grad_w = torch.empty_like(w_s) if need_w else None
