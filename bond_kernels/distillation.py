@@ -87,6 +87,7 @@ def linear_token_jeffreys(
     ignore_mask=None,
     return_entropy=False,
     backend="auto",
+    process_group=None,
     tile_bytes=None,
 ):
     """Per-token divergence between the student's and the teacher's next-token distributions, from hidden
@@ -104,6 +105,12 @@ def linear_token_jeffreys(
     :func:`bond_kernels.reference.linear_token_jeffreys.linear_token_jeffreys`.
     return_entropy: also return the student's per-token entropy (...) fp32, not differentiated (a diagnostic,
         as TRL's DistillationTrainer logs it), from the same pass.
+    process_group: vocabulary parallel (tensor-parallel LM heads): ``weight``, ``teacher_weight`` and the
+        biases hold this rank's slice of the vocabulary (the same slice of both heads), while the hidden
+        states and labels are the same on every rank.  The per-row statistics are gathered across the group
+        (O(N) each), the divergence is the full vocabulary's on every rank, and grad_hidden is all-reduced;
+        grad_weight and grad_bias are the rank's slices.  The student's hidden must require grad on every
+        rank or on none (checked: a mismatch would hang the all-reduce).
     tile_bytes: bytes of one fp32 (N, C) logits tile (default 64 MiB on CUDA, 16 MiB on CPU).
     """
     return_entropy = V.boolean(return_entropy, "return_entropy")
@@ -142,14 +149,16 @@ def linear_token_jeffreys(
     ):
         raise ValueError(f"tile_bytes must be a positive int, got {tile_bytes!r}")
 
+    if process_group is not None:
+        _check_group(process_group, hidden, weight, bias)
     fp64 = torch.float64 in (hidden.dtype, teacher_hidden.dtype)
-    if fp64 and backend in (None, "auto"):
+    if fp64 and backend in (None, "auto") and process_group is None:
         name = "torch"
     else:
         name = _backend.resolve("linear_token_jeffreys", backend, hidden.device)
     h_s = hidden.reshape(-1, hidden.shape[-1])
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    if name == "torch" and fp64:
+    if name == "torch" and fp64 and process_group is None:
         from .reference.linear_token_jeffreys import linear_token_jeffreys as reference
 
         div = reference(
@@ -198,5 +207,34 @@ def linear_token_jeffreys(
         cap_t,
         name,
         cols,
+        process_group,
     )
     return (div.view(lead), ent.view(lead)) if return_entropy else div.view(lead)
+
+
+def _check_group(group, hidden, weight, bias):
+    """Every rank must agree on what decides the collectives: N, V per rank, and which grads are needed."""
+    import torch.distributed as dist
+
+    mine = torch.tensor(
+        [
+            hidden.numel() // max(hidden.shape[-1], 1),
+            weight.shape[0],
+            int(hidden.requires_grad),
+            int(bias is None),
+        ],
+        dtype=torch.float64,
+    )
+    if dist.get_backend(group) == "nccl":
+        mine = mine.to(hidden.device)
+    lo, hi = mine.clone(), mine.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(lo, hi):
+        names = ("rows N", "vocabulary rows per rank", "hidden.requires_grad", "bias is None")
+        diff = [f"{n}: {int(a)}..{int(b)}" for n, a, b in zip(names, lo.tolist(), hi.tolist()) if a != b]
+        raise ValueError(
+            "linear_token_jeffreys(process_group=...): the ranks disagree on "
+            + ", ".join(diff)
+            + " (every rank needs the same tokens, equal vocabulary slices and the same requires_grad)"
+        )

@@ -115,8 +115,35 @@ def _cross(e, d):
     return torch.where(e > 0, e * d, torch.zeros((), device=e.device)).sum(1)
 
 
-def jeffreys_stats(student: Head, teacher: Head, n, vocab, cols):
-    """One pass: (lse_s, lse_t, KL(s‖t), KL(t‖s), H(s)), fp32 (N,) each."""
+def _merge(states, group):
+    """Combine per-rank folded states (m, s, a) of a vocabulary-parallel group (identity without a group)."""
+    if group is None:
+        return states
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    # one collective for every statistic: (k, N) per rank
+    mine = torch.cat([torch.stack(st) for st in states]).contiguous()
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    every = torch.stack(gathered)  # (world, k, N)
+    out, row = [], 0
+    for st in states:
+        ms, ss, as_ = every[:, row], every[:, row + 1], every[:, row + 2]
+        cross = [every[:, row + 3 + i] for i in range(len(st) - 3)]
+        row += len(st)
+        m_new = ms.amax(0)
+        m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+        scale = torch.exp(ms - m_safe)
+        shift = torch.where(ss > 0, (ms - m_safe) * ss, torch.zeros_like(ss))
+        merged = [m_new, (ss * scale).sum(0), (scale * (as_ + shift)).sum(0)]
+        merged += [(scale * c).sum(0) for c in cross]
+        out.append(tuple(merged))
+    return out
+
+
+def jeffreys_stats(student: Head, teacher: Head, n, vocab, cols, group=None):
+    """One pass: (lse_s, lse_t, KL(s‖t), KL(t‖s), H(s)), fp32 (N,) each (over every rank's vocabulary)."""
     dev = student.hidden.device
     st_s, st_t = _init(n, dev), _init(n, dev)
     c_s = torch.zeros(n, device=dev)
@@ -129,20 +156,23 @@ def jeffreys_stats(student: Head, teacher: Head, n, vocab, cols):
         d = z - a
         c_s = c_s * alpha_s + _cross(e_s, d)
         c_t = c_t * alpha_t - _cross(e_t, d)
-    (m_s, s_s, _), (m_t, s_t, _) = st_s, st_t
+    # the cross sums are relative to their distribution's max, so they merge like the sums
+    (m_s, s_s, a_s, c_s), (m_t, s_t, a_t, c_t) = _merge([(*st_s, c_s), (*st_t, c_t)], group)
     log_s, log_t = torch.log(s_s), torch.log(s_t)
     # Δ = lse_s − lse_t from the maxes and the log-sums apart: each lse may be large while Δ is small.
     delta = (m_s - m_t) + (log_s - log_t)
-    return m_s + log_s, m_t + log_t, c_s / s_s - delta, c_t / s_t + delta, _lse_entropy(st_s)[1]
+    ent = _lse_entropy((m_s, s_s, a_s))[1]
+    return m_s + log_s, m_t + log_t, c_s / s_s - delta, c_t / s_t + delta, ent
 
 
-def lse_pass(student: Head, teacher: Head, n, vocab, cols):
+def lse_pass(student: Head, teacher: Head, n, vocab, cols, group=None):
     """(lse_s, lse_t, H(s)), fp32 (N,) each."""
     dev = student.hidden.device
     st_s, st_t = _init(n, dev), _init(n, dev)
     for c0, c1 in _tiles(vocab, cols):
         st_s, _, _ = _fold(st_s, student.logits(c0, c1)[0])
         st_t, _, _ = _fold(st_t, teacher.logits(c0, c1)[0])
+    st_s, st_t = _merge([st_s, st_t], group)
     lse_s, ent = _lse_entropy(st_s)
     return lse_s, st_t[0] + torch.log(st_t[1]), ent
 
@@ -151,7 +181,15 @@ def _plogp(p, logp, logq):
     return (p * torch.where(p > 0, logp - logq, torch.zeros((), device=p.device))).sum(1)
 
 
-def gjsd_pass(student: Head, teacher: Head, lse_s, lse_t, beta, n, vocab, cols):
+def _all_reduce(x, group):
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(x, group=group)
+    return x
+
+
+def gjsd_pass(student: Head, teacher: Head, lse_s, lse_t, beta, n, vocab, cols, group=None):
     """Second pass of the generalised JSD: (D, KL(s‖m)), fp32 (N,) each."""
     dev = student.hidden.device
     kl_tm = torch.zeros(n, device=dev)
@@ -162,6 +200,7 @@ def gjsd_pass(student: Head, teacher: Head, lse_s, lse_t, beta, n, vocab, cols):
         log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
         kl_tm += _plogp(log_t.exp(), log_t, log_m)
         kl_sm += _plogp(log_s.exp(), log_s, log_m)
+    kl_tm, kl_sm = _all_reduce(torch.stack([kl_tm, kl_sm]), group).unbind(0)
     return beta * kl_tm + (1.0 - beta) * kl_sm, kl_sm
 
 
@@ -199,18 +238,33 @@ class LinearTokenJeffreys(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, h_s, w_s, b_s, h_t, w_t, b_t, keep, beta, divergence, temperature, cap_s, cap_t, backend, cols
+        ctx,
+        h_s,
+        w_s,
+        b_s,
+        h_t,
+        w_t,
+        b_t,
+        keep,
+        beta,
+        divergence,
+        temperature,
+        cap_s,
+        cap_t,
+        backend,
+        cols,
+        group,
     ):
         n, vocab = h_s.shape[0], w_s.shape[0]
         student = Head(h_s, w_s, b_s, cap_s, temperature)
         teacher = Head(h_t, w_t, b_t, cap_t, temperature)
         mode = divergence if (divergence == "jeffreys" or 0.0 < beta < 1.0) else "kl"
         if mode == "gjsd":
-            lse_s, lse_t, ent = lse_pass(student, teacher, n, vocab, cols)
-            div, aux = gjsd_pass(student, teacher, lse_s, lse_t, beta, n, vocab, cols)
+            lse_s, lse_t, ent = lse_pass(student, teacher, n, vocab, cols, group)
+            div, aux = gjsd_pass(student, teacher, lse_s, lse_t, beta, n, vocab, cols, group)
             jeffreys_beta = None
         else:
-            lse_s, lse_t, kl_st, kl_ts, ent = jeffreys_stats(student, teacher, n, vocab, cols)
+            lse_s, lse_t, kl_st, kl_ts, ent = jeffreys_stats(student, teacher, n, vocab, cols, group)
             # "kl": TRL's β = 0 is KL(t‖s), β = 1 is KL(s‖t): Jeffreys with β 0 and 1.
             jeffreys_beta = beta if mode == "jeffreys" else (1.0 if beta == 1.0 else 0.0)
             div, aux = jeffreys_beta * kl_st + (1.0 - jeffreys_beta) * kl_ts, kl_st
@@ -218,20 +272,20 @@ class LinearTokenJeffreys(torch.autograd.Function):
         div = torch.where(keep, div, zero)
         ent = torch.where(keep, ent, zero)
         ctx.save_for_backward(h_s, w_s, b_s, h_t, w_t, b_t, keep, lse_s, lse_t, aux)
-        ctx.opts = (mode, beta, jeffreys_beta, temperature, cap_s, cap_t, backend, cols)
+        ctx.opts = (mode, beta, jeffreys_beta, temperature, cap_s, cap_t, backend, cols, group)
         ctx.mark_non_differentiable(ent)  # the student's entropy is a diagnostic, as in TRL's chunked loss
         return div, ent
 
     @staticmethod
     def backward(ctx, grad_div, _grad_ent):
         h_s, w_s, b_s, h_t, w_t, b_t, keep, lse_s, lse_t, aux = ctx.saved_tensors
-        mode, beta, jeffreys_beta, temperature, cap_s, cap_t, backend, cols = ctx.opts
+        mode, beta, jeffreys_beta, temperature, cap_s, cap_t, backend, cols, group = ctx.opts
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         vocab = w_s.shape[0]
         student = Head(h_s, w_s, b_s, cap_s, temperature)
         teacher = Head(h_t, w_t, b_t, cap_t, temperature)
         if grad_div is None:  # only the entropy was used
-            return (None,) * 14
+            return (None,) * 15
         coef = torch.where(keep, grad_div.float(), torch.zeros((), device=grad_div.device)).contiguous()
         grad_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
         grad_w = torch.empty_like(w_s) if need_w else None
@@ -254,5 +308,7 @@ class LinearTokenJeffreys(torch.autograd.Function):
             if grad_w is not None:
                 grad_w[c0:c1] = (dx.T @ student.hidden).to(w_s.dtype)
         if grad_h is not None:
-            grad_h = grad_h.to(h_s.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None, None
+            # vocabulary-parallel: every rank holds its shard's part of grad_hidden (all ranks take part:
+            # needs_input_grad is the same on every rank, the functional layer checks it)
+            grad_h = _all_reduce(grad_h, group).to(h_s.dtype)
+        return (grad_h, grad_w, grad_b) + (None,) * 12
