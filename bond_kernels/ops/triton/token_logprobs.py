@@ -48,6 +48,10 @@ _LN2 = 0.6931471805599453
 # has seen only −inf (masked vocabulary) entries; any real logit·log2(e)/T is far above it.
 _M_INIT = tl.constexpr(-1.0e30)  # a constexpr: jit code may only read constexpr globals
 
+# The forward's saved log-sum-exp: split, (2, N) = (row max of the capped logits w, ln Σ exp((w − max)/T)),
+# so the backward's log p never rounds |x|/T (the contract in ops/token_logprobs.py), or whole (N,).
+SPLIT_LSE = False
+
 
 # --------------------------------------------------------------------------------------------------------
 # helpers
@@ -69,27 +73,31 @@ def _tanh(y, FAST: tl.constexpr):
 
 
 @triton.jit
-def _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr):
-    # Loaded logits → (u, t): u = z·log2(e) with z = softcap·tanh(x/softcap)/T, and t = tanh(x/softcap)
-    # (the softcap's derivative is 1 − t²; without a softcap t is unused and compiled away).
+def _capped(x, softcap, inv_softcap, HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr):
+    # Loaded logits → (w, t): w = softcap·tanh(x/softcap) in logit units (before the temperature), and
+    # t = tanh(x/softcap) (the softcap's derivative is 1 − t²; without a softcap t is unused, compiled away).
+    # Everything divides by T only after subtracting the row max of w, so |x|/T is never rounded: at
+    # T = 1e-4 that rounding alone was 2.7e-3 of relative gradient error.
     x = x.to(tl.float32)
     t = x
     if HAS_SOFTCAP:
         t = _tanh(x * inv_softcap, FAST_TANH)
         x = softcap * t
-    return x * scale, t
+    return x, t
 
 
 @triton.jit
-def _lse_step(u, m, s, a, RETURN_ENTROPY: tl.constexpr):
-    # One block of the online log-sum-exp in base 2 (u = −inf where masked): scalar running max m (one block
-    # reduction), per-lane running sums s, and for the entropy a_v = Σ e·(u − m), rescaled like s.
-    m_new = tl.maximum(m, tl.max(u, 0))
-    alpha = tl.exp2(m - m_new)
-    d = u - m_new
+def _lse_step(w, m, s, a, scale, RETURN_ENTROPY: tl.constexpr):
+    # One block of the online log-sum-exp (w = −inf where masked; scale = log2(e)/T): scalar running max m of
+    # w (one block reduction), per-lane running sums s of 2^{(w−m)·scale}, and for the entropy
+    # a_v = Σ e·(w − m)·scale, rescaled like s.
+    m_new = tl.maximum(m, tl.max(w, 0))
+    shift = (m - m_new) * scale  # ≤ 0; −inf while the row has shown only masked entries
+    alpha = tl.exp2(shift)
+    d = (w - m_new) * scale
     e = tl.exp2(d)
     if RETURN_ENTROPY:
-        a = alpha * (a + (m - m_new) * s) + tl.where(e > 0.0, e * d, 0.0)
+        a = alpha * (a + tl.where(s > 0.0, shift * s, 0.0)) + tl.where(e > 0.0, e * d, 0.0)
     s = s * alpha + e
     return m_new, s, a
 
@@ -104,22 +112,20 @@ def _row_start(row, T, stride_b, stride_t):
 
 @triton.jit
 def _grad_block(
-    u,
+    d,
     t_cap,
     offs,
     label_rel,
     g,
     g_ent,
     ent,
-    lse2,
     inv_temp,
     HAS_SOFTCAP: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
 ):
-    # d(g·logp + g_H·H)/dx for one block; u = z·log2(e) (−inf where masked), lse2 = lse·log2(e).  The label
-    # compare is 32-bit and block-relative: offs (int32 lane index) against label − block start, a scalar
-    # (a 64-bit compare per element was a quarter of the loop's instructions).
-    d = u - lse2  # log2 p
+    # d(g·logp + g_H·H)/dx for one block from d = log2 p (−inf where masked).  The label compare is 32-bit
+    # and block-relative: offs (int32 lane index) against label − block start, a scalar (a 64-bit compare
+    # per element was a quarter of the loop's instructions).
     p = tl.exp2(d)
     dz = tl.where(offs == label_rel, g, 0.0) - g * p
     if HAS_GRAD_ENTROPY:
@@ -139,7 +145,7 @@ def _grad_block(
 # (``tl.range(num_stages=NUM_STAGES)``: cp.async copies of the next NUM_STAGES − 1 blocks are in flight
 # while one block is reduced), so the block reductions' barriers no longer stall the loads.
 # --------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["T", "ignore_index"])
+@triton.jit(do_not_specialize=["N", "T", "ignore_index"])
 def _token_logprobs_fwd_kernel(
     # pointers
     logits_ptr,
@@ -148,6 +154,7 @@ def _token_logprobs_fwd_kernel(
     lse_ptr,
     ent_ptr,
     # sizes
+    N,
     T,
     V,
     # strides (elements)
@@ -162,6 +169,7 @@ def _token_logprobs_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     FAST_TANH: tl.constexpr,
     RETURN_ENTROPY: tl.constexpr,
+    SPLIT_LSE: tl.constexpr,
     BLOCK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -170,6 +178,8 @@ def _token_logprobs_fwd_kernel(
     if label == ignore_index:  # ignored rows skip the sweep
         tl.store(logp_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
+        if SPLIT_LSE:
+            tl.store(lse_ptr + N + row, 0.0)
         if RETURN_ENTROPY:
             tl.store(ent_ptr + row, 0.0)
         return
@@ -182,26 +192,30 @@ def _token_logprobs_fwd_kernel(
     a = tl.zeros([BLOCK], dtype=tl.float32)
     for start in tl.range(0, v_full, BLOCK, num_stages=NUM_STAGES):
         x = tl.load(row_ptr + start + offs)
-        u, t = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-        m, s, a = _lse_step(u, m, s, a, RETURN_ENTROPY)
+        w, t = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+        m, s, a = _lse_step(w, m, s, a, scale, RETURN_ENTROPY)
     if v_full < V:
         cols = v_full + offs
         mask = cols < V
         x = tl.load(row_ptr + cols, mask=mask, other=0.0)
-        u, t = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-        u = tl.where(mask, u, float("-inf"))  # mask after the softcap: tanh(0) is not −inf
-        m, s, a = _lse_step(u, m, s, a, RETURN_ENTROPY)
+        w, t = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+        w = tl.where(mask, w, float("-inf"))  # mask after the softcap: tanh(0) is not −inf
+        m, s, a = _lse_step(w, m, s, a, scale, RETURN_ENTROPY)
     s_tot = tl.sum(s, 0)
     log2_s = tl.log2(s_tot)
-    lse2 = m + log2_s
 
     # Label gather: one scalar load, transformed exactly like the sweep.  Out of range → NaN (no host sync).
     in_range = (label >= 0) & (label < V)
     x_y = tl.load(row_ptr + tl.where(in_range, label, 0))
-    u_y, t_y = _transform(x_y, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-    logp = tl.where(in_range, (u_y - lse2) * 0.6931471805599453, float("nan"))
+    w_y, t_y = _capped(x_y, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+    logp = tl.where(in_range, ((w_y - m) * scale - log2_s) * 0.6931471805599453, float("nan"))
     tl.store(logp_ptr + row, logp)
-    tl.store(lse_ptr + row, lse2 * 0.6931471805599453)
+    if SPLIT_LSE:
+        # (row max of w, ln Σ exp((w − max)/T)): the backward recomputes log p without rounding |x|/T
+        tl.store(lse_ptr + row, m)
+        tl.store(lse_ptr + N + row, log2_s * 0.6931471805599453)
+    else:
+        tl.store(lse_ptr + row, (m * scale + log2_s) * 0.6931471805599453)
     if RETURN_ENTROPY:
         # H = lse − E[z] = ln2·(log2 s − Σa/s): relative to the max, so no cancellation of large logits.
         tl.store(ent_ptr + row, (log2_s - tl.sum(a, 0) / s_tot) * 0.6931471805599453)
@@ -217,7 +231,7 @@ def _zero_row(grad_row, V, BLOCK: tl.constexpr):
         tl.store(grad_row + cols, zero, mask=cols < V)
 
 
-@triton.jit(do_not_specialize=["T", "ignore_index"])
+@triton.jit(do_not_specialize=["N", "T", "ignore_index"])
 def _token_logprobs_bwd_kernel(
     # pointers
     logits_ptr,
@@ -228,6 +242,7 @@ def _token_logprobs_bwd_kernel(
     grad_ent_ptr,
     grad_ptr,
     # sizes
+    N,
     T,
     V,
     # strides (elements)
@@ -245,6 +260,7 @@ def _token_logprobs_bwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     FAST_TANH: tl.constexpr,
     HAS_GRAD_ENTROPY: tl.constexpr,
+    SPLIT_LSE: tl.constexpr,
     BLOCK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -260,7 +276,13 @@ def _token_logprobs_bwd_kernel(
     in_range = (label >= 0) & (label < V)
     g = tl.where(in_range, tl.load(grad_logp_ptr + row), float("nan"))  # bad label → NaN row
     label32 = tl.where(in_range, label, -1).to(tl.int32)  # V < 2^31: the in-range label fits
-    lse2 = tl.load(lse_ptr + row) * 1.4426950408889634
+    # log2 p = (w − shift)·scale − c2: split lse (row max of w, ln Σ relative to it) or a whole one (shift 0)
+    if SPLIT_LSE:
+        shift = tl.load(lse_ptr + row)
+        c2 = tl.load(lse_ptr + N + row) * 1.4426950408889634
+    else:
+        shift = 0.0
+        c2 = tl.load(lse_ptr + row) * 1.4426950408889634
     g_ent = 0.0
     ent = 0.0
     if HAS_GRAD_ENTROPY:
@@ -270,19 +292,20 @@ def _token_logprobs_bwd_kernel(
     # blocks in flight ahead of it are other columns, and no other program touches this row.
     for start in tl.range(0, v_full, BLOCK, num_stages=NUM_STAGES):
         x = tl.load(row_ptr + start + offs)
-        u, t_cap = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+        w, t_cap = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+        d = (w - shift) * scale - c2
         dx = _grad_block(
-            u, t_cap, offs, label32 - start, g, g_ent, ent, lse2, inv_temp, HAS_SOFTCAP, HAS_GRAD_ENTROPY
+            d, t_cap, offs, label32 - start, g, g_ent, ent, inv_temp, HAS_SOFTCAP, HAS_GRAD_ENTROPY
         )
         tl.store(grad_row + start + offs, dx.to(grad_ptr.dtype.element_ty))
     if v_full < V:
         cols = v_full + offs
         mask = cols < V
         x = tl.load(row_ptr + cols, mask=mask, other=0.0)
-        u, t_cap = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-        u = tl.where(mask, u, float("-inf"))
+        w, t_cap = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+        d = tl.where(mask, (w - shift) * scale - c2, float("-inf"))
         dx = _grad_block(
-            u, t_cap, offs, label32 - v_full, g, g_ent, ent, lse2, inv_temp, HAS_SOFTCAP, HAS_GRAD_ENTROPY
+            d, t_cap, offs, label32 - v_full, g, g_ent, ent, inv_temp, HAS_SOFTCAP, HAS_GRAD_ENTROPY
         )
         tl.store(grad_row + cols, dx.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -329,18 +352,20 @@ def _token_logprobs_fwd_bwd_kernel(
     g = tl.where(in_range, tl.load(grad_logp_ptr + row), float("nan"))  # bad label → NaN row
     label32 = tl.where(in_range, label, -1).to(tl.int32)
     # The label logit first: in place, the store below overwrites it.
-    u_y, t_y = _transform(
-        tl.load(row_ptr + tl.where(in_range, label, 0)), scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH
+    w_y, t_y = _capped(
+        tl.load(row_ptr + tl.where(in_range, label, 0)), softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH
     )
     mask = offs < V
     x = tl.load(row_ptr + offs, mask=mask, other=0.0)
-    u, t_cap = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-    u = tl.where(mask, u, float("-inf"))
-    m = tl.max(u, 0)
-    lse2 = m + tl.log2(tl.sum(tl.exp2(u - m), 0))
-    dx = _grad_block(u, t_cap, offs, label32, g, 0.0, 0.0, lse2, inv_temp, HAS_SOFTCAP, False)
+    w, t_cap = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+    w = tl.where(mask, w, float("-inf"))
+    m = tl.max(w, 0)
+    d = (w - m) * scale  # relative to the row max before the temperature: |x|/T is never rounded
+    log2_s = tl.log2(tl.sum(tl.exp2(d), 0))
+    dx = _grad_block(d - log2_s, t_cap, offs, label32, g, 0.0, 0.0, inv_temp, HAS_SOFTCAP, False)
     tl.store(grad_row + offs, dx.to(grad_ptr.dtype.element_ty), mask=mask)
-    tl.store(logp_ptr + row, tl.where(in_range, (u_y - lse2) * 0.6931471805599453, float("nan")))
+    logp = ((w_y - m) * scale - log2_s) * 0.6931471805599453
+    tl.store(logp_ptr + row, tl.where(in_range, logp, float("nan")))
 
 
 @triton.jit(do_not_specialize=["N", "T", "ignore_index"])
@@ -392,9 +417,8 @@ def _token_logprobs_fwd_bwd_two_sweep_kernel(
             g = tl.where(in_range, tl.load(grad_logp_ptr + row), float("nan"))  # bad label → NaN row
             label32 = tl.where(in_range, label, -1).to(tl.int32)
             # The label logit first: in place, sweep 2 overwrites it.
-            u_y, t_y = _transform(
+            w_y, t_y = _capped(
                 tl.load(row_ptr + tl.where(in_range, label, 0)),
-                scale,
                 softcap,
                 inv_softcap,
                 HAS_SOFTCAP,
@@ -405,23 +429,22 @@ def _token_logprobs_fwd_bwd_two_sweep_kernel(
             s = tl.zeros([BLOCK], dtype=tl.float32)
             for start in tl.range(0, v_full, BLOCK, num_stages=NUM_STAGES):
                 x = tl.load(row_ptr + start + offs, eviction_policy="evict_last")
-                u, t = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-                m, s, unused = _lse_step(u, m, s, s, False)
+                w, t = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+                m, s, unused = _lse_step(w, m, s, s, scale, False)
             if v_full < V:
                 cols = v_full + offs
                 mask = cols < V
                 x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last")
-                u, t = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-                u = tl.where(mask, u, float("-inf"))
-                m, s, unused = _lse_step(u, m, s, s, False)
-            lse2 = m + tl.log2(tl.sum(s, 0))
+                w, t = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+                w = tl.where(mask, w, float("-inf"))
+                m, s, unused = _lse_step(w, m, s, s, scale, False)
+            log2_s = tl.log2(tl.sum(s, 0))
             # Sweep 2: read the row again (from L2) and write the gradient.
             for start in tl.range(0, v_full, BLOCK, num_stages=NUM_STAGES):
                 x = tl.load(row_ptr + start + offs, eviction_policy="evict_first")
-                u, t_cap = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-                dx = _grad_block(
-                    u, t_cap, offs, label32 - start, g, 0.0, 0.0, lse2, inv_temp, HAS_SOFTCAP, False
-                )
+                w, t_cap = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+                d = (w - m) * scale - log2_s
+                dx = _grad_block(d, t_cap, offs, label32 - start, g, 0.0, 0.0, inv_temp, HAS_SOFTCAP, False)
                 tl.store(
                     grad_row + start + offs, dx.to(grad_ptr.dtype.element_ty), eviction_policy="evict_first"
                 )
@@ -429,18 +452,17 @@ def _token_logprobs_fwd_bwd_two_sweep_kernel(
                 cols = v_full + offs
                 mask = cols < V
                 x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_first")
-                u, t_cap = _transform(x, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-                u = tl.where(mask, u, float("-inf"))
-                dx = _grad_block(
-                    u, t_cap, offs, label32 - v_full, g, 0.0, 0.0, lse2, inv_temp, HAS_SOFTCAP, False
-                )
+                w, t_cap = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+                d = tl.where(mask, (w - m) * scale - log2_s, float("-inf"))
+                dx = _grad_block(d, t_cap, offs, label32 - v_full, g, 0.0, 0.0, inv_temp, HAS_SOFTCAP, False)
                 tl.store(
                     grad_row + cols,
                     dx.to(grad_ptr.dtype.element_ty),
                     mask=mask,
                     eviction_policy="evict_first",
                 )
-            tl.store(logp_ptr + row, tl.where(in_range, (u_y - lse2) * 0.6931471805599453, float("nan")))
+            logp = ((w_y - m) * scale - log2_s) * 0.6931471805599453
+            tl.store(logp_ptr + row, tl.where(in_range, logp, float("nan")))
 
 
 # Reproducible by default; BOND_KERNELS_AUTOTUNE=1 tunes BLOCK × warps per V (restoring buffers the
@@ -549,7 +571,7 @@ def token_logprobs_fwd(logits, labels, temperature, softcap, ignore_index, retur
     n, t, v, stride_b, stride_t = _layout(logits, labels)
     f32 = dict(dtype=torch.float32, device=logits.device)
     logp = torch.empty(n, **f32)
-    lse = torch.empty(n, **f32)
+    lse = torch.empty((2, n) if SPLIT_LSE else (n,), **f32)
     ent = torch.empty(n if return_entropy else 0, **f32)
     if n == 0:
         return logp, lse, ent
@@ -561,12 +583,14 @@ def token_logprobs_fwd(logits, labels, temperature, softcap, ignore_index, retur
         logp,
         lse,
         ent if return_entropy else logp,
+        n,
         t,
         v,
         stride_b,
         stride_t,
         ignore_index=int(ignore_index),
         RETURN_ENTROPY=bool(return_entropy),
+        SPLIT_LSE=SPLIT_LSE,
         **scalars,
         **_meta(v, True),
         **_config.LAUNCH_OPTIONS,
@@ -585,13 +609,16 @@ def token_logprobs_bwd(
     grad = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if n == 0:
         return grad
-    lse = _row_vector(lse, n, "lse")
+    split = lse.dim() == 2  # (2, N) split, or (N,) whole: see ops/token_logprobs.py
+    if split and tuple(lse.shape) != (2, n):
+        raise ValueError(f"lse must be ({n},) or (2, {n}), got shape {tuple(lse.shape)}")
+    lse = lse.float().contiguous() if split else _row_vector(lse, n, "lse")
     grad_logp = _row_vector(grad_logp, n, "grad_logp")
     if has_grad_ent:
         entropy = _row_vector(entropy, n, "entropy")
         grad_entropy = _row_vector(grad_entropy, n, "grad_entropy")
     else:
-        entropy = grad_entropy = lse  # unused pointers
+        entropy = grad_entropy = grad_logp  # unused pointers
     g_stride_b, g_stride_t = _grad_strides(grad)
     _BWD[(n,)](
         logits,
@@ -601,6 +628,7 @@ def token_logprobs_bwd(
         grad_logp,
         grad_entropy,
         grad,
+        n,
         t,
         v,
         stride_b,
@@ -609,6 +637,7 @@ def token_logprobs_bwd(
         g_stride_t,
         ignore_index=int(ignore_index),
         HAS_GRAD_ENTROPY=has_grad_ent,
+        SPLIT_LSE=split,
         **_scalars(temperature, softcap, logits.device),
         **_meta(v, True),
         **_config.LAUNCH_OPTIONS,
