@@ -41,6 +41,10 @@ _M_INIT = tl.constexpr(-1.0e30)
 # pipeline); the backward keeps no accumulators: 4096 at 8 warps takes 36 (bf16) to 60 (fp32) registers,
 # 3-6 programs per SM.  No variant spills.  Figures: BENCHMARKS.md "Compile budget" (through the launchers,
 # with their alignment hints), checked in CI; timings of wider blocks are owed (gpu_check.sh sweep).
+# The forward's saved log-sum-exps: split (2, N) (row max of the raw logits, ln Σ relative to it) or whole
+# (N,); see the token_logprobs contract.
+SPLIT_LSE = False
+
 FWD_MAX_BLOCK = 2048
 BWD_MAX_BLOCK = 4096
 
@@ -62,6 +66,7 @@ def _token_jeffreys_fwd_kernel(
     lse_q_ptr,
     kl_ptr,
     # sizes and strides
+    N,
     V,
     stride_p,
     stride_a,
@@ -70,6 +75,7 @@ def _token_jeffreys_fwd_kernel(
     inv_t,
     # constexpr
     HAS_IGNORE: tl.constexpr,
+    SPLIT_LSE: tl.constexpr,
     BLOCK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -84,24 +90,26 @@ def _token_jeffreys_fwd_kernel(
     limit = tl.where(keep, V, 0)
     cols = tl.arange(0, BLOCK)
 
+    # The maxes are of the raw logits x, y (before the temperature), and every exponent is (x − max)/T: |x|/T
+    # itself is never rounded (at T = 1e-4 that rounding was 2.7e-3 of relative gradient error).
     m_p = tl.full((), _M_INIT, tl.float32)
     m_q = tl.full((), _M_INIT, tl.float32)
-    s_p = tl.zeros((BLOCK,), tl.float32)  # Σ e^{z − m_p}, per lane
-    s_q = tl.zeros((BLOCK,), tl.float32)  # Σ e^{a − m_q}
-    c_p = tl.zeros((BLOCK,), tl.float32)  # Σ e^{z − m_p}·(z − a)
-    c_q = tl.zeros((BLOCK,), tl.float32)  # Σ e^{a − m_q}·(a − z)
+    s_p = tl.zeros((BLOCK,), tl.float32)  # Σ e^{(x − m_p)/T}, per lane
+    s_q = tl.zeros((BLOCK,), tl.float32)  # Σ e^{(y − m_q)/T}
+    c_p = tl.zeros((BLOCK,), tl.float32)  # Σ e^{(x − m_p)/T}·(x − y)/T
+    c_q = tl.zeros((BLOCK,), tl.float32)  # Σ e^{(y − m_q)/T}·(y − x)/T
     for start in tl.range(0, V, BLOCK, num_stages=NUM_STAGES):
         offs = start + cols
         valid = offs < limit
-        z = tl.load(p_row + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
-        a = tl.load(a_row + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
-        mp_new = tl.maximum(m_p, tl.max(z, 0))
-        mq_new = tl.maximum(m_q, tl.max(a, 0))
-        alpha_p = tl.exp(m_p - mp_new)
-        alpha_q = tl.exp(m_q - mq_new)
-        e_p = tl.exp(z - mp_new)
-        e_q = tl.exp(a - mq_new)
-        d = z - a
+        x = tl.load(p_row + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        y = tl.load(a_row + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        mp_new = tl.maximum(m_p, tl.max(x, 0))
+        mq_new = tl.maximum(m_q, tl.max(y, 0))
+        alpha_p = tl.exp((m_p - mp_new) * inv_t)
+        alpha_q = tl.exp((m_q - mq_new) * inv_t)
+        e_p = tl.exp((x - mp_new) * inv_t)
+        e_q = tl.exp((y - mq_new) * inv_t)
+        d = (x - y) * inv_t
         s_p = s_p * alpha_p + e_p
         s_q = s_q * alpha_q + e_q
         c_p = c_p * alpha_p + tl.where(e_p > 0, e_p * d, 0.0)
@@ -115,13 +123,20 @@ def _token_jeffreys_fwd_kernel(
     log_sq = tl.log(sum_q)
     # Δ from the maxes and the log-sums separately: each lse may be large (|logits| ~ 30) while their
     # difference is small, and it is the difference that enters the divergence.
-    delta = (m_p - m_q) + (log_sp - log_sq)
+    delta = (m_p - m_q) * inv_t + (log_sp - log_sq)
     kl_pq = tl.sum(c_p, 0) / sum_p - delta
     kl_qp = tl.sum(c_q, 0) / sum_q + delta
     div = beta * kl_pq + (1.0 - beta) * kl_qp
     tl.store(div_ptr + row, tl.where(keep, div, 0.0))
-    tl.store(lse_p_ptr + row, tl.where(keep, m_p + log_sp, 0.0))
-    tl.store(lse_q_ptr + row, tl.where(keep, m_q + log_sq, 0.0))
+    if SPLIT_LSE:
+        # (row max of the raw logits, ln Σ relative to it), the token_logprobs contract's split form
+        tl.store(lse_p_ptr + row, tl.where(keep, m_p, 0.0))
+        tl.store(lse_p_ptr + N + row, tl.where(keep, log_sp, 0.0))
+        tl.store(lse_q_ptr + row, tl.where(keep, m_q, 0.0))
+        tl.store(lse_q_ptr + N + row, tl.where(keep, log_sq, 0.0))
+    else:
+        tl.store(lse_p_ptr + row, tl.where(keep, m_p * inv_t + log_sp, 0.0))
+        tl.store(lse_q_ptr + row, tl.where(keep, m_q * inv_t + log_sq, 0.0))
     tl.store(kl_ptr + row, tl.where(keep, kl_pq, 0.0))
 
 
@@ -137,6 +152,7 @@ def _token_jeffreys_bwd_kernel(
     grad_div_ptr,
     grad_ptr,
     # sizes and strides
+    N,
     V,
     stride_p,
     stride_a,
@@ -146,6 +162,7 @@ def _token_jeffreys_bwd_kernel(
     inv_t,
     # constexpr
     HAS_IGNORE: tl.constexpr,
+    SPLIT_LSE: tl.constexpr,
     BLOCK: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
@@ -157,8 +174,17 @@ def _token_jeffreys_bwd_kernel(
         keep = tl.load(ignore_ptr + row).to(tl.int32) == 0
     else:
         keep = row >= 0
-    lse_p = tl.load(lse_p_ptr + row)
-    lse_q = tl.load(lse_q_ptr + row)
+    # log p = (x − shift_p)/T − c_p: split lse (row max, ln Σ relative to it) or a whole one (shift 0)
+    if SPLIT_LSE:
+        shift_p = tl.load(lse_p_ptr + row)
+        shift_q = tl.load(lse_q_ptr + row)
+        c_p = tl.load(lse_p_ptr + N + row)
+        c_q = tl.load(lse_q_ptr + N + row)
+    else:
+        shift_p = 0.0
+        shift_q = 0.0
+        c_p = tl.load(lse_p_ptr + row)
+        c_q = tl.load(lse_q_ptr + row)
     kl = tl.load(kl_ptr + row)
     # Ignored rows: g = 0 and nothing is read (masked loads give −inf, so p = q = 0): the gradient is 0.
     g = tl.where(keep, tl.load(grad_div_ptr + row), 0.0) * inv_t
@@ -170,10 +196,10 @@ def _token_jeffreys_bwd_kernel(
         offs = start + cols
         in_row = offs < V
         valid = offs < limit
-        z = tl.load(p_row + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
-        a = tl.load(a_row + offs, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
-        log_p = z - lse_p
-        log_q = a - lse_q
+        x = tl.load(p_row + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        y = tl.load(a_row + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        log_p = (x - shift_p) * inv_t - c_p
+        log_q = (y - shift_q) * inv_t - c_q
         p = tl.exp(log_p)
         q = tl.exp(log_q)
         t = tl.where(p > 0, p * (log_p - log_q - kl), 0.0)
@@ -195,22 +221,28 @@ def token_jeffreys_fwd(policy, anchor, beta, temperature, ignore_mask):
     """policy, anchor (N, V) float, last stride 1; ignore_mask (N,) bool or (0,) -> (div, lse_p, lse_q, kl_pq)."""
     policy, anchor = _rows(policy), _rows(anchor)
     n, v = policy.shape
-    outs = [torch.empty(n, dtype=torch.float32, device=policy.device) for _ in range(4)]
+    lse_shape = (2, n) if SPLIT_LSE else (n,)
+    shapes = ((n,), lse_shape, lse_shape, (n,))
+    outs = [torch.empty(shape, dtype=torch.float32, device=policy.device) for shape in shapes]
     if n == 0:
         return tuple(outs)
     ignore, has_ignore = _ignore_arg(ignore_mask, outs[0])
-    block, warps = _launch_config(v, FWD_MAX_BLOCK)
+    # the cap is in bf16 columns: fp32 rows take half as many, so a block is the same bytes (at 2048 fp32
+    # columns ptxas spilled 28 bytes, see the compile budget)
+    block, warps = _launch_config(v, FWD_MAX_BLOCK * 2 // max(policy.element_size(), anchor.element_size()))
     _token_jeffreys_fwd_kernel[(n,)](
         policy,
         anchor,
         ignore,
         *outs,
+        n,
         v,
         policy.stride(0),
         anchor.stride(0),
         float(beta),
         1.0 / float(temperature),
         HAS_IGNORE=has_ignore,
+        SPLIT_LSE=SPLIT_LSE,
         BLOCK=block,
         NUM_STAGES=_config.num_stages(),
         num_warps=warps,
@@ -226,7 +258,11 @@ def token_jeffreys_bwd(policy, anchor, lse_p, lse_q, kl_pq, grad_div, beta, temp
     grad = torch.empty((n, v), dtype=policy.dtype, device=policy.device)
     if n == 0:
         return grad
-    ignore, has_ignore = _ignore_arg(ignore_mask, lse_p)
+    split = lse_p.dim() == 2  # (2, N) split or (N,) whole (token_logprobs' contract)
+    for lse, name in ((lse_p, "lse_p"), (lse_q, "lse_q")):
+        if tuple(lse.shape) != ((2, n) if split else (n,)):
+            raise ValueError(f"{name} must be ({n},) or (2, {n}) like lse_p, got shape {tuple(lse.shape)}")
+    ignore, has_ignore = _ignore_arg(ignore_mask, kl_pq)
     block, warps = _launch_config(v, BWD_MAX_BLOCK)
     _token_jeffreys_bwd_kernel[(n,)](
         policy,
@@ -237,6 +273,7 @@ def token_jeffreys_bwd(policy, anchor, lse_p, lse_q, kl_pq, grad_div, beta, temp
         kl_pq.contiguous(),
         grad_div.float().contiguous(),
         grad,
+        n,
         v,
         policy.stride(0),
         anchor.stride(0),
@@ -244,6 +281,7 @@ def token_jeffreys_bwd(policy, anchor, lse_p, lse_q, kl_pq, grad_div, beta, temp
         float(beta),
         1.0 / float(temperature),
         HAS_IGNORE=has_ignore,
+        SPLIT_LSE=split,
         BLOCK=block,
         NUM_STAGES=_config.num_stages(),
         num_warps=warps,
