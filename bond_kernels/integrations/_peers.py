@@ -112,9 +112,12 @@ class Patcher:
     def _package_modules(self):
         prefix = self.package + "."
         for name, mod in list(sys.modules.items()):
-            if mod is not None and (name == self.package or name.startswith(prefix)):
-                # vars(), not getattr(): a lazy module (TRL's top level) would import on attribute access.
-                yield mod, vars(mod)
+            # The namespace, not getattr(): a lazy module (TRL's top level) would import on attribute access.
+            space = (
+                getattr(mod, "__dict__", None) if (name == self.package or name.startswith(prefix)) else None
+            )
+            if isinstance(space, dict):
+                yield mod, space
 
     def patch(self):
         """Returns the names patched (those the installed version defines)."""
