@@ -7,11 +7,18 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.bond_kernels_installed
+# The peers tests/test_integrations_trl_verl.py compares against (trl, verl), pinned with what importing them
+# needs, installed with --no-deps: their declared requirements would replace the CPU torch with a CUDA build
+# (accelerate, tensordict, peft and torchdata ask for torch) and verl pins transformers<5.11.
+PEERS := tests/requirements-peers.txt
+PEERS_STAMP := $(VENV)/.bond_kernels_peers
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test test-cpu test-interpret ctest test-gpu demo bench lint format clean
+.PHONY: setup setup-peers test test-cpu test-interpret ctest test-gpu demo bench lint format clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(PEERS_STAMP)
+
+setup-peers: $(PEERS_STAMP)
 
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +27,10 @@ $(STAMP): setup.py pyproject.toml
 	$(BIN)/python -m pip install -q setuptools wheel ninja "pybind11>=2.10"
 	CFLAGS=-g0 $(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
+
+$(PEERS_STAMP): $(STAMP) $(PEERS)
+	$(BIN)/python -m pip install -q --no-deps -r $(PEERS)
+	touch $(PEERS_STAMP)
 
 # The test command (README, CI): the CPU suite, the Triton kernels under the interpreter, then the C++ tests.
 test: setup test-cpu test-interpret ctest
