@@ -31,6 +31,7 @@ from .. import functional as F
 from . import _peers
 
 __all__ = [
+    "chunked_divergence_loss",
     "entropy_from_logits",
     "patch",
     "selective_log_softmax",
@@ -157,8 +158,83 @@ def selective_log_softmax_and_entropy(
 # --------------------------------------------------------------------------------------------------------
 # distillation loss
 # --------------------------------------------------------------------------------------------------------
-# Reserved for the drop-in distillation loss with TRL's signature (issue 13, item 2).  When it lands, add it
-# to __all__ and, if it replaces a function TRL defines, to _PATCHER's replacements below.
+# TRL's DistillationTrainer computes its loss in trl.trainer.distillation_trainer._chunked_divergence_loss
+# (chunked, Triton tiles on a GPU); ours has its signature and conventions and runs linear_token_jeffreys.
+
+
+def chunked_divergence_loss(
+    student_hidden_states,
+    teacher_hidden_states,
+    student_lm_head_weight,
+    teacher_lm_head_weight,
+    completion_mask,
+    beta,
+    num_items_in_batch=None,
+    student_lm_head_bias=None,
+    teacher_lm_head_bias=None,
+    student_logit_scale=1.0,
+    teacher_logit_scale=1.0,
+    student_final_logit_softcapping=None,
+    teacher_final_logit_softcapping=None,
+    temperature=1.0,
+):
+    """TRL's DistillationTrainer loss (``trl.trainer.distillation_trainer._chunked_divergence_loss``'s signature
+    and conventions) through :func:`bond_kernels.linear_token_jeffreys` with ``divergence="gjsd"``.
+
+    student/teacher hidden states (B, K, H_s) / (B, K, H_t) aligned to the completion tokens, the two LM head
+    weights (V, H) (+ biases), completion_mask (B, K) (1 = in the loss), beta (0 forward KL(t‖s), 1 reverse
+    KL(s‖t), else the generalised JSD), logit scales (multiplying the logits, before the softcaps), softcaps and
+    temperature.  Returns ``(loss, entropy_sum, n_valid)``: the divergence summed over valid tokens divided by
+    ``num_items_in_batch`` (or by the valid count, at least 1), the student's entropy summed over valid tokens
+    (no gradient), and the valid count.  Neither model's logits are materialised; the teacher receives no
+    gradient (pass detached tensors or a frozen teacher head).
+    """
+    import torch
+
+    from .. import linear_token_jeffreys
+
+    def plain(t):
+        # FSDP2 shards lm_head.weight as a DTensor: one gather for the whole call, in the hidden dtype
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    w_s, w_t = plain(student_lm_head_weight), plain(teacher_lm_head_weight)
+    b_s = None if student_lm_head_bias is None else plain(student_lm_head_bias)
+    b_t = None if teacher_lm_head_bias is None else plain(teacher_lm_head_bias)
+    w_s, w_t = w_s.to(student_hidden_states.dtype), w_t.to(teacher_hidden_states.dtype)
+    h_s, h_t = student_hidden_states, teacher_hidden_states
+    # a logit scale s multiplies h·Wᵀ + b: fold it into the hidden state (N·H values) and the bias (V),
+    # never into a copy of the (V, H) weight
+    if student_logit_scale != 1.0:
+        h_s = h_s * student_logit_scale
+        b_s = None if b_s is None else b_s * student_logit_scale
+    if teacher_logit_scale != 1.0:
+        h_t = h_t * teacher_logit_scale
+        b_t = None if b_t is None else b_t * teacher_logit_scale
+    valid = completion_mask != 0
+    div, ent = linear_token_jeffreys(
+        h_s,
+        w_s,
+        h_t.detach(),
+        w_t.detach(),
+        bias=b_s,
+        teacher_bias=None if b_t is None else b_t.detach(),
+        beta=float(beta),
+        divergence="gjsd",
+        temperature=float(temperature),
+        softcap=student_final_logit_softcapping,
+        teacher_softcap=teacher_final_logit_softcapping,
+        ignore_mask=~valid,
+        return_entropy=True,
+    )
+    n_valid = valid.sum()
+    loss = div.sum()
+    if num_items_in_batch is None:
+        loss = loss / n_valid.clamp(min=1)
+    else:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss, ent.sum(), n_valid
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -174,10 +250,18 @@ _PATCHER = _peers.Patcher(
     },
     install_hint="pip install trl",
 )
+# The DistillationTrainer's loss lives in its own module (importing it imports the trainer stack).
+_LOSS_PATCHER = _peers.Patcher(
+    "trl",
+    "trl.trainer.distillation_trainer",
+    {"_chunked_divergence_loss": chunked_divergence_loss},
+    install_hint="pip install trl",
+)
 
 
 def patch():
-    """Swap our functions into the installed TRL: ``trl.trainer.utils`` and every imported ``trl.*`` module
+    """Swap our functions into the installed TRL: ``trl.trainer.utils`` (and the DistillationTrainer's
+    ``_chunked_divergence_loss`` in ``trl.trainer.distillation_trainer``) and every imported ``trl.*`` module
     that bound them by name (e.g. ``trl.experimental.orpo.orpo_trainer.selective_log_softmax``).  Modules
     imported later read them from ``trl.trainer.utils`` and get ours.  Idempotent; raises ``ImportError``
     (naming ``pip install trl``) when TRL is missing.  Returns the names patched.
@@ -185,9 +269,10 @@ def patch():
     Call it before the trainer is built: code outside TRL that already did ``from trl.trainer.utils import
     selective_log_softmax`` keeps the function it imported.
     """
-    return _PATCHER.patch()
+    return _PATCHER.patch() + _LOSS_PATCHER.patch()
 
 
 def unpatch():
     """Put TRL's own functions back wherever :func:`patch` (or a module imported after it) left ours."""
     _PATCHER.unpatch()
+    _LOSS_PATCHER.unpatch()
