@@ -9,11 +9,13 @@
 #   token         token_logprobs at V = 128256: fwd, fwd+bwd, fwd_bwd (gradient in the
 #                 forward) of every provider (ours, Liger, eager) except torch.compile         90  results.md
 #   token-vocabs  the same at V = 256000, then V = 32000                                       80  results.md
-#   sweep         14 launch configurations (BLOCK x num_warps with 4-32 elements a
-#                 thread) x the three token kernels, V = 128256                                70  sweep.md
-#   gpu-tests     pytest tests -m gpu (4 pytest-xdist workers where xdist is installed)       120  gpu_tests.log
-#   compile       the torch.compile rows of token_logprobs at V = 128256 (fwd, fwd+bwd)        35  results.md
+#   sweep         the default, the pipeline depths (NUM_STAGES 2/4/5) and two-sweep programs
+#                 (66/264/528), then 13 more BLOCK x num_warps (4-32 elements a thread),
+#                 x the three token kernels, V = 128256                                        70  sweep.md
+#   gpu-tests     pytest tests -m gpu (4 pytest-xdist workers where xdist is installed)       110  gpu_tests.log
+#   compile       the torch.compile rows of token_logprobs at V = 128256 (fwd, fwd+bwd)        30  results.md
 #   linear        the fused linear head (benchmarks/test_bench_linear.py --table)              35  results.md
+#   distill       linear_token_jeffreys vs eager, TRL, Liger (test_bench_distill.py)           15  results.md
 #   bond          the BOND objective and a whole step (benchmarks/test_bench_bond.py)          20  results.md
 #
 #   bash benchmarks/fetch_peer_wheels.sh     # once, on the CPU machine: peer wheels into .whl/
@@ -71,17 +73,17 @@ export DRY=${GPU_CHECK_DRY_RUN:-0}
 export OUT="${OUT:-$ROOT/out/gpu_check}"  # /out/ is git-ignored
 export SITE=${GPU_CHECK_SITE:-/tmp/site}  # where the peer wheels are installed
 
-ALL_STAGES=(setup build token token-vocabs sweep starved overrun gpu-tests compile linear bond)
+ALL_STAGES=(setup build token token-vocabs sweep starved overrun gpu-tests compile linear distill bond)
 # default budgets, seconds (sum of the GPU stages: 540)
 declare -A DEFAULT_BUDGET=(
-  [setup]=15 [build]=75 [token]=90 [token-vocabs]=80 [sweep]=70 [gpu-tests]=120 [compile]=35 [linear]=35
-  [bond]=20 [starved]=0 [overrun]=3
+  [setup]=15 [build]=75 [token]=90 [token-vocabs]=80 [sweep]=70 [gpu-tests]=110 [compile]=30 [linear]=35
+  [distill]=15 [bond]=20 [starved]=0 [overrun]=3
 )
 if [ "$DRY" = "1" ]; then
   # dry-run limits are ceilings for a slow 2-core CI machine, not targets; starved and overrun are the tests
   DEFAULT_BUDGET=(
     [setup]=30 [build]=60 [token]=60 [token-vocabs]=60 [sweep]=60 [gpu-tests]=60 [compile]=60 [linear]=60
-    [bond]=60 [starved]=0 [overrun]=3
+    [distill]=60 [bond]=60 [starved]=0 [overrun]=3
   )
 fi
 
@@ -200,6 +202,9 @@ stage_linear() {
     bench linear "$OUT/results.md" benchmarks/test_bench_linear.py --table
   fi
 }
+stage_distill() {  # linear_token_jeffreys against eager, TRL and Liger (tiny shape on CPU in the dry run)
+  bench distill "$OUT/results.md" benchmarks/test_bench_distill.py --table
+}
 stage_bond() {
   if [ "$DRY" = "1" ]; then
     bench bond "$OUT/results.md" benchmarks/test_bench_bond.py --table --seq-b 8 --jf 8,96 --step 2,4,96 \
@@ -284,8 +289,8 @@ case "${GPU_CHECK_ONLY:-}" in
 esac
 export GPU_CHECK_TESTS
 if [ -z "$STAGES_CSV" ]; then
-  STAGES_CSV=setup,build,token,token-vocabs,sweep,gpu-tests,compile,linear,bond
-  [ "$DRY" = "1" ] && STAGES_CSV=setup,build,token,token-vocabs,sweep,starved,overrun,gpu-tests,compile,linear,bond
+  STAGES_CSV=setup,build,token,token-vocabs,sweep,gpu-tests,compile,linear,distill,bond
+  [ "$DRY" = "1" ] && STAGES_CSV=setup,build,token,token-vocabs,sweep,starved,overrun,gpu-tests,compile,linear,distill,bond
 fi
 [ "${GPU_CHECK_SKIP_BUILD:-0}" = "1" ] && STAGES_CSV=$(echo ",$STAGES_CSV," | sed 's/,build,/,/; s/^,//; s/,$//')
 [ "${GPU_CHECK_SWEEP:-1}" = "0" ] && STAGES_CSV=$(echo ",$STAGES_CSV," | sed 's/,sweep,/,/; s/^,//; s/,$//')
@@ -328,7 +333,7 @@ log_of() {
   case $1 in setup) echo env.txt ;; build) echo build.log ;; gpu-tests) echo gpu_tests.log ;; *) echo bench.log ;; esac
 }
 rows_file_of() {
-  case $1 in sweep) echo "$OUT/sweep.md" ;; token|token-vocabs|compile|linear|bond) echo "$OUT/results.md" ;; esac
+  case $1 in sweep) echo "$OUT/sweep.md" ;; token|token-vocabs|compile|linear|distill|bond) echo "$OUT/results.md" ;; esac
 }
 
 write_summary() {

@@ -31,6 +31,7 @@ STAGES = [
     "gpu-tests",
     "compile",
     "linear",
+    "distill",
     "bond",
 ]
 
@@ -168,7 +169,7 @@ def _rows(text):
 def test_token_stages_wrote_their_rows(dry_run):
     out, _ = dry_run
     summary = _summary(out)
-    for stage in ("token", "token-vocabs", "compile", "linear", "bond"):
+    for stage in ("token", "token-vocabs", "compile", "linear", "distill", "bond"):
         assert int(summary[stage]["rows"] or 0) > 0, (stage, summary[stage])
     rows = _rows((out / "results.md").read_text())
     token = {(r[0], r[1], r[2]) for r in rows if len(r) == 8}  # V, mode, provider
