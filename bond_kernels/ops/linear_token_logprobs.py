@@ -50,6 +50,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._dispatch import kernels
+from .token_logprobs import full_lse
 
 logger = logging.getLogger("bond_kernels")
 
@@ -416,6 +417,7 @@ def local_forward(
             out = kept.tile(k, v0, v1, n) if kept is not None and k >= kept.first else None
             x = _tile_logits(h_rows, weight, bias, v0, v1, plan, out=out)
             logp_k, lse_k, ent_k = tk.fwd(x, loc[k], temperature, softcap, _KERNEL_IGNORE, want_ent)
+            lse_k = full_lse(lse_k, temperature)  # tiles combine whole log-sum-exps
             del x
             lse_parts.append(lse_k)
             logp_parts.append(logp_k)
