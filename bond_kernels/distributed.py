@@ -506,9 +506,12 @@ class _VocabParallelLinear(torch.autograd.Function):
         ctx.kept = kept
         keep = labels != ignore_index
         zero = torch.zeros((), dtype=lse_l.dtype, device=lse_l.device)
-        lse, s, target = allreduce_stats(lse_l, s_l, target_l, group)
+        lse, s, target = allreduce_stats(lse_l, s_l, target_l, group)  # fp64, as local_forward combines
         logp = torch.where(keep, target - lse, zero)
         ent = torch.where(keep, lse - s, zero) if want_ent else lse.new_empty(0)
+        # fp32 outputs and saved statistics (fp64 for an fp64 plan), as the single-process op returns
+        out = torch.float64 if plan.compute_dtype == torch.float64 else torch.float32
+        logp, lse, ent = logp.to(out), lse.to(out), ent.to(out)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
         ctx.config = (info, temperature, softcap, ignore_index, want_ent, tk, plan, group)
         if not want_ent:
