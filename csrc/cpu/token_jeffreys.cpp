@@ -21,7 +21,7 @@ namespace cpu {
 namespace {
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-constexpr index_t kSumBlock = 2048;  // blocked partial sums, as in token_logprobs.cpp
+constexpr index_t kSumBlock = 512;  // blocked partial sums added up in fp64, as in token_logprobs.cpp
 
 template <class T>
 BOND_INLINE int jeffreys_fwd_row(const TokenJeffreysFwdParams& p, index_t r) {
@@ -47,7 +47,7 @@ BOND_INLINE int jeffreys_fwd_row(const TokenJeffreysFwdParams& p, index_t r) {
     if (p.shift_p) p.shift_p[r] = p.shift_q[r] = kNaN;
     return kOk;
   }
-  float sp_total = 0.0f, sq_total = 0.0f, ap_total = 0.0f, aq_total = 0.0f;
+  double sp_total = 0.0, sq_total = 0.0, ap_total = 0.0, aq_total = 0.0;
   for (index_t b0 = 0; b0 < vocab; b0 += kSumBlock) {
     const index_t b1 = vocab - b0 < kSumBlock ? vocab : b0 + kSumBlock;
     float sp = 0.0f, sq = 0.0f, ap = 0.0f, aq = 0.0f;
@@ -66,9 +66,9 @@ BOND_INLINE int jeffreys_fwd_row(const TokenJeffreysFwdParams& p, index_t r) {
     ap_total += ap;
     aq_total += aq;
   }
-  const float log_sp = std::log(sp_total), log_sq = std::log(sq_total);
-  const float kl_pq = ap_total / sp_total - log_sp + log_sq;
-  const float kl_qp = aq_total / sq_total - log_sq + log_sp;
+  const float log_sp = static_cast<float>(std::log(sp_total)), log_sq = static_cast<float>(std::log(sq_total));
+  const float kl_pq = static_cast<float>(ap_total / sp_total) - log_sp + log_sq;
+  const float kl_qp = static_cast<float>(aq_total / sq_total) - log_sq + log_sp;
   p.kl_pq[r] = kl_pq;
   p.div[r] = p.beta * kl_pq + (1.0f - p.beta) * kl_qp;
   if (p.shift_p) {
