@@ -69,6 +69,18 @@ def _extensions():
         "-fvisibility=hidden",
     ]
     link_flags = ["-fopenmp"]
+    # BOND_KERNELS_SANITIZE=address,undefined (make test-asan): instrumented build for the sanitizer job.
+    # Still -O3, so the loops vectorise and sum in the same order as the shipped build (at -O1 the scalar
+    # sums drift past the parity tests' 3e-5 tolerance: a build artefact, not a bug); -g for the reports;
+    # -fno-sanitize-recover makes any UB report fatal, so a run that passes had none.  float-cast-overflow is
+    # not part of GCC's "undefined": asked for explicitly.
+    sanitize = os.environ.get("BOND_KERNELS_SANITIZE", "").strip()
+    if sanitize:
+        san = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
+        if "undefined" in sanitize.split(","):
+            san.append("-fsanitize=float-cast-overflow")
+        cxx_flags = [f for f in cxx_flags if f != "-g0"] + ["-g"] + san
+        link_flags = link_flags + san
     if sys.platform == "darwin":  # Apple clang has no -fopenmp; the kernels then run single-threaded
         cxx_flags = [f for f in cxx_flags if f != "-fopenmp"]
         link_flags = []

@@ -55,11 +55,45 @@ def positive_float(x, name: str) -> float:
     return float(x)
 
 
-def softcap_value(x) -> float:
-    """``None`` (or 0) disables the softcap; otherwise a finite number > 0."""
+# The logits transform z = c·tanh(x/c)/T runs in fp32 in every kernel, which multiply by 1/T and 1/c: T and c
+# are usable when they and their reciprocals are normal fp32 numbers, [2^-126, 2^126] (1e-50 rounds to 0 in
+# fp32 and 1e39 to inf; 1e-40 is subnormal and 1/1e-40 overflows).  And c/T, the largest |z| a softcap
+# allows, must be finite too.
+FP32_SCALAR_RANGE = (2.0**-126, 2.0**126)
+_RANGE_TEXT = "[2^-126, 2^126] (about [1.2e-38, 8.5e37]: it and its reciprocal must be normal fp32 numbers)"
+
+
+def fp32_scalar(x, name: str) -> float:
+    """A finite number > 0 that the fp32 kernels can use as a temperature or softcap (FP32_SCALAR_RANGE)."""
+    x = positive_float(x, name)
+    lo, hi = FP32_SCALAR_RANGE
+    if not lo <= x <= hi:
+        raise ValueError(f"{name} must lie in {_RANGE_TEXT}, got {x!r}")
+    return x
+
+
+def temperature(x, name: str = "temperature") -> float:
+    return fp32_scalar(x, name)
+
+
+def softcap_value(x, temperature: float = 1.0) -> float:
+    """``None`` (or 0) disables the softcap; otherwise a number in FP32_SCALAR_RANGE, and softcap/temperature
+    (the cap of |z|) at most 2^126.  Nothing else means "off": 1e-50 is not rounded to 0."""
     if x is None or (isinstance(x, numbers.Real) and not isinstance(x, bool) and x == 0):
         return 0.0
-    return positive_float(x, "softcap")
+    c = fp32_scalar(x, "softcap")
+    if c / temperature > FP32_SCALAR_RANGE[1]:
+        raise ValueError(
+            f"softcap / temperature must be at most 2^126 (|z| = |softcap·tanh(x/softcap)/temperature| reaches "
+            f"it, and the fp32 kernels must represent it), got softcap={x!r}, temperature={temperature!r}"
+        )
+    return c
+
+
+def transform_scalars(temperature_, softcap):
+    """``(temperature, softcap)`` of the logits transform, validated together (softcap 0.0 = off)."""
+    t = temperature(temperature_)
+    return t, softcap_value(softcap, t)
 
 
 def integer(x, name: str) -> int:
@@ -146,3 +180,110 @@ def boolean(x, name: str) -> bool:
     if not (isinstance(x, (bool, numbers.Integral)) and x in (0, 1)):
         raise TypeError(f"{name} must be a bool, got {x!r}")
     return bool(x)
+
+
+def writable_once(x: torch.Tensor, name: str, flag: str = "inplace=True"):
+    """Raise unless every element of ``x`` has its own memory: an in-place output must not be an expanded
+    (stride 0) or self-overlapping view, whose elements would each receive several gradient values (the
+    kernels would silently keep one of them; the torch backend refuses the copy).  Reads strides only."""
+    dims = sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1)
+    if not dims:
+        return  # at most one element
+    if all(st > 0 for st, _ in dims):
+        if _strides_disjoint(dims):
+            return
+        if (x.stride(-1) == 1 or x.shape[-1] == 1) and _rows_disjoint(x):
+            return
+    raise ValueError(
+        f"{name} must not be an expanded or self-overlapping view with {flag} (several of its elements share "
+        f"memory, and each would be overwritten by a different gradient value), got {describe(x)}, strides "
+        f"{tuple(x.stride())}; pass {name}.contiguous() (a copy) or use {flag.split('=')[0]}=False"
+    )
+
+
+def _strides_disjoint(dims) -> bool:
+    """Sufficient: sorted by stride, each stride exceeds the span of all smaller dimensions."""
+    span = 0
+    for st, sz in dims:
+        if st <= span:
+            return False
+        span += st * (sz - 1)
+    return True
+
+
+def _rows_disjoint(x: torch.Tensor) -> bool:
+    """Exact for last-dimension-contiguous views: rows of length V starting at the row offsets never meet."""
+    v = x.shape[-1]
+    lead = x.shape[:-1]
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, st in zip(lead, x.stride()[:-1]):
+        offsets = (offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * st).reshape(-1)
+    starts = torch.sort(offsets.reshape(-1)).values
+    return starts.numel() < 2 or bool(((starts[1:] - starts[:-1]) >= v).all())
+
+
+def check_finite(x: torch.Tensor, name: str, what: str):
+    """Host-synchronising check that ``x`` has no NaN or ±inf (``what`` says why it must be finite)."""
+    if not has_data(x) or not x.is_floating_point():
+        return
+    bad = ~torch.isfinite(x.detach())
+    if bool(bad.any()):
+        pos = tuple(bad.nonzero()[0].tolist())
+        value = x.detach()[pos].item()
+        raise ValueError(
+            f"{name} must be finite ({what}), got {value} at position {pos} ({int(bad.sum())} non-finite "
+            f"value(s), {describe(x)})"
+        )
+
+
+def _position(shape, flat_index: int):
+    pos = []
+    for size in reversed(tuple(shape)):
+        pos.append(flat_index % size if size else 0)
+        flat_index //= size if size else 1
+    return tuple(reversed(pos))
+
+
+def explain_nan_rows(out: torch.Tensor, named, *, softcap: float = 0.0, which: str = "that is not ignored"):
+    """After a computation whose per-row result ``out`` (...) is NaN exactly where a row has no distribution,
+    raise a ValueError that names the cause; do nothing when no row is NaN.  Reads values (synchronises):
+    call it where ``free_to_read`` or with ``validate=True``.
+
+    named: ``[(name, x)]``, tensors of shape ``out.shape + (V,)`` whose rows are examined in order.  Causes,
+    in that order: NaN in a row; +inf without a softcap (exp(inf − inf) is NaN; a softcap maps +inf to c);
+    a row of all -inf without a softcap (no finite entry, no distribution).
+    """
+    if not has_data(out):
+        return
+    bad = torch.isnan(out.detach()).reshape(-1)
+    if not bool(bad.any()):
+        return
+    count = int(bad.sum())
+    first = int(bad.nonzero()[0, 0])
+    where = _position(out.shape, first)
+    for name, x in named:
+        row = x.detach().reshape(-1, x.shape[-1])[first]
+        nan_at = torch.isnan(row).nonzero()
+        if nan_at.numel():
+            raise ValueError(
+                f"{name} must not contain NaN in a row {which} (NaN has no probability), got NaN at position "
+                f"{where + (int(nan_at[0, 0]),)} ({count} row(s) affected, {describe(x)})"
+            )
+        if not softcap:
+            inf_at = torch.isposinf(row).nonzero()
+            if inf_at.numel():
+                raise ValueError(
+                    f"{name} must not contain +inf in a row {which} without a softcap (exp(+inf − +inf) is "
+                    f"NaN; mask entries with -inf, or set a softcap, which maps +inf to softcap), got +inf at "
+                    f"position {where + (int(inf_at[0, 0]),)} ({count} row(s) affected, {describe(x)})"
+                )
+            if bool(torch.isneginf(row).all()):
+                raise ValueError(
+                    f"{name} must have a finite entry in every row {which}, got {count} row(s) without a "
+                    f"distribution, the first (all -inf) at position {where} ({describe(x)})"
+                )
+    names = " and ".join(n for n, _ in named)
+    raise ValueError(
+        f"{names} give NaN in the row at position {where} ({count} row(s)) although every entry is finite "
+        f"or -inf: the fp32 computation overflowed (check temperature and softcap)"
+    )

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from .ops.linear_token_logprobs import saved_tensor_hooks_active
+from .ops.token_logprobs import full_lse
 
 __all__ = ["ShardInfo", "linear_token_logprobs", "sequence_logprobs", "shard_info", "token_logprobs"]
 
@@ -312,6 +313,7 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         inside = keep & (rel >= 0) & (rel < v)
         loc = torch.where(inside, rel, torch.where(keep, torch.zeros_like(rel), torch.full_like(rel, -1)))
         logp_l, lse_l, ent_l = tk.fwd(rows, loc, temperature, softcap, -1, want_ent)
+        lse_l = full_lse(lse_l, temperature)  # shards combine whole log-sum-exps
         sd = lse_l.dtype
         zero = torch.zeros((), dtype=sd, device=lse_l.device)
         target_l = torch.where(inside, logp_l + lse_l, zero)
@@ -504,9 +506,12 @@ class _VocabParallelLinear(torch.autograd.Function):
         ctx.kept = kept
         keep = labels != ignore_index
         zero = torch.zeros((), dtype=lse_l.dtype, device=lse_l.device)
-        lse, s, target = allreduce_stats(lse_l, s_l, target_l, group)
+        lse, s, target = allreduce_stats(lse_l, s_l, target_l, group)  # fp64, as local_forward combines
         logp = torch.where(keep, target - lse, zero)
         ent = torch.where(keep, lse - s, zero) if want_ent else lse.new_empty(0)
+        # fp32 outputs and saved statistics (fp64 for an fp64 plan), as the single-process op returns
+        out = torch.float64 if plan.compute_dtype == torch.float64 else torch.float32
+        logp, lse, ent = logp.to(out), lse.to(out), ent.to(out)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
         ctx.config = (info, temperature, softcap, ignore_index, want_ent, tk, plan, group)
         if not want_ent:

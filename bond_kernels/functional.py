@@ -29,18 +29,17 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------
 # per-token log-probs
 # --------------------------------------------------------------------------------------------------------
-def _token_args(logits, labels, temperature, softcap, ignore_index):
+def _token_args(logits, labels, temperature, softcap, ignore_index, inplace=False):
     V.float_tensor(logits, "logits")
     V.label_tensor(labels, logits)
     if logits.shape[-1] == 0:
         raise ValueError(
             f"logits must have a non-empty vocabulary (last) dimension, got {V.describe(logits)}"
         )
-    return (
-        V.positive_float(temperature, "temperature"),
-        V.softcap_value(softcap),
-        V.integer(ignore_index, "ignore_index"),
-    )
+    if inplace:
+        V.writable_once(logits, "logits")
+    temperature, softcap = V.transform_scalars(temperature, softcap)
+    return temperature, softcap, V.integer(ignore_index, "ignore_index")
 
 
 def _pick(op, backend, x: torch.Tensor):
@@ -70,22 +69,12 @@ def _flat_labels(labels):
     return labels.reshape(-1).to(torch.int64).contiguous()
 
 
-def _check_reference_rows(logits, labels, ignore_index):
-    """The reference backend raises where the kernels would write NaN (it may synchronise)."""
-    V.check_labels_in_range(labels, logits.shape[-1], ignore_index)
-    _check_dead_rows(logits, labels != ignore_index, "logits", "whose label is not ignored")
-
-
-def _check_dead_rows(x, keep, name, which):
-    """Raise if a kept row of ``x`` is all -inf (no distribution; the kernels would give NaN).  Syncs."""
-    if not V.has_data(x):
-        return
-    dead = torch.isneginf(x).all(-1) & keep
-    if bool(dead.any()):
-        raise ValueError(
-            f"{name} must have a finite entry in every row {which}, got {int(dead.sum())} all -inf row(s), "
-            f"the first at position {tuple(dead.nonzero()[0].tolist())} ({V.describe(x)})"
-        )
+def _check_token_rows(logp, logits, softcap, check):
+    """A kept row without a distribution (NaN or +inf in it, or all -inf) makes its log-prob NaN on every
+    backend; where ``check`` (values free to read, or validate=True) that raises a ValueError naming the
+    cause instead of being returned (README, "Odd inputs")."""
+    if check:
+        V.explain_nan_rows(logp, [("logits", logits)], softcap=softcap, which="whose label is not ignored")
 
 
 def token_logprobs(
@@ -131,12 +120,15 @@ def token_logprobs(
             inplace=inplace,
             process_group=process_group,
         )
-    temperature, softcap, ignore_index = _token_args(logits, labels, temperature, softcap, ignore_index)
+    temperature, softcap, ignore_index = _token_args(
+        logits, labels, temperature, softcap, ignore_index, inplace
+    )
     name = _pick("token_logprobs", backend, logits)
+    check = validate or V.free_to_read(logits)
     if validate or name == "torch":
-        _check_reference_rows(logits, labels, ignore_index)
+        V.check_labels_in_range(labels, logits.shape[-1], ignore_index)
     if name == "torch":
-        return ref.token_logprobs(
+        out = ref.token_logprobs(
             logits,
             labels,
             temperature=temperature,
@@ -144,6 +136,8 @@ def token_logprobs(
             ignore_index=ignore_index,
             return_entropy=return_entropy,
         )
+        _check_token_rows(out[0] if return_entropy else out, logits, softcap, check)
+        return out
     from .ops.token_logprobs import token_logprobs_fwd
 
     if labels.numel() == 0:
@@ -160,6 +154,7 @@ def token_logprobs(
         name,
     )
     logp = logp.view(labels.shape)
+    _check_token_rows(logp, logits, softcap, check)
     if return_entropy:
         return logp, ent.view(labels.shape)
     return logp
@@ -267,7 +262,9 @@ def token_logprobs_and_grad(
     the gradient into the logits buffer (the logits are destroyed) and returns it.  No autograd graph is built.
     """
     inplace = V.boolean(inplace, "inplace")
-    temperature, softcap, ignore_index = _token_args(logits, labels, temperature, softcap, ignore_index)
+    temperature, softcap, ignore_index = _token_args(
+        logits, labels, temperature, softcap, ignore_index, inplace
+    )
     V.float_tensor(grad_logp, "grad_logp", min_dim=0)
     if tuple(grad_logp.shape) != tuple(labels.shape):
         raise ValueError(
@@ -275,13 +272,15 @@ def token_logprobs_and_grad(
         )
     V.same_device(logits, grad_logp, "logits", "grad_logp")
     name = _pick("token_logprobs", backend, logits)
+    check = V.free_to_read(logits)
     if name == "torch":
-        _check_reference_rows(logits, labels, ignore_index)
+        V.check_labels_in_range(labels, logits.shape[-1], ignore_index)
         with torch.enable_grad():
             x = logits.detach().requires_grad_(True)
             logp = ref.token_logprobs(
                 x, labels, temperature=temperature, softcap=softcap or None, ignore_index=ignore_index
             )
+            _check_token_rows(logp, logits, softcap, check)
             (grad,) = torch.autograd.grad(logp, x, grad_logp.to(logp.dtype))
         if inplace:
             logits.data.copy_(grad)
@@ -302,10 +301,18 @@ def token_logprobs_and_grad(
             logp = token_logprobs_fwd_bwd_inplace(
                 rows, _flat_labels(labels), g, temperature, softcap, ignore_index, name
             )
+            # the logits are gone (the gradient overwrote them): the cause can no longer be named
+            if check and bool(torch.isnan(logp).any()):
+                raise ValueError(
+                    "logits had a row without a distribution (NaN or +inf in it, or all -inf without a softcap) "
+                    f"at position {V._position(labels.shape, int(torch.isnan(logp).nonzero()[0, 0]))}; with "
+                    "inplace=True its gradient row, which now holds NaN, overwrote it"
+                )
             return logp.view(labels.shape), logits
         logp, grad = token_logprobs_fwd_bwd(
             rows, _flat_labels(labels), g, temperature, softcap, ignore_index, name
         )
+    _check_token_rows(logp.view(labels.shape), logits, softcap, check)
     return logp.view(labels.shape), grad.view(logits.shape)
 
 
@@ -540,7 +547,9 @@ def bond_loss(
 
     policy_logp (B, m) with grad; policy_ref_logp (B, m); policy_rewards (B, m); ref_rewards (B, k);
     bon_logp (B, j) with grad.  Returns :class:`BondOutput`.  Spec and math:
-    :func:`bond_kernels.reference.bond_loss`.
+    :func:`bond_kernels.reference.bond_loss`.  ``validate`` (one host synchronisation) rejects NaN rewards,
+    and non-finite log-probs (a -inf log-prob is an impossible sample: the loss would be infinite or NaN).
+    ``smoothing="none"`` may still give ``p_le = 0`` and so ``log π_BoN = −inf`` (README, "Odd inputs").
     """
     validate = V.boolean(validate, "validate")
     _logp_tensor(policy_logp, "policy_logp", dims=2)
@@ -579,6 +588,49 @@ def bond_loss(
         ("bon_logp", bon_logp),
     ):
         V.same_device(policy_logp, t, "policy_logp", name)
+    if validate:
+        for name, t in (
+            ("policy_logp", policy_logp),
+            ("policy_ref_logp", policy_ref_logp),
+            ("bon_logp", bon_logp),
+        ):
+            V.check_finite(t, name, _LOGP_FINITE)
+    out = _bond_loss(
+        policy_logp,
+        policy_ref_logp,
+        policy_rewards,
+        ref_rewards,
+        bon_logp,
+        n,
+        beta,
+        baseline,
+        smoothing,
+        correction,
+        ref_mask,
+    )
+    return out
+
+
+# Why validate=True rejects non-finite sequence log-probs in the losses (README, "Odd inputs").
+_LOGP_FINITE = (
+    "a log-probability of a sampled sequence; -inf is an impossible sample and would make the loss and its "
+    "gradient infinite or NaN"
+)
+
+
+def _bond_loss(
+    policy_logp,
+    policy_ref_logp,
+    policy_rewards,
+    ref_rewards,
+    bon_logp,
+    n,
+    beta,
+    baseline,
+    smoothing,
+    correction,
+    ref_mask,
+):
     # fp64 log-probs keep fp64 end to end and a tensor baseline is the reference's feature: both run the spec.
     if policy_logp.dtype == torch.float64 or isinstance(baseline, torch.Tensor):
         name = "torch"
@@ -708,6 +760,12 @@ def jbond_loss(
     if validate:
         V.check_no_nan(policy_rewards, "policy_rewards")
         V.check_no_nan(anchor_rewards, "anchor_rewards")
+        for name, t in (
+            ("policy_logp", policy_logp),
+            ("anchor_logp", anchor_logp),
+            ("best_anchor_logp", best_anchor_logp),
+        ):
+            V.check_finite(t, name, _LOGP_FINITE)
     if policy_logp.dtype == torch.float64:
         name = "torch"  # fp64 keeps fp64 end to end: only the reference computes in fp64
     else:
@@ -769,7 +827,8 @@ def token_jeffreys(
 
     policy_logits, anchor_logits: (..., V) float of the same shape; ignore_mask (...) bool or None.
     Differentiable with respect to ``policy_logits`` (the anchor is treated as a constant).
-    A kept row with no finite logit has no distribution: the torch backend raises, the kernels give NaN.
+    A kept row without a distribution (NaN or +inf in it, or all -inf) gives NaN, and where the values are
+    free to read (CPU tensors outside torch.compile) a ValueError naming the cause (README, "Odd inputs").
     Spec: :func:`bond_kernels.reference.token_jeffreys`.
     """
     V.float_tensor(policy_logits, "policy_logits")
@@ -784,7 +843,7 @@ def token_jeffreys(
             f"policy_logits must have a non-empty vocabulary (last) dimension, got {V.describe(policy_logits)}"
         )
     beta = V.unit_interval(beta, "beta")
-    temperature = V.positive_float(temperature, "temperature")
+    temperature = V.temperature(temperature)
     lead = tuple(policy_logits.shape[:-1])
     if ignore_mask is not None:
         V.tensor(ignore_mask, "ignore_mask")
@@ -795,13 +854,15 @@ def token_jeffreys(
         V.same_device(policy_logits, ignore_mask, "policy_logits", "ignore_mask")
     fp64 = anchor_logits.dtype == torch.float64
     name = _pick("token_jeffreys", backend, policy_logits if not fp64 else anchor_logits)
+    named = [("policy_logits", policy_logits), ("anchor_logits", anchor_logits)]
+    check = V.free_to_read(policy_logits)
     if name == "torch":
-        keep = True if ignore_mask is None else ~ignore_mask
-        _check_dead_rows(policy_logits, keep, "policy_logits", "that ignore_mask keeps")
-        _check_dead_rows(anchor_logits, keep, "anchor_logits", "that ignore_mask keeps")
-        return ref.token_jeffreys(
+        div = ref.token_jeffreys(
             policy_logits, anchor_logits.detach(), beta=beta, temperature=temperature, ignore_mask=ignore_mask
         )
+        if check:
+            V.explain_nan_rows(div, named, which="that ignore_mask keeps")
+        return div
     from .ops.token_jeffreys import token_jeffreys_fwd
 
     v = policy_logits.shape[-1]
@@ -818,7 +879,10 @@ def token_jeffreys(
     div, *_ = token_jeffreys_fwd(
         rows(policy_logits), rows(anchor_logits.detach()), beta, temperature, mask, name
     )
-    return div.view(lead)
+    div = div.view(lead)
+    if check:
+        V.explain_nan_rows(div, named, which="that ignore_mask keeps")
+    return div
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -859,11 +923,8 @@ def _linear_args(hidden, weight, labels, bias, temperature, softcap, ignore_inde
             f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {V.describe(labels)}"
         )
     V.same_device(hidden, labels, "hidden", "labels")
-    return (
-        V.positive_float(temperature, "temperature"),
-        V.softcap_value(softcap),
-        V.integer(ignore_index, "ignore_index"),
-    )
+    temperature, softcap = V.transform_scalars(temperature, softcap)
+    return temperature, softcap, V.integer(ignore_index, "ignore_index")
 
 
 def linear_token_logprobs(
@@ -930,10 +991,11 @@ def linear_token_logprobs(
     name = _pick("linear_token_logprobs", backend, hidden)
     if validate or name == "torch" or V.free_to_read(labels):
         V.check_labels_in_range(labels, weight.shape[0], ignore_index)
+    check = validate or V.free_to_read(hidden)
     from .ops import linear_token_logprobs as lin
 
     if name == "torch":
-        return lin.linear_token_logprobs_reference(
+        out = lin.linear_token_logprobs_reference(
             hidden,
             weight,
             labels,
@@ -943,6 +1005,8 @@ def linear_token_logprobs(
             ignore_index=ignore_index,
             return_entropy=return_entropy,
         )
+        _check_linear_rows(out[0] if return_entropy else out, hidden, weight, bias, check)
+        return out
     if labels.numel() == 0:
         empty = hidden.new_zeros(labels.shape, dtype=torch.float32) + (hidden.sum() + weight.sum()) * 0
         return (empty, empty.clone()) if return_entropy else empty
@@ -967,6 +1031,23 @@ def linear_token_logprobs(
         name,
     )
     logp = logp.view(labels.shape)
+    _check_linear_rows(logp, hidden, weight, bias, check)
     if return_entropy:
         return logp, ent.view(labels.shape)
     return logp
+
+
+def _check_linear_rows(logp, hidden, weight, bias, check):
+    """NaN log-probs of kept rows come from non-finite inputs or overflowing logits: name which (README,
+    "Odd inputs"); only where ``check`` (values free to read, or validate=True)."""
+    if not check or not V.has_data(logp) or not bool(torch.isnan(logp.detach()).any()):
+        return
+    why = "the logits hidden·weightᵀ + bias of a row whose label is not ignored gave NaN"
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            V.check_finite(t, name, why)
+    where = V._position(logp.shape, int(torch.isnan(logp.detach()).reshape(-1).nonzero()[0, 0]))
+    raise ValueError(
+        f"hidden, weight and bias are finite, but the logits hidden·weightᵀ + bias of the row at position "
+        f"{where} overflow fp32 (+inf, or inf − inf): scale the inputs down or set a softcap"
+    )

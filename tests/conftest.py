@@ -10,8 +10,15 @@ import gc
 import os
 import zlib
 
-import pytest
-import torch
+# Inductor's on-disk FX graph cache (shared by every checkout on a machine, /tmp/torchinductor_<user>) keys a
+# graph by its code and inputs, not by the fake implementations of our custom ops: after a change to an op's
+# output shapes a cached graph from another checkout fails ("mismatch in length of strides and shape").  The
+# compile tests are few and small: compile afresh.
+os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tolerances for a result stored in ``dtype`` against a float64 ground truth computed from the same inputs.
 # rtol is a few roundings of the storage dtype (bf16 keeps 8 mantissa bits: half an ulp is 2^-9 ≈ 2e-3;

@@ -407,14 +407,19 @@ def test_torch_compile_fullgraph():
 
     def f(logits, labels):
         lp, ent = bk.token_logprobs(logits, labels, temperature=0.8, return_entropy=True, backend="cpu")
-        return (lp * g).sum() + ent.sum()
+        return (lp * g).sum() + ent.sum(), lp, ent
 
     compiled = torch.compile(f, fullgraph=True)
     xa, xb = _leaf(x), _leaf(x)
-    la, lb = f(xa, y), compiled(xb, y)
+    (la, lpa, enta), (lb, lpb, entb) = f(xa, y), compiled(xb, y)
     la.backward()
     lb.backward()
-    torch.testing.assert_close(lb, la, rtol=0, atol=0)
+    # The op's outputs and gradient are the same kernels' bits; the loss is summed by inductor's fused
+    # reduction in another order than eager's two sums and one add: equal to one fp32 rounding (the bitwise
+    # comparison held or failed with the last bits of the log-probs).
+    torch.testing.assert_close(lpb, lpa, rtol=0, atol=0)
+    torch.testing.assert_close(entb, enta, rtol=0, atol=0)
+    torch.testing.assert_close(lb, la, rtol=2**-22, atol=0)
     torch.testing.assert_close(xb.grad, xa.grad, rtol=0, atol=0)
 
 

@@ -6,6 +6,8 @@ Launcher contract (``kernels(backend).<name>``):
     policy, anchor (N, V) float, last stride 1; ignore_mask (N,) bool or (0,) for none.
     Returns ``(div, lse_p, lse_q, kl_pq)`` fp32 (N,): the divergence ``β·KL(p‖q) + (1−β)·KL(q‖p)``, the two
     log-sum-exps of the tempered rows and ``KL(p‖q)`` (all three saved for backward).  Ignored rows give 0.
+    ``lse_p``/``lse_q`` are whole (N,) or split (2, N) = [row max, log-sum-exp relative to it] for backends in
+    ``token_logprobs.SPLIT_LSE``, as the token_logprobs contract describes.
 ``token_jeffreys_bwd(policy, anchor, lse_p, lse_q, kl_pq, grad_div, beta, temperature, ignore_mask)``
     grad_div (N,) fp32 -> d/d policy in the policy's dtype::
 
@@ -15,6 +17,7 @@ Launcher contract (``kernels(backend).<name>``):
 import torch
 
 from ._dispatch import kernels
+from .token_logprobs import lse_shape
 
 
 @torch.library.custom_op("bond_kernels::token_jeffreys_fwd", mutates_args=())
@@ -35,7 +38,8 @@ def token_jeffreys_fwd(
 @token_jeffreys_fwd.register_fake
 def _(policy, anchor, beta, temperature, ignore_mask, backend):
     n = policy.shape[0]
-    return tuple(policy.new_empty(n, dtype=torch.float32) for _ in range(4))
+    shapes = (n, lse_shape(n, backend), lse_shape(n, backend), n)
+    return tuple(policy.new_empty(shape, dtype=torch.float32) for shape in shapes)
 
 
 @torch.library.custom_op("bond_kernels::token_jeffreys_bwd", mutates_args=())

@@ -4,10 +4,16 @@ Launcher contract, shared by every backend (``kernels(backend).<name>``):
 
 ``token_logprobs_fwd(logits, labels, temperature, softcap, ignore_index, return_entropy)``
     logits (N, V) or (B, T, V) float with last stride 1 (any other strides); labels (N,) int64 contiguous,
-    N = B·T.  Returns ``(logp, lse, entropy)``, fp32 (N,) each (``entropy`` is (0,) unless asked for);
-    ``lse`` is the log-sum-exp of the transformed row ``z`` (saved for backward); ignored rows give 0.
+    N = B·T.  Returns ``(logp, lse, entropy)``, fp32 (``entropy`` is (0,) unless asked for); ignored rows give
+    0.  ``lse`` (saved for backward) is the log-sum-exp of the transformed row ``z``, either whole, (N,), or
+    split, (2, N) (backends in ``SPLIT_LSE``): ``lse[0]`` the row maximum ``w_max`` of the capped logits
+    ``w = softcap·tanh(x/softcap)`` (or ``x``), in logit units, ``lse[1] = log Σ_v exp((w_v − w_max)/T)``, so
+    the whole one is ``lse[0]/T + lse[1]`` (:func:`full_lse`).  From the split form the backward recomputes
+    ``log p_v = (w_v − w_max)/T − lse[1]`` to a rounding of ``log p_v``; from the whole one it carries one
+    rounding of ``|z|`` (README, "Odd inputs").
 ``token_logprobs_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, softcap,
 ignore_index, inplace)``
+    lse: either form above (the linear head and the vocab-parallel op pass a whole, global one).
     grad_logp (N,) fp32; grad_entropy (N,) fp32 or (0,).  Returns d/d logits in the logits' dtype and shape
     (written into ``logits`` itself when ``inplace``)::
 
@@ -23,6 +29,21 @@ import torch
 from ._dispatch import kernels
 
 _NO_SOFTCAP = 0.0
+
+# Backends whose forward launchers return the split log-sum-exp (2, N) (token_logprobs_fwd above, and
+# token_jeffreys_fwd's lse_p / lse_q); the others return it whole, (N,).
+SPLIT_LSE = frozenset({"cpu"})
+
+
+def lse_shape(n: int, backend: str) -> tuple:
+    return (2, n) if backend in SPLIT_LSE else (n,)
+
+
+def full_lse(lse: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The (N,) log-sum-exp of z from a launcher's ``lse``, whole (N,) or split (2, N) (see the contract)."""
+    if lse.dim() == 1:
+        return lse
+    return lse[0] * (1.0 / temperature) + lse[1]
 
 
 def _empty_f32(like: torch.Tensor) -> torch.Tensor:
@@ -52,7 +73,7 @@ def _(logits, labels, temperature, softcap, ignore_index, return_entropy, inplac
     f32 = dict(dtype=torch.float32, device=logits.device)
     return (
         logits.new_empty(n, **f32),
-        logits.new_empty(n, **f32),
+        logits.new_empty(lse_shape(n, backend), **f32),
         logits.new_empty(n if return_entropy else 0, **f32),
     )
 
@@ -115,7 +136,7 @@ def _backward(ctx, grad_logp, grad_lse, grad_ent):
     logits, labels, lse, ent = ctx.saved_tensors
     temperature, softcap, ignore_index, inplace, backend = ctx.config
     if grad_logp is None:
-        grad_logp = torch.zeros_like(lse)
+        grad_logp = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
     grad_logp = grad_logp.float().contiguous()
     if grad_ent is None or ent.numel() == 0:
         grad_ent = _empty_f32(lse)

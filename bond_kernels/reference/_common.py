@@ -26,3 +26,21 @@ def transform_logits(x: torch.Tensor, temperature: float, softcap) -> torch.Tens
     if temperature != 1.0:
         x = x / temperature
     return x
+
+
+def shifted_logits(x: torch.Tensor, temperature: float, softcap) -> torch.Tensor:
+    """``z − max_v z`` per row for ``z = transform_logits(x)``, without rounding ``|z|`` first.
+
+    Log-probs and entropies depend on ``z`` only through these differences.  The capped logits
+    ``w = softcap·tanh(x/softcap)`` (or ``x``) are shifted by their row maximum *before* the division by the
+    temperature, as the kernels do: ``(w − max w) / T`` is exact to the rounding of the difference, while
+    ``w/T − max(w/T)`` carries one rounding of ``|w|/T`` (2.4e-4 at |z| = 4000 in fp32) and overflows for
+    ``|w|/T`` above 3.4e38 (README, "Odd inputs").  The maximum is a constant for autograd (the log-softmax
+    does not depend on it).  A row of all -inf (no softcap) gives NaN, as does a NaN or +inf entry.
+    """
+    if softcap:
+        x = softcap * torch.tanh(x / softcap)
+    t = x - x.amax(-1, keepdim=True).detach()
+    if temperature != 1.0:
+        t = t / temperature
+    return t

@@ -2,7 +2,7 @@
 
 import torch
 
-from ._common import compute_dtype
+from ._common import compute_dtype, shifted_logits
 
 
 def _xlogy_diff(p, logp, logq):
@@ -21,13 +21,15 @@ def token_jeffreys(policy_logits, anchor_logits, *, beta=0.5, temperature=1.0, i
         ∂/∂z_v = [β·p_v·(log p_v − log q_v − KL(p‖q)) + (1−β)·(p_v − q_v)] / T
     """
     dtype = compute_dtype(policy_logits, anchor_logits)
-    z = policy_logits.to(dtype) / temperature
-    a = anchor_logits.to(dtype) / temperature
+    z, a = policy_logits.to(dtype), anchor_logits.to(dtype)
     if ignore_mask is not None:
         keep = ~ignore_mask.bool()
         zero = torch.zeros((), dtype=dtype, device=z.device)
         z = torch.where(keep.unsqueeze(-1), z, zero)
         a = torch.where(keep.unsqueeze(-1), a, zero)
+    # shifted by the row maxima before dividing by T: no rounding of |x|/T (README, "Odd inputs")
+    z = shifted_logits(z, temperature, None)
+    a = shifted_logits(a, temperature, None)
     logp = torch.log_softmax(z, -1)
     logq = torch.log_softmax(a, -1)
     p, q = logp.exp(), logq.exp()

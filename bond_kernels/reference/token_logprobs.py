@@ -2,7 +2,7 @@
 
 import torch
 
-from ._common import compute_dtype, transform_logits
+from ._common import compute_dtype, shifted_logits
 
 
 def token_logprobs(logits, labels, *, temperature=1.0, softcap=None, ignore_index=-100, return_entropy=False):
@@ -20,7 +20,8 @@ def token_logprobs(logits, labels, *, temperature=1.0, softcap=None, ignore_inde
     keep = labels != ignore_index
     # Zero the ignored rows first: an all -inf ignored row must not leak NaN into the gradient.
     x = torch.where(keep.unsqueeze(-1), logits.to(dtype), torch.zeros((), dtype=dtype, device=logits.device))
-    z = transform_logits(x, temperature, softcap)
+    # z − max z (every output is shift-invariant): no rounding of |z| = |x|/T at small temperatures.
+    z = shifted_logits(x, temperature, softcap)
     lse = torch.logsumexp(z, dim=-1)
     safe = torch.where(keep, labels, torch.zeros_like(labels)).long()
     target = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)

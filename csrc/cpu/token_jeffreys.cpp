@@ -3,7 +3,9 @@
 // Per row: pass 1 takes both row maxima, pass 2 sums exp for both rows and the two cross terms
 //   a_p = sum_v e_p,v (t_p,v - t_q,v),  a_q = sum_v e_q,v (t_q,v - t_p,v)     (t = (x - max) / T, e = exp t)
 // from which KL(p||q) = a_p / S_p - log S_p + log S_q (and symmetrically), so no third pass is needed.
-// Entries with e = 0 (masked, -inf) are skipped in the cross terms: 0 * log 0 = 0.  Contract: bond/cpu.h and
+// Entries with e = 0 (masked, -inf) are skipped in the cross terms: 0 * log 0 = 0.  The log-sum-exps are
+// saved split (row max, log S) so that the backward's log p_v = (x_v - max) / T - log S rounds log p_v, not
+// |x_v| / T (see the split log-sum-exp in bond/cpu.h).  Contract: bond/cpu.h and
 // bond_kernels/ops/token_jeffreys.py.
 #include <cmath>
 #include <limits>
@@ -19,13 +21,14 @@ namespace cpu {
 namespace {
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-constexpr index_t kSumBlock = 2048;  // blocked partial sums, as in token_logprobs.cpp
+constexpr index_t kSumBlock = 512;  // blocked partial sums added up in fp64, as in token_logprobs.cpp
 
 template <class T>
 BOND_INLINE int jeffreys_fwd_row(const TokenJeffreysFwdParams& p, index_t r) {
   using S = typename Io<T>::storage;
   if (p.ignore_mask && p.ignore_mask[r]) {
     p.div[r] = p.lse_p[r] = p.lse_q[r] = p.kl_pq[r] = 0.0f;
+    if (p.shift_p) p.shift_p[r] = p.shift_q[r] = 0.0f;
     return kOk;
   }
   const S* BOND_RESTRICT xp = static_cast<const S*>(p.policy) + r * p.policy_stride;
@@ -41,9 +44,10 @@ BOND_INLINE int jeffreys_fwd_row(const TokenJeffreysFwdParams& p, index_t r) {
   }
   if (!(mp > kNegInf) || !(mq > kNegInf)) {  // an all -inf row has no distribution: NaN, like the reference
     p.div[r] = p.lse_p[r] = p.lse_q[r] = p.kl_pq[r] = kNaN;
+    if (p.shift_p) p.shift_p[r] = p.shift_q[r] = kNaN;
     return kOk;
   }
-  float sp_total = 0.0f, sq_total = 0.0f, ap_total = 0.0f, aq_total = 0.0f;
+  double sp_total = 0.0, sq_total = 0.0, ap_total = 0.0, aq_total = 0.0;
   for (index_t b0 = 0; b0 < vocab; b0 += kSumBlock) {
     const index_t b1 = vocab - b0 < kSumBlock ? vocab : b0 + kSumBlock;
     float sp = 0.0f, sq = 0.0f, ap = 0.0f, aq = 0.0f;
@@ -62,13 +66,20 @@ BOND_INLINE int jeffreys_fwd_row(const TokenJeffreysFwdParams& p, index_t r) {
     ap_total += ap;
     aq_total += aq;
   }
-  const float log_sp = std::log(sp_total), log_sq = std::log(sq_total);
-  const float kl_pq = ap_total / sp_total - log_sp + log_sq;
-  const float kl_qp = aq_total / sq_total - log_sq + log_sp;
+  const float log_sp = static_cast<float>(std::log(sp_total)), log_sq = static_cast<float>(std::log(sq_total));
+  const float kl_pq = static_cast<float>(ap_total / sp_total) - log_sp + log_sq;
+  const float kl_qp = static_cast<float>(aq_total / sq_total) - log_sq + log_sp;
   p.kl_pq[r] = kl_pq;
   p.div[r] = p.beta * kl_pq + (1.0f - p.beta) * kl_qp;
-  p.lse_p[r] = mp * inv_t + log_sp;
-  p.lse_q[r] = mq * inv_t + log_sq;
+  if (p.shift_p) {
+    p.shift_p[r] = mp;
+    p.shift_q[r] = mq;
+    p.lse_p[r] = log_sp;
+    p.lse_q[r] = log_sq;
+  } else {
+    p.lse_p[r] = mp * inv_t + log_sp;
+    p.lse_q[r] = mq * inv_t + log_sq;
+  }
   return kOk;
 }
 
@@ -87,12 +98,13 @@ BOND_INLINE int jeffreys_bwd_row(const TokenJeffreysBwdParams& p, index_t r) {
   const S* BOND_RESTRICT xq = static_cast<const S*>(p.anchor) + r * p.anchor_stride;
   const float inv_t = 1.0f / p.temperature;
   const float lse_p = p.lse_p[r], lse_q = p.lse_q[r], kl = p.kl_pq[r];
+  const float sp = p.shift_p ? p.shift_p[r] : 0.0f, sq = p.shift_q ? p.shift_q[r] : 0.0f;
   const float gb = p.grad_div[r] * p.beta * inv_t;            // folds g / T into both coefficients
   const float gc = p.grad_div[r] * (1.0f - p.beta) * inv_t;
 #pragma omp simd
   for (index_t v = 0; v < vocab; ++v) {
-    const float lp = Io<T>::load(xp, v) * inv_t - lse_p;
-    const float lq = Io<T>::load(xq, v) * inv_t - lse_q;
+    const float lp = (Io<T>::load(xp, v) - sp) * inv_t - lse_p;
+    const float lq = (Io<T>::load(xq, v) - sq) * inv_t - lse_q;
     const float pv = fast_exp(lp), qv = fast_exp(lq);
     const float d = gb * (pv > 0.0f ? pv * (lp - lq - kl) : 0.0f) + gc * (pv - qv);
     Io<T>::store(out, v, d);
@@ -122,6 +134,7 @@ int token_jeffreys_fwd(const TokenJeffreysFwdParams& p) {
   if (p.n_rows < 0 || p.vocab < 1 || !scalars_ok(p.beta, p.temperature)) return kBadArgument;
   if (p.n_rows == 0) return kOk;
   if (!p.policy || !p.anchor || !p.div || !p.lse_p || !p.lse_q || !p.kl_pq) return kBadArgument;
+  if ((p.shift_p == nullptr) != (p.shift_q == nullptr)) return kBadArgument;
   const Isa isa = active_isa();
   int (*fn)(const TokenJeffreysFwdParams&, index_t) = nullptr;
   switch (p.dtype) {
@@ -137,6 +150,7 @@ int token_jeffreys_bwd(const TokenJeffreysBwdParams& p) {
   if (p.n_rows < 0 || p.vocab < 1 || !scalars_ok(p.beta, p.temperature)) return kBadArgument;
   if (p.n_rows == 0) return kOk;
   if (!p.policy || !p.anchor || !p.lse_p || !p.lse_q || !p.kl_pq || !p.grad_div || !p.grad) return kBadArgument;
+  if ((p.shift_p == nullptr) != (p.shift_q == nullptr)) return kBadArgument;
   const Isa isa = active_isa();
   int (*fn)(const TokenJeffreysBwdParams&, index_t) = nullptr;
   switch (p.dtype) {

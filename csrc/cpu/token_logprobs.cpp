@@ -1,7 +1,9 @@
 // Per-token log-probabilities of sampled labels: forward, backward, and forward+backward in one sweep.
 //
 // One row at a time (a thread owns whole rows): pass 1 finds the row max of the raw logits, pass 2 sums
-// exp(z - max) (and e * (z - max) for the entropy).  At V = 32000 a row is 128 KB of fp32, so pass 2 reads
+// exp(z - max) (and e * (z - max) for the entropy).  Every exponent is formed as (w - shift) / T, w the
+// (capped) logit in logit units and shift a row constant near the max: a difference first, then the
+// division, so log p carries a rounding of log p, not of |z| = |w| / T (which at T = 1e-3 is 4000).  At V = 32000 a row is 128 KB of fp32, so pass 2 reads
 // it from L2 (1-2 MB per core on current x86), and main memory sees the row once.  The transform
 // z = c * tanh(x / c) / T is monotonic, so the max of z is the transform of the max of x: pass 1 needs no
 // tanh.  Math and argument contract: bond/cpu.h and bond_kernels/ops/token_logprobs.py.
@@ -20,32 +22,44 @@ namespace {
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-// Partial sums over blocks of 2048 elements, then a sum of blocks: the fp32 rounding error grows with
-// 2048 / lanes + V / 2048 terms instead of V / lanes (at V = 256000, 128 instead of 16000 with AVX-512).
-constexpr index_t kSumBlock = 2048;
+// Partial sums over blocks of 512 elements, added up in fp64: the fp32 rounding error grows with 512 / lanes
+// terms instead of V / lanes, and stays small where the loop is not vectorised at all (a compiler that ignores
+// `omp simd`, or a sanitizer build: with blocks of 2048 summed in fp32, scalar order cost 4x the error and
+// failed the Jeffreys parity tests' 3e-5).  One fp64 add per 512 elements costs nothing measurable.
+constexpr index_t kSumBlock = 512;
 
 struct Transform {
-  float inv_t;       // 1 / T
-  float inv_cap;     // 1 / c
-  float cap_over_t;  // c / T
+  float inv_t;    // 1 / T
+  float inv_cap;  // 1 / c
+  float cap;      // c
 };
 
 Transform make_transform(float temperature, float softcap) {
   Transform tf;
   tf.inv_t = 1.0f / temperature;
   tf.inv_cap = softcap > 0.0f ? 1.0f / softcap : 0.0f;
-  tf.cap_over_t = softcap / temperature;
+  tf.cap = softcap;
   return tf;
 }
 
-// z = c * tanh(x / c) / T (softcap) — the non-softcap path never calls this, it shifts before scaling.
-BOND_INLINE float softcap_z(const Transform& tf, float x) { return tf.cap_over_t * tanh_f32(x * tf.inv_cap); }
+// w = c * tanh(x / c): the capped logit, in logit units (z = w / T).
+BOND_INLINE float capped(const Transform& tf, float x) { return tf.cap * tanh_f32(x * tf.inv_cap); }
 
-// The shifted transformed logit t = z - z_max: with no softcap (x - x_max) / T, which is exact in the
-// subtraction for nearby values; with a softcap z(x) - z_max.
+// t = (w - shift) / T, the transformed logit relative to a row constant: the subtraction is exact for
+// nearby values (the ones that matter), and the division then rounds t, not |z|.
 template <bool kSoftcap>
 BOND_INLINE float shifted(const Transform& tf, float x, float shift) {
-  return kSoftcap ? softcap_z(tf, x) - shift : (x - shift) * tf.inv_t;
+  return ((kSoftcap ? capped(tf, x) : x) - shift) * tf.inv_t;
+}
+
+// True if a row holds a NaN (only asked about rows with no finite maximum).
+template <class T>
+bool row_has_nan(const typename Io<T>::storage* x, index_t vocab) {
+  for (index_t v = 0; v < vocab; ++v) {
+    const float xv = Io<T>::load(x, v);
+    if (xv != xv) return true;
+  }
+  return false;
 }
 
 template <class T>
@@ -63,7 +77,7 @@ BOND_INLINE float row_max(const typename Io<T>::storage* BOND_RESTRICT x, index_
 template <class T, bool kSoftcap, bool kEntropy>
 BOND_INLINE void row_sums(const typename Io<T>::storage* BOND_RESTRICT x, index_t vocab, const Transform& tf,
                           float shift, float* s_out, float* a_out) {
-  float s_total = 0.0f, a_total = 0.0f;
+  double s_total = 0.0, a_total = 0.0;
   for (index_t b0 = 0; b0 < vocab; b0 += kSumBlock) {
     const index_t b1 = vocab - b0 < kSumBlock ? vocab : b0 + kSumBlock;
     float s = 0.0f, a = 0.0f;
@@ -77,8 +91,8 @@ BOND_INLINE void row_sums(const typename Io<T>::storage* BOND_RESTRICT x, index_
     s_total += s;
     a_total += a;
   }
-  *s_out = s_total;
-  *a_out = a_total;
+  *s_out = static_cast<float>(s_total);
+  *a_out = static_cast<float>(a_total);
 }
 
 template <class T>
@@ -95,39 +109,51 @@ BOND_INLINE int fwd_row(const TokenLogprobsFwdParams& p, const Transform& tf, in
   if (y == p.ignore_index) {  // ignored: 0 outputs, the row is never read
     p.logp[r] = 0.0f;
     p.lse[r] = 0.0f;
+    if (p.shift) p.shift[r] = 0.0f;
     if (kEntropy) p.entropy[r] = 0.0f;
     return kOk;
   }
   const S* BOND_RESTRICT x = static_cast<const S*>(p.logits) + p.rows.offset(r);
-  const float mx = (y < 0 || y >= p.vocab) ? kNaN : row_max<T>(x, p.vocab);
-  if (!(mx > kNegInf)) {  // bad label (NaN marker) or an all -inf row
+  const bool bad_label = y < 0 || y >= p.vocab;
+  // The max skips NaN entries (comparisons with NaN are false); they reach the sums and make them NaN.
+  const float mx = bad_label ? kNaN : row_max<T>(x, p.vocab);
+  if (bad_label || (!kSoftcap && !(mx > kNegInf))) {  // bad label, or no finite entry and no softcap
     p.logp[r] = kNaN;
     p.lse[r] = kNaN;
+    if (p.shift) p.shift[r] = kNaN;
     if (kEntropy) p.entropy[r] = kNaN;
-    return mx != mx ? kBadLabel : kAllNegInfRow;
+    if (bad_label) return kBadLabel;
+    return row_has_nan<T>(x, p.vocab) ? kOk : kAllNegInfRow;  // NaN: the caller names it
   }
-  const float shift = kSoftcap ? softcap_z(tf, mx) : mx;
+  const float shift = kSoftcap ? capped(tf, mx) : mx;  // the row max of w (tanh is monotonic)
   float s, a;
   row_sums<T, kSoftcap, kEntropy>(x, p.vocab, tf, shift, &s, &a);
   const float log_s = std::log(s);
   p.logp[r] = shifted<kSoftcap>(tf, Io<T>::load(x, y), shift) - log_s;
-  p.lse[r] = (kSoftcap ? shift : shift * tf.inv_t) + log_s;
+  if (p.shift) {
+    p.shift[r] = shift;
+    p.lse[r] = log_s;
+  } else {
+    p.lse[r] = shift * tf.inv_t + log_s;
+  }
   if (kEntropy) p.entropy[r] = log_s - a / s;  // H = log S - sum_v (e_v / S) t_v
   return kOk;
 }
 
 // ----------------------------------------------------------------------------------------------- backward
-// dz_v = g (1[v = y] - p_v) - g_H p_v (log p_v + H);  dx_v = dz_v / T * (1 - tanh^2(x_v / c)).
+// dz_v = g (1[v = y] - p_v) - g_H p_v (log p_v + H);  dx_v = dz_v / T * (1 - tanh^2(x_v / c)), with
+// log p_v = (w_v - shift) / T - lse (shift 0 and the full lse when the forward did not split it).
 template <bool kSoftcap, bool kEntGrad>
-BOND_INLINE float bwd_element(const Transform& tf, float xv, float lse, float g, float gh, float h, float onehot) {
+BOND_INLINE float bwd_element(const Transform& tf, float xv, float shift, float lse, float g, float gh, float h,
+                              float onehot) {
   float lp, dfac;
   if (kSoftcap) {
     const float th = tanh_f32(xv * tf.inv_cap);
     const float ath = abs_f32(th);
-    lp = tf.cap_over_t * th - lse;
+    lp = (tf.cap * th - shift) * tf.inv_t - lse;
     dfac = tf.inv_t * ((1.0f - ath) * (1.0f + ath));  // 1 - tanh^2 without cancelling 1 - th*th
   } else {
-    lp = xv * tf.inv_t - lse;
+    lp = (xv - shift) * tf.inv_t - lse;
     dfac = tf.inv_t;
   }
   const float pv = fast_exp(lp);
@@ -152,6 +178,7 @@ BOND_INLINE int bwd_row(const TokenLogprobsBwdParams& p, const Transform& tf, in
     return kBadLabel;
   }
   const float lse = p.lse[r];
+  const float shift = p.shift ? p.shift[r] : 0.0f;
   const float g = p.grad_logp[r];
   const float gh = kEntGrad ? p.grad_entropy[r] : 0.0f;
   const float h = kEntGrad ? p.entropy[r] : 0.0f;
@@ -160,9 +187,9 @@ BOND_INLINE int bwd_row(const TokenLogprobsBwdParams& p, const Transform& tf, in
   // harmless and the loop still vectorises (the simd pragma asserts independence across iterations).
 #pragma omp simd
   for (index_t v = 0; v < vocab; ++v) {
-    Io<T>::store(out, v, bwd_element<kSoftcap, kEntGrad>(tf, Io<T>::load(x, v), lse, g, gh, h, 0.0f));
+    Io<T>::store(out, v, bwd_element<kSoftcap, kEntGrad>(tf, Io<T>::load(x, v), shift, lse, g, gh, h, 0.0f));
   }
-  Io<T>::store(out, y, bwd_element<kSoftcap, kEntGrad>(tf, xy, lse, g, gh, h, 1.0f));
+  Io<T>::store(out, y, bwd_element<kSoftcap, kEntGrad>(tf, xy, shift, lse, g, gh, h, 1.0f));
   return kOk;
 }
 
@@ -180,14 +207,17 @@ BOND_INLINE int fwd_bwd_row(const TokenLogprobsFwdBwdParams& p, const Transform&
     fill_row<T>(out, vocab, 0.0f);
     return kOk;
   }
-  const float mx = (y < 0 || y >= vocab) ? kNaN : row_max<T>(x, vocab);
-  if (!(mx > kNegInf)) {
+  const bool bad_label = y < 0 || y >= vocab;
+  const float mx = bad_label ? kNaN : row_max<T>(x, vocab);
+  if (bad_label || (!kSoftcap && !(mx > kNegInf))) {  // as in fwd_row
+    const bool nan_row = !bad_label && row_has_nan<T>(x, vocab);  // asked before an in-place fill
     p.logp[r] = kNaN;
     if (p.lse) p.lse[r] = kNaN;
     fill_row<T>(out, vocab, kNaN);
-    return mx != mx ? kBadLabel : kAllNegInfRow;
+    if (bad_label) return kBadLabel;
+    return nan_row ? kOk : kAllNegInfRow;
   }
-  const float shift = kSoftcap ? softcap_z(tf, mx) : mx;
+  const float shift = kSoftcap ? capped(tf, mx) : mx;
   float s, a;
   row_sums<T, kSoftcap, false>(x, vocab, tf, shift, &s, &a);
   const float log_s = std::log(s);
@@ -196,7 +226,7 @@ BOND_INLINE int fwd_bwd_row(const TokenLogprobsFwdBwdParams& p, const Transform&
   const float xy = Io<T>::load(x, y);
   const float ty = shifted<kSoftcap>(tf, xy, shift);
   p.logp[r] = ty - log_s;
-  if (p.lse) p.lse[r] = (kSoftcap ? shift : shift * tf.inv_t) + log_s;
+  if (p.lse) p.lse[r] = shift * tf.inv_t + log_s;
   // Third sweep, from cache: p_v = exp(t_v) / S, grad = -g p_v * dz/dx (the label is fixed up below).
 #pragma omp simd
   for (index_t v = 0; v < vocab; ++v) {
@@ -205,7 +235,7 @@ BOND_INLINE int fwd_bwd_row(const TokenLogprobsFwdBwdParams& p, const Transform&
     if (kSoftcap) {
       const float th = tanh_f32(xv * tf.inv_cap);
       const float ath = abs_f32(th);
-      t = tf.cap_over_t * th - shift;
+      t = (tf.cap * th - shift) * tf.inv_t;
       dfac = tf.inv_t * ((1.0f - ath) * (1.0f + ath));
     } else {
       t = (xv - shift) * tf.inv_t;

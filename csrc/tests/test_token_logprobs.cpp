@@ -258,6 +258,79 @@ void test_status_codes() {
   BOND_CHECK(cpu::token_logprobs_fwd(p) == kBadArgument, "V = 0 must be rejected");
 }
 
+// The split log-sum-exp (shift + lse relative to it) at a temperature where |z| = |x|/T ~ 4e6: the split
+// backward stays at fp32 rounding, the whole one (shift nullptr) carries a rounding of |z| in every log p.
+// NaN rows give NaN and kOk (the caller names the cause); with a softcap an all -inf row is uniform.
+void test_split_lse_and_odd_rows() {
+  const int64_t n = 3, V = 200;
+  const float temperature = 1e-6f;
+  std::vector<float> x(n * V);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  for (auto& v : x) v = 4.0f + 2e-6f * nd(rng);  // differences of O(T) on top of 4: a real distribution
+  std::vector<int64_t> labels = {5, 17, 199};
+  std::vector<float> logp(n), stats(2 * n), g = {1.0f, -0.5f, 2.0f}, grad(n * V), grad_whole(n * V), lse_whole(n);
+  cpu::TokenLogprobsFwdParams p;
+  p.logits = x.data();
+  p.labels = labels.data();
+  p.logp = logp.data();
+  p.shift = stats.data();
+  p.lse = stats.data() + n;
+  p.rows = Rows::matrix(n, V);
+  p.vocab = V;
+  p.temperature = temperature;
+  BOND_CHECK(cpu::token_logprobs_fwd(p) == kOk, "split forward status");
+  cpu::TokenLogprobsBwdParams b;
+  b.logits = x.data();
+  b.labels = labels.data();
+  b.shift = stats.data();
+  b.lse = stats.data() + n;
+  b.grad_logp = g.data();
+  b.grad = grad.data();
+  b.rows = b.grad_rows = Rows::matrix(n, V);
+  b.vocab = V;
+  b.temperature = temperature;
+  BOND_CHECK(cpu::token_logprobs_bwd(b) == kOk, "split backward status");
+  for (int64_t r = 0; r < n; ++r) lse_whole[r] = stats[r] / temperature + stats[n + r];
+  b.shift = nullptr;
+  b.lse = lse_whole.data();
+  b.grad = grad_whole.data();
+  BOND_CHECK(cpu::token_logprobs_bwd(b) == kOk, "whole backward status");
+  double worst_split = 0, worst_whole = 0, scale = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    double m = -INFINITY, s = 0;
+    for (int64_t v = 0; v < V; ++v) m = std::fmax(m, static_cast<double>(x[r * V + v]));
+    for (int64_t v = 0; v < V; ++v) s += std::exp((x[r * V + v] - m) / temperature);
+    for (int64_t v = 0; v < V; ++v) {
+      const double pv = std::exp((x[r * V + v] - m) / temperature) / s;
+      const double want = g[r] * ((v == labels[r] ? 1.0 : 0.0) - pv) / temperature;
+      scale = std::fmax(scale, std::fabs(want));
+      worst_split = std::fmax(worst_split, std::fabs(grad[r * V + v] - want));
+      worst_whole = std::fmax(worst_whole, std::fabs(grad_whole[r * V + v] - want));
+    }
+  }
+  BOND_CHECK(worst_split <= 1e-5 * scale, "split backward: max error %g of max |grad| %g", worst_split, scale);
+  BOND_CHECK(worst_whole > 1e-3 * scale, "the whole-lse backward was expected to lose |z| rounding: %g of %g",
+             worst_whole, scale);
+
+  // NaN rows: all NaN, and all -inf with one NaN, give NaN and kOk (not kAllNegInfRow).
+  for (int64_t v = 0; v < V; ++v) x[v] = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t v = 0; v < V; ++v) x[V + v] = -INFINITY;
+  x[V + 3] = std::numeric_limits<float>::quiet_NaN();
+  p.temperature = 1.0f;
+  BOND_CHECK(cpu::token_logprobs_fwd(p) == kOk, "NaN rows: kOk (the binding names NaN)");
+  BOND_CHECK(std::isnan(logp[0]) && std::isnan(logp[1]) && !std::isnan(logp[2]), "NaN rows: NaN log-probs");
+  // With a softcap, -inf maps to -c: an all -inf row is uniform.
+  for (int64_t v = 0; v < V; ++v) x[v] = -INFINITY;
+  x[V + 3] = -INFINITY;
+  p.softcap = 3.0f;
+  BOND_CHECK(cpu::token_logprobs_fwd(p) == kOk, "softcapped all -inf rows: kOk");
+  BOND_CHECK(std::fabs(logp[0] + std::log(200.0)) < 1e-5 && std::fabs(logp[1] + std::log(200.0)) < 1e-5,
+             "softcapped all -inf rows are uniform: %g %g", logp[0], logp[1]);
+  p.softcap = 0.0f;
+  BOND_CHECK(cpu::token_logprobs_fwd(p) == kAllNegInfRow, "all -inf rows without a softcap: kAllNegInfRow");
+}
+
 // Same bits for any thread count: each row is computed by one thread from that row alone.
 void test_determinism() {
   const int64_t n = 64, V = 3001;
@@ -307,5 +380,6 @@ int main() {
   });
   test_status_codes();
   test_determinism();
+  test_split_lse_and_odd_rows();
   return bond_test::finish("test_token_logprobs");
 }

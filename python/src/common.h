@@ -4,6 +4,7 @@
 // argument, what it got and what it expects.
 #pragma once
 
+#include <cmath>
 #include <sstream>
 #include <string>
 
@@ -98,6 +99,36 @@ inline const bool* optional_bool_rows(at::Tensor& mask, const char* name, int64_
 
 inline int kernel_threads() { return at::get_num_threads(); }
 
+// A temperature or softcap the fp32 kernels can use: it and its reciprocal normal fp32 numbers, [2^-126, 2^126]
+// (the functional API checks the same range, bond_kernels/_validate.py; this names it for direct callers).
+inline void check_fp32_scalar(double value, const char* name) {
+  const float f = static_cast<float>(value);
+  TORCH_CHECK_VALUE(value > 0.0 && std::isnormal(f) && std::isnormal(1.0f / f), name,
+                    " must lie in [2^-126, 2^126] (it and its reciprocal must be normal fp32 numbers), got ", value);
+}
+
+// Per-row saved log-sum-exps: the forward's split form (2, N) = [row max of the capped logits, log-sum-exp
+// relative to it] (bond/cpu.h), or a full (N,) log-sum-exp (callers that combine partial rows).
+struct RowLse {
+  at::Tensor lse, shift;  // shift undefined for the full form
+  const float* lse_ptr() const { return lse.data_ptr<float>(); }
+  const float* shift_ptr() const { return shift.defined() ? shift.data_ptr<float>() : nullptr; }
+};
+
+inline RowLse row_lse(const at::Tensor& t, const char* name, int64_t n) {
+  check_cpu(t, name);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ", describe(t));
+  if (t.dim() == 2) {
+    TORCH_CHECK_VALUE(t.size(0) == 2 && t.size(1) == n, name, " must have shape (", n, ",) or (2, ", n,
+                      ") (split form), got ", describe(t));
+    const at::Tensor c = t.contiguous();
+    return {c[1], c[0]};
+  }
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must have shape (", n, ",) or (2, ", n, "), got ",
+                    describe(t));
+  return {t.contiguous(), at::Tensor()};
+}
+
 // The first label outside [0, vocab) that is not ignore_index, for the error message (host scan; this runs
 // only after the kernel reported a bad label, so the fast path never pays for it).
 inline void raise_bad_label(const at::Tensor& labels, int64_t vocab, int64_t ignore_index) {
@@ -117,7 +148,8 @@ inline void raise_bad_label(const at::Tensor& labels, int64_t vocab, int64_t ign
 inline void raise_status(int status, const char* op) {
   TORCH_CHECK_VALUE(status != bond::kAllNegInfRow, op,
                     ": logits has a row whose entries are all -inf at a position whose label is not ignored");
-  TORCH_CHECK_VALUE(status != bond::kBadArgument, op, ": the kernel rejected its arguments (bad size or stride)");
+  TORCH_CHECK_VALUE(status != bond::kBadArgument, op,
+                    ": the kernel rejected its arguments (a size, stride, pointer or scalar outside its contract)");
   TORCH_CHECK(status == bond::kOk, op, ": CPU kernel failed: ", bond::status_name(status));
 }
 

@@ -19,8 +19,7 @@ void check_rows_2d(const at::Tensor& t, const char* name) {
 
 void check_scalars(double beta, double temperature) {
   TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, "beta must be a number in [0, 1], got ", beta);
-  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite number > 0, got ",
-                    temperature);
+  check_fp32_scalar(temperature, "temperature");
 }
 
 // The kernels read both rows in one dtype; a mixed pair (rare) is computed in fp32.
@@ -48,16 +47,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_jeffreys_fwd(co
   common_dtype(policy, anchor);
   const int64_t n = policy.size(0);
   auto f32 = policy.options().dtype(at::kFloat);
-  at::Tensor div = policy.new_empty({n}, f32), lse_p = policy.new_empty({n}, f32), lse_q = policy.new_empty({n}, f32),
-             kl = policy.new_empty({n}, f32);
+  // lse_p, lse_q in the split form (2, N) = [row max, log-sum-exp relative to it] (bond/cpu.h)
+  at::Tensor div = policy.new_empty({n}, f32), lse_p = policy.new_empty({2, n}, f32),
+             lse_q = policy.new_empty({2, n}, f32), kl = policy.new_empty({n}, f32);
 
   bond::cpu::TokenJeffreysFwdParams p;
   p.policy = policy.data_ptr();
   p.anchor = anchor.data_ptr();
   p.ignore_mask = optional_bool_rows(mask, "ignore_mask", n);
   p.div = div.data_ptr<float>();
-  p.lse_p = lse_p.data_ptr<float>();
-  p.lse_q = lse_q.data_ptr<float>();
+  p.shift_p = lse_p.data_ptr<float>();
+  p.lse_p = p.shift_p + n;
+  p.shift_q = lse_q.data_ptr<float>();
+  p.lse_q = p.shift_q + n;
   p.kl_pq = kl.data_ptr<float>();
   p.dtype = float_dtype(policy, "policy");
   p.n_rows = n;
@@ -82,7 +84,9 @@ at::Tensor token_jeffreys_bwd(const at::Tensor& policy_in, const at::Tensor& anc
   at::Tensor policy = policy_in, anchor = anchor_in, mask = ignore_mask_in;
   common_dtype(policy, anchor);
   const int64_t n = policy.size(0);
-  const at::Tensor lse_p = f32_rows(lse_p_in, "lse_p", n), lse_q = f32_rows(lse_q_in, "lse_q", n);
+  const RowLse lse_p = row_lse(lse_p_in, "lse_p", n), lse_q = row_lse(lse_q_in, "lse_q", n);
+  TORCH_CHECK_VALUE(lse_p.shift.defined() == lse_q.shift.defined(), "lse_p and lse_q must both be split (2, ", n,
+                    ") or both full (", n, ",)");
   const at::Tensor kl = f32_rows(kl_pq_in, "kl_pq", n), grad_div = f32_rows(grad_div_in, "grad_div", n);
   at::Tensor grad = new_written_like(policy);  // contiguous (N, V)
 
@@ -90,8 +94,10 @@ at::Tensor token_jeffreys_bwd(const at::Tensor& policy_in, const at::Tensor& anc
   p.policy = policy.data_ptr();
   p.anchor = anchor.data_ptr();
   p.ignore_mask = optional_bool_rows(mask, "ignore_mask", n);
-  p.lse_p = lse_p.data_ptr<float>();
-  p.lse_q = lse_q.data_ptr<float>();
+  p.lse_p = lse_p.lse_ptr();
+  p.lse_q = lse_q.lse_ptr();
+  p.shift_p = lse_p.shift_ptr();
+  p.shift_q = lse_q.shift_ptr();
   p.kl_pq = kl.data_ptr<float>();
   p.grad_div = grad_div.data_ptr<float>();
   p.grad = grad.data_ptr();

@@ -11,10 +11,10 @@ namespace bond_py {
 namespace {
 
 void check_scalars(double temperature, double softcap) {
-  TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature), "temperature must be a finite number > 0, got ",
-                    temperature);
-  TORCH_CHECK_VALUE(softcap >= 0.0 && std::isfinite(softcap), "softcap must be a finite number >= 0 (0 disables it), got ",
-                    softcap);
+  check_fp32_scalar(temperature, "temperature");
+  if (softcap != 0.0) check_fp32_scalar(softcap, "softcap");  // 0 disables it
+  TORCH_CHECK_VALUE(softcap / temperature <= std::ldexp(1.0, 126), "softcap / temperature must be at most 2^126, got ",
+                    softcap, " / ", temperature);
 }
 
 at::Tensor f32_out(const at::Tensor& like, int64_t n) { return like.new_empty({n}, like.options().dtype(at::kFloat)); }
@@ -30,13 +30,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(const at::Tens
   check_scalars(temperature, softcap);
   const int64_t n = rows.n_rows, vocab = logits.size(-1);
   const at::Tensor labels = label_rows(labels_in, n);
-  at::Tensor logp = f32_out(logits, n), lse = f32_out(logits, n), ent = f32_out(logits, return_entropy ? n : 0);
+  at::Tensor logp = f32_out(logits, n), ent = f32_out(logits, return_entropy ? n : 0);
+  // The split log-sum-exp (bond/cpu.h): row 0 the row max of the capped logits, row 1 log S relative to it.
+  at::Tensor lse = logits.new_empty({2, n}, logits.options().dtype(at::kFloat));
 
   bond::cpu::TokenLogprobsFwdParams p;
   p.logits = logits.data_ptr();
   p.labels = labels.data_ptr<int64_t>();
   p.logp = logp.data_ptr<float>();
-  p.lse = lse.data_ptr<float>();
+  p.shift = lse.data_ptr<float>();
+  p.lse = p.shift + n;
   p.entropy = return_entropy ? ent.data_ptr<float>() : nullptr;
   p.dtype = dtype;
   p.rows = rows;
@@ -61,7 +64,7 @@ at::Tensor token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& labels
   check_scalars(temperature, softcap);
   const int64_t n = rows.n_rows, vocab = logits.size(-1);
   const at::Tensor labels = label_rows(labels_in, n);
-  const at::Tensor lse = f32_rows(lse_in, "lse", n);
+  const RowLse lse = row_lse(lse_in, "lse", n);
   const at::Tensor grad_logp = f32_rows(grad_logp_in, "grad_logp", n);
   const bool ent_grad = grad_entropy_in.numel() > 0;
   at::Tensor grad_entropy, entropy;
@@ -74,7 +77,8 @@ at::Tensor token_logprobs_bwd(const at::Tensor& logits, const at::Tensor& labels
   bond::cpu::TokenLogprobsBwdParams p;
   p.logits = logits.data_ptr();
   p.labels = labels.data_ptr<int64_t>();
-  p.lse = lse.data_ptr<float>();
+  p.lse = lse.lse_ptr();
+  p.shift = lse.shift_ptr();
   p.entropy = ent_grad ? entropy.data_ptr<float>() : nullptr;
   p.grad_logp = grad_logp.data_ptr<float>();
   p.grad_entropy = ent_grad ? grad_entropy.data_ptr<float>() : nullptr;

@@ -42,12 +42,24 @@ std::size_t advise_huge_pages(void* ptr, std::size_t nbytes);
 // token_logprobs:  z = c * tanh(x / c) / T (softcap c > 0, or z = x / T with softcap = 0),
 //   logp[r] = z[r, y_r] - lse[r],  lse[r] = log sum_v exp(z[r, v]),  entropy[r] = -sum_v p log p.
 // Rows whose label equals ignore_index give 0 (and a zero gradient) without reading the row.
+//
+// Split log-sum-exp.  With `shift` given, the forward writes w_max = max_v w_v of the capped logits
+// w = c * tanh(x / c) (or x), in logit units, to shift[r] and log sum_v exp((w_v - w_max) / T) to lse[r], so
+// lse = shift / T + lse exactly; the backward given both recomputes log p_v = (w_v - shift) / T - lse, whose
+// error is a rounding of log p_v.  The full fp32 lse has one rounding of |z| (2.4e-4 at |z| = 4000), which
+// log p_v = z_v - lse inherits: the backward without `shift` (callers that combine partial rows into a
+// global lse) has that error.
+// NaN or +inf entries (without a softcap) make the row's outputs NaN and return kOk: the caller names the
+// cause.  A row of all -inf without a softcap has no distribution: kAllNegInfRow (with a softcap, -inf maps
+// to -c and the row is uniform).
 // ---------------------------------------------------------------------------------------------------------
 struct TokenLogprobsFwdParams {
   const void* logits = nullptr;  // (N, V) or (B, T, V) of `dtype`, vocabulary stride 1, rows as `rows`
   const int64_t* labels = nullptr;  // (N,) contiguous
   float* logp = nullptr;            // (N,) out
-  float* lse = nullptr;             // (N,) out, log-sum-exp of z (saved for the backward)
+  float* lse = nullptr;             // (N,) out, log-sum-exp of z (saved for the backward), or with shift
+                                    // the log-sum-exp of z - shift / T
+  float* shift = nullptr;           // (N,) out or nullptr: the row max of the capped logits (split lse)
   float* entropy = nullptr;         // (N,) out, or nullptr to skip the entropy
   DType dtype = DType::kFloat32;
   Rows rows;
@@ -58,7 +70,7 @@ struct TokenLogprobsFwdParams {
   int num_threads = 0;
 };
 // kBadLabel: some label outside [0, V) (its outputs are NaN); kAllNegInfRow: some non-ignored row is all
-// -inf (NaN outputs).  Other rows are still computed.
+// -inf without a softcap (NaN outputs).  Other rows are still computed.
 int token_logprobs_fwd(const TokenLogprobsFwdParams& p);
 
 // grad = d/dlogits of sum_r (grad_logp[r] * logp[r] + grad_entropy[r] * entropy[r]), from the forward's lse
@@ -66,7 +78,8 @@ int token_logprobs_fwd(const TokenLogprobsFwdParams& p);
 struct TokenLogprobsBwdParams {
   const void* logits = nullptr;
   const int64_t* labels = nullptr;
-  const float* lse = nullptr;           // (N,) from the forward
+  const float* lse = nullptr;           // (N,) from the forward (split with shift, or the full lse)
+  const float* shift = nullptr;         // (N,) from the forward, or nullptr when lse is the full lse
   const float* entropy = nullptr;       // (N,) from the forward; needed only with grad_entropy
   const float* grad_logp = nullptr;     // (N,)
   const float* grad_entropy = nullptr;  // (N,) or nullptr
@@ -111,8 +124,10 @@ struct TokenJeffreysFwdParams {
   const void* anchor = nullptr;    // (N, V), row stride anchor_stride, same dtype as policy
   const bool* ignore_mask = nullptr;  // (N,) or nullptr; true rows give 0
   float* div = nullptr;            // (N,) out
-  float* lse_p = nullptr;          // (N,) out
-  float* lse_q = nullptr;          // (N,) out
+  float* lse_p = nullptr;          // (N,) out, split: log sum_v exp((x_v - shift_p) / T) (as token_logprobs)
+  float* lse_q = nullptr;          // (N,) out, split likewise
+  float* shift_p = nullptr;        // (N,) out, the row max of policy
+  float* shift_q = nullptr;        // (N,) out, the row max of anchor
   float* kl_pq = nullptr;          // (N,) out
   DType dtype = DType::kFloat32;
   index_t n_rows = 0;
@@ -130,8 +145,10 @@ struct TokenJeffreysBwdParams {
   const void* policy = nullptr;
   const void* anchor = nullptr;
   const bool* ignore_mask = nullptr;
-  const float* lse_p = nullptr;
+  const float* lse_p = nullptr;     // split log-sum-exps and row maxima, from the forward
   const float* lse_q = nullptr;
+  const float* shift_p = nullptr;
+  const float* shift_q = nullptr;
   const float* kl_pq = nullptr;
   const float* grad_div = nullptr;  // (N,)
   void* grad = nullptr;             // (N, V) of dtype, row stride grad_stride

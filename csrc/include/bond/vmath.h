@@ -51,9 +51,10 @@ BOND_INLINE float pow2i(float n) {
 }
 
 // exp(x) in fp32 with ~2 ulp error; 0 for x < -87.34 (including -inf); inputs above 88 are clamped to 88.
-// NaN inputs give NaN.
+// NaN inputs give NaN.  The clamp maps NaN to kExpMinArg (NaN > a is false), so pow2i never converts a NaN
+// to int32 (undefined behaviour, reported by -fsanitize=float-cast-overflow); the last select restores it.
 BOND_INLINE float fast_exp(float x) {
-  float xc = x < kExpMinArg ? kExpMinArg : x;
+  float xc = x > kExpMinArg ? x : kExpMinArg;
   xc = xc > kExpMaxArg ? kExpMaxArg : xc;
   const float n = round_nearest(xc * kLog2e);
   float r = xc - n * kLn2Hi;
