@@ -444,18 +444,9 @@ def test_triton_scalars_outside_the_fp32_range_are_rejected(kw):
         _raises(ValueError, name, fn, "2^-126, 2^126")
 
 
-# The Triton kernels form p = exp2(x·log2(e)/T − lse·log2(e)) from a whole fp32 lse, and their online
-# forward keeps the running max of x·log2(e)/T, which overflows fp32 at T = 2^-126: until the split
-# log-sum-exp lands in bond_kernels/ops/triton/token_logprobs.py and token_jeffreys.py (report of issue 14),
-# the triton backend misses the tiny-temperature contract.  strict: the day it passes, remove the mark.
-_NEEDS_TRITON_SPLIT_LSE = pytest.mark.xfail(
-    strict=True,
-    reason="needs the split log-sum-exp in the Triton kernels (issue 14 report: row max saved, shift before /T)",
-)
-
-
+# The Triton kernels save the split log-sum-exp (row max of the capped logits, ln Σ relative to it) and
+# take every exponent relative to the row max before dividing by T, as the cpu kernels do.
 @pytest.mark.interpret
-@_NEEDS_TRITON_SPLIT_LSE
 @pytest.mark.parametrize("temperature", [1e-3, 1e-12, TINY])
 def test_triton_autograd_backward_at_tiny_temperatures(temperature):
     x, y, g, _ = _tempered(temperature)
@@ -469,7 +460,6 @@ def test_triton_autograd_backward_at_tiny_temperatures(temperature):
 
 
 @pytest.mark.interpret
-@_NEEDS_TRITON_SPLIT_LSE
 @pytest.mark.parametrize("temperature", [1e-3, 1e-12, TINY])
 def test_triton_token_jeffreys_backward_at_tiny_temperatures(temperature):
     x, _, g, _ = _tempered(temperature)
@@ -481,3 +471,15 @@ def test_triton_token_jeffreys_backward_at_tiny_temperatures(temperature):
     xl = x.clone().requires_grad_(True)
     (bk.token_jeffreys(xl, a, beta=0.3, temperature=temperature, backend="triton") * g).sum().backward()
     assert _rel_err(xl.grad, want) <= GRAD_RTOL
+
+
+def test_split_lse_flags_agree():
+    """The contract's SPLIT_LSE set and the Triton launchers' own flags say the same (the kernels module may not
+    import the layer above it, so the fact is written in both places)."""
+    import importlib
+
+    from bond_kernels.ops.token_logprobs import SPLIT_LSE
+
+    for name in ("token_logprobs", "token_jeffreys"):
+        module = importlib.import_module(f"bond_kernels.ops.triton.{name}")
+        assert module.SPLIT_LSE == ("triton" in SPLIT_LSE), name

@@ -135,16 +135,23 @@ def test_launcher_contract():
     """Direct launcher calls: output shapes and dtypes, the saved lse, ignored rows, entropy (0,) unless asked."""
     from bond_kernels.ops import triton as tk
 
+    from bond_kernels.ops.token_logprobs import full_lse
+
     x, y = _case(12, 777, torch.bfloat16)
-    logp, lse, ent = tk.token_logprobs_fwd(x, y, 1.0, 0.0, IGNORE, False)
-    assert logp.shape == lse.shape == (12,) and ent.shape == (0,)
+    logp, lse, ent = tk.token_logprobs_fwd(x, y, 0.7, 0.0, IGNORE, False)
+    # the split form: (row max of the logits, ln Σ exp((x − max)/T)), see the launcher contract
+    assert logp.shape == (12,) and lse.shape == (2, 12) and ent.shape == (0,)
     assert logp.dtype == lse.dtype == ent.dtype == torch.float32
     keep = y != IGNORE
+    torch.testing.assert_close(lse[0][keep], x.float().amax(-1)[keep], atol=0, rtol=0)
     torch.testing.assert_close(
-        lse[keep].double(), torch.logsumexp(x.double(), -1)[keep], atol=FP32_OUT_ATOL, rtol=0
+        full_lse(lse, 0.7)[keep].double(),
+        torch.logsumexp(x.double() / 0.7, -1)[keep],
+        atol=FP32_OUT_ATOL,
+        rtol=0,
     )
-    assert torch.all(lse[~keep] == 0) and torch.all(logp[~keep] == 0)
-    logp2, lse2, ent2 = tk.token_logprobs_fwd(x, y, 1.0, 0.0, IGNORE, True)
+    assert torch.all(lse[:, ~keep] == 0) and torch.all(logp[~keep] == 0)
+    logp2, lse2, ent2 = tk.token_logprobs_fwd(x, y, 0.7, 0.0, IGNORE, True)
     assert ent2.shape == (12,)
     assert torch.equal(logp, logp2) and torch.equal(lse, lse2)  # entropy costs no accuracy on the rest
 

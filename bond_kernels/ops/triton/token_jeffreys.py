@@ -43,7 +43,7 @@ _M_INIT = tl.constexpr(-1.0e30)
 # with their alignment hints), checked in CI; timings of wider blocks are owed (gpu_check.sh sweep).
 # The forward's saved log-sum-exps: split (2, N) (row max of the raw logits, ln Σ relative to it) or whole
 # (N,); see the token_logprobs contract.
-SPLIT_LSE = False
+SPLIT_LSE = True
 
 FWD_MAX_BLOCK = 2048
 BWD_MAX_BLOCK = 4096

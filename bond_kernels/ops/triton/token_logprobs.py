@@ -49,8 +49,9 @@ _LN2 = 0.6931471805599453
 _M_INIT = tl.constexpr(-1.0e30)  # a constexpr: jit code may only read constexpr globals
 
 # The forward's saved log-sum-exp: split, (2, N) = (row max of the capped logits w, ln Σ exp((w − max)/T)),
-# so the backward's log p never rounds |x|/T (the contract in ops/token_logprobs.py), or whole (N,).
-SPLIT_LSE = False
+# so the backward's log p never rounds |x|/T (the contract in ops/token_logprobs.py, whose SPLIT_LSE names
+# "triton"); the backward also reads a whole (N,) one (the linear head passes a global, whole lse).
+SPLIT_LSE = True
 
 
 # --------------------------------------------------------------------------------------------------------
