@@ -134,7 +134,6 @@ def test_fp16_values_and_gradients():
 def test_launcher_contract():
     """Direct launcher calls: output shapes and dtypes, the saved lse, ignored rows, entropy (0,) unless asked."""
     from bond_kernels.ops import triton as tk
-
     from bond_kernels.ops.token_logprobs import full_lse
 
     x, y = _case(12, 777, torch.bfloat16)
