@@ -36,10 +36,10 @@ from . import _config
 # rejects plain Python globals inside @triton.jit (the interpreter does not).
 _M_INIT = tl.constexpr(-1.0e30)
 
-# Block caps.  The forward holds a block of both rows plus four per-lane accumulators: at 2048 columns and
-# 8 warps it takes 79-80 registers (3 programs, 24 warps per SM, 48 KB of bf16 in flight with the 3-stage
-# pipeline); the backward keeps no accumulators: 4096 at 8 warps takes 36 (bf16) to 60 (fp32) registers,
-# 3-6 programs per SM.  No variant spills.  Figures: BENCHMARKS.md "Compile budget" (through the launchers,
+# Block caps.  The forward holds a block of both rows plus four per-lane accumulators: at 2048 bf16 columns
+# (1024 fp32) and 8 warps it takes 72-80 registers (3 programs, 24 warps per SM, 48 KB in flight with the
+# 3-stage pipeline); the backward keeps no accumulators: 4096 at 8 warps takes 35 (bf16) to 59 (fp32)
+# registers, 3-6 programs per SM.  No variant spills.  Figures: BENCHMARKS.md "Compile budget" (through the launchers,
 # with their alignment hints), checked in CI; timings of wider blocks are owed (gpu_check.sh sweep).
 # The forward's saved log-sum-exps: split (2, N) (row max of the raw logits, ln Σ relative to it) or whole
 # (N,); see the token_logprobs contract.
