@@ -183,22 +183,28 @@ def boolean(x, name: str) -> bool:
 
 
 def writable_once(x: torch.Tensor, name: str, flag: str = "inplace=True"):
-    """Raise unless every element of ``x`` has its own memory: an in-place output must not be an expanded
-    (stride 0) or self-overlapping view, whose elements would each receive several gradient values (the
-    kernels would silently keep one of them; the torch backend refuses the copy).  Reads strides only."""
+    """Raise unless ``x`` can receive its gradient in place: every element has its own memory (an expanded,
+    stride-0 or self-overlapping view would get several gradient values per element: the kernels silently
+    kept one, the torch backend refused the copy), and the last dimension is contiguous (the kernels write
+    rows).  Reads strides only."""
+    if x.numel() <= 1:
+        return  # no two elements
     dims = sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz > 1)
-    if not dims:
-        return  # at most one element
-    if all(st > 0 for st, _ in dims):
-        if _strides_disjoint(dims):
-            return
-        if (x.stride(-1) == 1 or x.shape[-1] == 1) and _rows_disjoint(x):
-            return
-    raise ValueError(
-        f"{name} must not be an expanded or self-overlapping view with {flag} (several of its elements share "
-        f"memory, and each would be overwritten by a different gradient value), got {describe(x)}, strides "
-        f"{tuple(x.stride())}; pass {name}.contiguous() (a copy) or use {flag.split('=')[0]}=False"
+    disjoint = all(st > 0 for st, _ in dims) and (
+        _strides_disjoint(dims) or ((x.stride(-1) == 1 or x.shape[-1] == 1) and _rows_disjoint(x))
     )
+    if not disjoint:
+        raise ValueError(
+            f"{name} must not be an expanded or self-overlapping view with {flag} (several of its elements "
+            f"share memory, and each would be overwritten by a different gradient value), got {describe(x)}, "
+            f"strides {tuple(x.stride())}; pass {name}.contiguous() (a copy) or use {flag.split('=')[0]}=False"
+        )
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        raise ValueError(
+            f"{name} must have a contiguous last dimension with {flag} (the gradient is written in its place, "
+            f"row by row), got {describe(x)}, strides {tuple(x.stride())}; pass {name}.contiguous() (a copy) "
+            f"or use {flag.split('=')[0]}=False"
+        )
 
 
 def _strides_disjoint(dims) -> bool:

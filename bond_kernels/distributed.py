@@ -313,7 +313,7 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         inside = keep & (rel >= 0) & (rel < v)
         loc = torch.where(inside, rel, torch.where(keep, torch.zeros_like(rel), torch.full_like(rel, -1)))
         logp_l, lse_l, ent_l = tk.fwd(rows, loc, temperature, softcap, -1, want_ent)
-        lse_l = full_lse(lse_l, temperature)  # shards combine whole log-sum-exps
+        lse_l = full_lse(lse_l, temperature, softcap)  # shards combine whole log-sum-exps
         sd = lse_l.dtype
         zero = torch.zeros((), dtype=sd, device=lse_l.device)
         target_l = torch.where(inside, logp_l + lse_l, zero)

@@ -65,6 +65,17 @@ def _as_rows(logits):
     return logits.reshape(-1, logits.shape[-2], logits.shape[-1])
 
 
+def _inplace_rows(logits):
+    """``_as_rows(logits)`` as a view of the caller's buffer (the gradient is written there), or a named error."""
+    rows = _as_rows(logits)
+    if logits.numel() and rows.data_ptr() != logits.data_ptr():
+        raise ValueError(
+            f"logits must be viewable as (N, V) or (B, T, V) without a copy with inplace=True (the gradient is "
+            f"written in its place), got {V.describe(logits)}, strides {tuple(logits.stride())}"
+        )
+    return rows
+
+
 def _flat_labels(labels):
     return labels.reshape(-1).to(torch.int64).contiguous()
 
@@ -125,7 +136,7 @@ def token_logprobs(
     )
     name = _pick("token_logprobs", backend, logits)
     check = validate or V.free_to_read(logits)
-    if validate or name == "torch":
+    if check or name == "torch":  # on CPU tensors every backend names a bad label (no sync to save)
         V.check_labels_in_range(labels, logits.shape[-1], ignore_index)
     if name == "torch":
         out = ref.token_logprobs(
@@ -144,7 +155,7 @@ def token_logprobs(
         empty = logits.new_zeros(labels.shape, dtype=torch.float32) + logits.sum() * 0
         return (empty, empty.clone()) if return_entropy else empty
     logp, _, ent = token_logprobs_fwd(
-        _as_rows(logits),
+        _inplace_rows(logits) if inplace else _as_rows(logits),
         _flat_labels(labels),
         temperature,
         softcap,
@@ -273,7 +284,7 @@ def token_logprobs_and_grad(
     V.same_device(logits, grad_logp, "logits", "grad_logp")
     name = _pick("token_logprobs", backend, logits)
     check = V.free_to_read(logits)
-    if name == "torch":
+    if check or name == "torch":
         V.check_labels_in_range(labels, logits.shape[-1], ignore_index)
         with torch.enable_grad():
             x = logits.detach().requires_grad_(True)
@@ -289,15 +300,9 @@ def token_logprobs_and_grad(
     from .ops.token_logprobs import token_logprobs_fwd_bwd, token_logprobs_fwd_bwd_inplace
 
     with torch.no_grad():
-        rows = _as_rows(logits)
+        rows = _inplace_rows(logits) if inplace else _as_rows(logits)
         g = grad_logp.reshape(-1).float().contiguous()
         if inplace:
-            if (
-                rows.data_ptr() != logits.data_ptr()
-                or rows.shape[-1] != logits.shape[-1]
-                or logits.stride(-1) != 1
-            ):
-                raise ValueError("inplace=True needs logits whose last dimension is contiguous")
             logp = token_logprobs_fwd_bwd_inplace(
                 rows, _flat_labels(labels), g, temperature, softcap, ignore_index, name
             )
@@ -1005,7 +1010,7 @@ def linear_token_logprobs(
             ignore_index=ignore_index,
             return_entropy=return_entropy,
         )
-        _check_linear_rows(out[0] if return_entropy else out, hidden, weight, bias, check)
+        _check_linear_rows(out[0] if return_entropy else out, hidden, weight, bias, softcap, check)
         return out
     if labels.numel() == 0:
         empty = hidden.new_zeros(labels.shape, dtype=torch.float32) + (hidden.sum() + weight.sum()) * 0
@@ -1031,22 +1036,37 @@ def linear_token_logprobs(
         name,
     )
     logp = logp.view(labels.shape)
-    _check_linear_rows(logp, hidden, weight, bias, check)
+    _check_linear_rows(logp, hidden, weight, bias, softcap, check)
     if return_entropy:
         return logp, ent.view(labels.shape)
     return logp
 
 
-def _check_linear_rows(logp, hidden, weight, bias, check):
-    """NaN log-probs of kept rows come from non-finite inputs or overflowing logits: name which (README,
-    "Odd inputs"); only where ``check`` (values free to read, or validate=True)."""
+def _check_linear_rows(logp, hidden, weight, bias, softcap, check):
+    """A kept row's log-prob is NaN where its logits have no distribution: name the cause (README, "Odd
+    inputs"); only where ``check`` (values free to read, or validate=True).  The first such row's logits are
+    recomputed (one row, O(V·H)) and explained like token_logprobs' rows."""
     if not check or not V.has_data(logp) or not bool(torch.isnan(logp.detach()).any()):
         return
-    why = "the logits hidden·weightᵀ + bias of a row whose label is not ignored gave NaN"
-    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
-        if t is not None:
-            V.check_finite(t, name, why)
-    where = V._position(logp.shape, int(torch.isnan(logp.detach()).reshape(-1).nonzero()[0, 0]))
+    first = int(torch.isnan(logp.detach()).reshape(-1).nonzero()[0, 0])
+    h_row = hidden.detach().reshape(-1, hidden.shape[-1])[first]
+    why = "the logits hidden·weightᵀ + bias of a row whose label is not ignored would be NaN"
+    for name, t in (("hidden", h_row), ("weight", weight), ("bias", bias)):
+        if t is not None and bool(torch.isnan(t).any()):
+            V.check_finite({"hidden": hidden}.get(name, t), name, why)
+    x = torch.nn.functional.linear(
+        h_row.float(), weight.detach().float(), None if bias is None else bias.detach().float()
+    )
+    where = V._position(logp.shape, first)
+    if not softcap and bool(torch.isneginf(x).all()):
+        raise ValueError(
+            f"bias must leave a finite logit in every row whose label is not ignored: the logits of the row at "
+            f"position {where} are all -inf (bias {V.describe(bias)} masks every word)"
+        )
+    for name, t in (("hidden", hidden), ("weight", weight)):  # bias may hold -inf (a masked word)
+        V.check_finite(t, name, why)
+    if bias is not None and bool(torch.isposinf(bias).any()):
+        V.check_finite(bias, "bias", why)
     raise ValueError(
         f"hidden, weight and bias are finite, but the logits hidden·weightᵀ + bias of the row at position "
         f"{where} overflow fp32 (+inf, or inf − inf): scale the inputs down or set a softcap"

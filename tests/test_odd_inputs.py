@@ -483,3 +483,126 @@ def test_split_lse_flags_agree():
     for name in ("token_logprobs", "token_jeffreys"):
         module = importlib.import_module(f"bond_kernels.ops.triton.{name}")
         assert module.SPLIT_LSE == ("triton" in SPLIT_LSE), name
+
+
+# ----------------------------------------------------------------------------------------------------
+# found by the fuzz suite (tests/test_fuzz.py)
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_sequences_after_a_masked_label(backend):
+    """A label whose logit is -inf has log-prob -inf; the packed sums subtracted one fp64 prefix sum, so every
+    later sequence became NaN (inf − inf), and a huge log-prob absorbed the later ones to 0."""
+    x = torch.zeros(4, 3)
+    x[0, 1] = -INF
+    y = torch.tensor([1, 0, 0, 0])
+    cu = torch.tensor([0, 1, 1, 4])
+    seq = bk.sequence_logprobs(x, y, cu_seqlens=cu, backend=backend)
+    assert seq[0] == -INF and seq[1] == 0
+    assert abs(seq[2].item() + 3 * math.log(3)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_jeffreys_with_a_zero_weight_on_an_infinite_kl(backend):
+    """beta = 0 is KL(q‖p) alone; where KL(p‖q) is infinite (q underflows where p has mass) the
+    divergence was 0·inf = NaN (and a misleading error).  T = 2^-126: log q is -inf in fp32.  A weight of 0 now drops its term, in value and
+    gradient."""
+    p = torch.zeros(2, 4)
+    q = torch.tensor([[0.0, -10.0, -20.0, -30.0], [30.0, 20.0, 10.0, 0.0]])  # (q_v − q_max)/T < −FLT_MAX
+    xl = p.clone().requires_grad_(True)
+    div = bk.token_jeffreys(xl, q, beta=0.0, temperature=TINY, backend=backend)
+    want = ref.token_jeffreys(p.double(), q.double(), beta=0.0, temperature=TINY)
+    assert torch.isfinite(div).all()
+    torch.testing.assert_close(div.double(), want, rtol=1e-6, atol=0)
+    div.sum().backward()
+    assert torch.isfinite(xl.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_row_max_is_exactly_zero(backend):
+    """With a softcap the shift was c·tanh(x_max/c), which -ffp-contract fused unrounded on one side only: at
+    c/T = 4e31 a single-word row's log-prob was +inf (it is 0), and its gradient not 0."""
+    x = torch.tensor([[1.5410]])
+    for temperature in (1e-6, 7.9e-31):
+        xl = x.clone().requires_grad_(True)
+        lp, ent = bk.token_logprobs(
+            xl, torch.tensor([0]), softcap=30.0, temperature=temperature, return_entropy=True, backend=backend
+        )
+        (lp + ent).sum().backward()
+        assert lp.item() == 0.0 and ent.item() == 0.0 and xl.grad.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_head_with_a_bias_that_masks_whole_tiles(backend, monkeypatch):
+    """A bias of -inf (a masked word) over a whole vocabulary tile made the tile kernels raise "a row whose
+    entries are all -inf" for rows that have mass in other tiles; and a row masked everywhere said
+    "bias must be finite" instead of naming the masking."""
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "64,1")
+    hid = torch.randn(3, 4, generator=_gen(21))
+    w = torch.randn(5, 4, generator=_gen(22))
+    b = torch.zeros(5)
+    b[[0, 3]] = -INF
+    y = torch.tensor([0, 1, 4])
+    got = bk.linear_token_logprobs(hid, w, y, bias=b, backend=backend)
+    want = ref.token_logprobs(torch.nn.functional.linear(hid.double(), w.double(), b.double()), y)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    assert got[0] == -INF
+    _raises(
+        ValueError,
+        "bias",
+        lambda: bk.linear_token_logprobs(hid, w, y, bias=torch.full((5,), -INF), backend=backend),
+        "all -inf",
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_needs_a_unit_vocabulary_stride(backend):
+    """The torch backend wrote a transposed view in place while the cpu backend raised; both raise now."""
+    base = torch.randn(5, 4, generator=_gen(23))
+    x = base.t()  # (4, 5), strides (1, 4)
+    y = torch.tensor([0, 1, 2, 3])
+    _raises(
+        ValueError,
+        "logits",
+        lambda: bk.token_logprobs_and_grad(x, y, torch.ones(4), backend=backend, inplace=True),
+        "contiguous last dimension",
+    )
+    _raises(
+        ValueError,
+        "logits",
+        lambda: bk.token_logprobs(x, y, backend=backend, inplace=True),
+        "contiguous last dimension",
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_gradient_does_not_underflow(backend):
+    """softcap 2^-126 at T = 1e30: the reference's chain rule (grad·c)·sech²·(1/c) underflowed to 0."""
+    x = torch.tensor([[0.0, -0.0, 0.0]])
+    xl = x.clone().requires_grad_(True)
+    bk.token_logprobs(xl, torch.tensor([1]), softcap=TINY, temperature=1e30, backend=backend).sum().backward()
+    torch.testing.assert_close(xl.grad, torch.tensor([[-1 / 3, 2 / 3, -1 / 3]]) / 1e30, rtol=1e-5, atol=0)
+
+
+@pytest.mark.interpret
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the Triton kernel change of the issue 14 report: the running max "
+    "starts at -1e30, above rows whose z all lie below it",
+)
+def test_triton_rows_below_the_initial_running_max():
+    x = torch.tensor([[-math.inf]])
+    lp = bk.token_logprobs(x, torch.tensor([0]), softcap=1e37, backend="triton")  # z = -1e37·log2(e)
+    assert lp.item() == 0.0
+
+
+@pytest.mark.interpret
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the Triton kernel change of the issue 14 report: _tanh has an "
+    "absolute error of ~6e-8 near 0, c·6e-8 in z",
+)
+def test_triton_large_softcap_is_accurate():
+    x = torch.tensor([[1.5410, -0.2934]])
+    got = bk.token_logprobs(x, torch.tensor([1]), softcap=1e6, backend="triton")
+    want = ref.token_logprobs(x.double(), torch.tensor([1]), softcap=1e6)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)

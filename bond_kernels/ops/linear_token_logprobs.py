@@ -375,6 +375,14 @@ def combine_stats(lse_k, s_k):
     return lse, s
 
 
+def _masks_tile(bias, v0, v1) -> bool:
+    """True if the bias masks some word of the tile with -inf (CPU tensors, outside torch.compile: reading
+    values elsewhere would synchronise)."""
+    if bias is None or bias.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return bool(torch.isneginf(bias[v0:v1]).any())
+
+
 def local_forward(
     hidden,
     weight,
@@ -419,8 +427,17 @@ def local_forward(
             v1 = min(v_local, v0 + plan.vocab)
             out = kept.tile(k, v0, v1, n) if kept is not None and k >= kept.first else None
             x = _tile_logits(h_rows, weight, bias, v0, v1, plan, out=out)
-            logp_k, lse_k, ent_k = tk.fwd(x, loc[k], temperature, softcap, _KERNEL_IGNORE, want_ent)
-            lse_k = full_lse(lse_k, temperature)  # tiles combine whole log-sum-exps
+            loc_k, dead = loc[k], None
+            if not softcap and _masks_tile(bias, v0, v1):
+                # A bias of -inf over the whole tile leaves rows with no finite logit in it, which the per-row
+                # kernels reject; globally they are fine (other tiles have mass): run them as ignored and
+                # give them the tile statistics of an empty tile (lse -inf).  Read on CPU tensors only.
+                dead = torch.isneginf(x).all(-1)
+                loc_k = torch.where(dead, torch.full_like(loc_k, _KERNEL_IGNORE), loc_k)
+            logp_k, lse_k, ent_k = tk.fwd(x, loc_k, temperature, softcap, _KERNEL_IGNORE, want_ent)
+            lse_k = full_lse(lse_k, temperature, softcap)  # tiles combine whole log-sum-exps
+            if dead is not None:
+                lse_k = torch.where(dead, torch.full_like(lse_k, float("-inf")), lse_k)
             del x
             lse_parts.append(lse_k)
             logp_parts.append(logp_k)
@@ -432,7 +449,9 @@ def local_forward(
         if want_ent:
             s[r0:r1] = s_tot
         zero = torch.zeros((), dtype=sd, device=hidden.device)
-        target[r0:r1] = torch.where(in_tile, torch.stack(logp_parts).to(sd) + lse_k, zero).sum(0)
+        # a tile without mass for the row (lse -inf) holds its label only with logit -inf: no NaN from -inf + inf
+        z_y = torch.where(torch.isneginf(lse_k), lse_k, torch.stack(logp_parts).to(sd) + lse_k)
+        target[r0:r1] = torch.where(in_tile, z_y, zero).sum(0)
         found[r0:r1] = in_tile.any(0)
     return lse, s, target, found
 

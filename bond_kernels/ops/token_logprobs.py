@@ -6,11 +6,11 @@ Launcher contract, shared by every backend (``kernels(backend).<name>``):
     logits (N, V) or (B, T, V) float with last stride 1 (any other strides); labels (N,) int64 contiguous,
     N = B·T.  Returns ``(logp, lse, entropy)``, fp32 (``entropy`` is (0,) unless asked for); ignored rows give
     0.  ``lse`` (saved for backward) is the log-sum-exp of the transformed row ``z``, either whole, (N,), or
-    split, (2, N) (backends in ``SPLIT_LSE``): ``lse[0]`` the row maximum ``w_max`` of the capped logits
-    ``w = softcap·tanh(x/softcap)`` (or ``x``), in logit units, ``lse[1] = log Σ_v exp((w_v − w_max)/T)``, so
-    the whole one is ``lse[0]/T + lse[1]`` (:func:`full_lse`).  From the split form the backward recomputes
-    ``log p_v = (w_v − w_max)/T − lse[1]`` to a rounding of ``log p_v``; from the whole one it carries one
-    rounding of ``|z|`` (README, "Odd inputs").
+    split, (2, N) (backends in ``SPLIT_LSE``): ``lse[0]`` the row maximum ``x_m`` of the logits and
+    ``lse[1] = log Σ_v exp(z_v − z(x_m))``, so the whole one is ``z(lse[0]) + lse[1]`` (:func:`full_lse`).
+    From the split form the backward recomputes ``log p_v = z_v − z(x_m) − lse[1]`` as a difference first
+    (``x_v − x_m``, or ``tanh(x_v/c) − tanh(x_m/c)``), to a rounding of ``log p_v``; from the whole one it
+    carries one rounding of ``|z|`` (README, "Odd inputs").
 ``token_logprobs_bwd(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, softcap,
 ignore_index, inplace)``
     lse: either form above (the linear head and the vocab-parallel op pass a whole, global one).
@@ -39,11 +39,12 @@ def lse_shape(n: int, backend: str) -> tuple:
     return (2, n) if backend in SPLIT_LSE else (n,)
 
 
-def full_lse(lse: torch.Tensor, temperature: float) -> torch.Tensor:
+def full_lse(lse: torch.Tensor, temperature: float, softcap: float) -> torch.Tensor:
     """The (N,) log-sum-exp of z from a launcher's ``lse``, whole (N,) or split (2, N) (see the contract)."""
     if lse.dim() == 1:
         return lse
-    return lse[0] * (1.0 / temperature) + lse[1]
+    w = softcap * torch.tanh(lse[0] / softcap) if softcap else lse[0]
+    return w * (1.0 / temperature) + lse[1]
 
 
 def _empty_f32(like: torch.Tensor) -> torch.Tensor:

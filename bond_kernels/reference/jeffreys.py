@@ -33,7 +33,13 @@ def token_jeffreys(policy_logits, anchor_logits, *, beta=0.5, temperature=1.0, i
     logp = torch.log_softmax(z, -1)
     logq = torch.log_softmax(a, -1)
     p, q = logp.exp(), logq.exp()
-    div = beta * _xlogy_diff(p, logp, logq) + (1.0 - beta) * _xlogy_diff(q, logq, logp)
+    # A weight of 0 drops its term (0·KL is 0 even where that KL is infinite, a model putting mass where the
+    # other has none: β = 0 is KL(q‖p) alone, not NaN).
+    div = torch.zeros(z.shape[:-1], dtype=dtype, device=z.device)
+    if beta > 0:
+        div = div + beta * _xlogy_diff(p, logp, logq)
+    if beta < 1:
+        div = div + (1.0 - beta) * _xlogy_diff(q, logq, logp)
     if ignore_mask is not None:
         div = torch.where(keep, div, torch.zeros((), dtype=dtype, device=div.device))
     return div

@@ -29,17 +29,24 @@ def token_logprobs(logits, labels, *, temperature=1.0, softcap=None, ignore_inde
     if not return_entropy:
         return logp
     p = torch.softmax(z, dim=-1)
-    z_finite = torch.where(torch.isneginf(z), torch.zeros((), dtype=dtype, device=z.device), z)
-    entropy = lse - (p * z_finite).sum(-1)
+    # Σ p·z over the entries with p > 0: where p underflows (or z is -inf) p·z is 0, and leaving z there
+    # would make the backward's z·grad overflow (|z| ~ 1e38 at tiny T) and 0·inf turn the row NaN.
+    z_live = torch.where(p > 0, z, torch.zeros((), dtype=dtype, device=z.device))
+    entropy = lse - (p * z_live).sum(-1)
     entropy = torch.where(keep, entropy, torch.zeros((), dtype=dtype, device=logits.device))
     return logp, entropy
 
 
 def segment_sum(values, cu_seqlens):
-    """Σ over each packed segment ``values[cu[b] : cu[b+1]]`` -> (B,), deterministic (fp64 prefix sums)."""
-    csum = torch.cat([values.new_zeros(1, dtype=torch.float64), values.to(torch.float64).cumsum(0)])
-    cu = cu_seqlens.long()
-    return (csum[cu[1:]] - csum[cu[:-1]]).to(values.dtype)
+    """Σ over each packed segment ``values[cu[b] : cu[b+1]]`` -> (B,), in fp64, each segment on its own.
+
+    (Differences of one fp64 prefix sum were exact only while the magnitudes were alike: a -inf log-prob (a
+    masked label) made every later sequence NaN, and one of -8.5e37 absorbed the later ones to 0.)
+    """
+    out = torch.segment_reduce(
+        values.to(torch.float64), "sum", offsets=cu_seqlens.long(), axis=0, unsafe=True
+    )
+    return out.to(values.dtype)
 
 
 def sequence_logprobs(logits, labels, *, cu_seqlens=None, temperature=1.0, softcap=None, ignore_index=-100):

@@ -70,7 +70,8 @@ BOND_INLINE int jeffreys_fwd_row(const TokenJeffreysFwdParams& p, index_t r) {
   const float kl_pq = static_cast<float>(ap_total / sp_total) - log_sp + log_sq;
   const float kl_qp = static_cast<float>(aq_total / sq_total) - log_sq + log_sp;
   p.kl_pq[r] = kl_pq;
-  p.div[r] = p.beta * kl_pq + (1.0f - p.beta) * kl_qp;
+  // a weight of 0 drops its term: 0 * KL is 0 even where that KL is infinite (as the reference)
+  p.div[r] = (p.beta > 0.0f ? p.beta * kl_pq : 0.0f) + (p.beta < 1.0f ? (1.0f - p.beta) * kl_qp : 0.0f);
   if (p.shift_p) {
     p.shift_p[r] = mp;
     p.shift_q[r] = mq;
@@ -101,12 +102,14 @@ BOND_INLINE int jeffreys_bwd_row(const TokenJeffreysBwdParams& p, index_t r) {
   const float sp = p.shift_p ? p.shift_p[r] : 0.0f, sq = p.shift_q ? p.shift_q[r] : 0.0f;
   const float gb = p.grad_div[r] * p.beta * inv_t;            // folds g / T into both coefficients
   const float gc = p.grad_div[r] * (1.0f - p.beta) * inv_t;
+  const bool use_b = p.beta > 0.0f;
 #pragma omp simd
   for (index_t v = 0; v < vocab; ++v) {
     const float lp = (Io<T>::load(xp, v) - sp) * inv_t - lse_p;
     const float lq = (Io<T>::load(xq, v) - sq) * inv_t - lse_q;
     const float pv = fast_exp(lp), qv = fast_exp(lq);
-    const float d = gb * (pv > 0.0f ? pv * (lp - lq - kl) : 0.0f) + gc * (pv - qv);
+    // use_b: the beta term is dropped when beta = 0 (its factor may be inf: log q = -inf where q underflows)
+    const float d = (use_b && pv > 0.0f ? gb * (pv * (lp - lq - kl)) : 0.0f) + gc * (pv - qv);
     Io<T>::store(out, v, d);
   }
   return kOk;

@@ -1,9 +1,11 @@
 // Per-token log-probabilities of sampled labels: forward, backward, and forward+backward in one sweep.
 //
 // One row at a time (a thread owns whole rows): pass 1 finds the row max of the raw logits, pass 2 sums
-// exp(z - max) (and e * (z - max) for the entropy).  Every exponent is formed as (w - shift) / T, w the
-// (capped) logit in logit units and shift a row constant near the max: a difference first, then the
-// division, so log p carries a rounding of log p, not of |z| = |w| / T (which at T = 1e-3 is 4000).  At V = 32000 a row is 128 KB of fp32, so pass 2 reads
+// exp(z - max) (and e * (z - max) for the entropy).  Every exponent is a difference first, then a scaling:
+// (x - x_max) / T, or with a softcap (tanh(x / c) - tanh(x_max / c)) * c / T, so log p carries a rounding of
+// log p, not of |z| = |x| / T (which at T = 1e-3 is 4000), and the row max gives exactly 0.  (Written as
+// c * tanh - shift, -ffp-contract fused the product into the subtraction, unrounded on one side only: at
+// c / T = 4e31 a V = 1 row's log-prob became +inf.)  At V = 32000 a row is 128 KB of fp32, so pass 2 reads
 // it from L2 (1-2 MB per core on current x86), and main memory sees the row once.  The transform
 // z = c * tanh(x / c) / T is monotonic, so the max of z is the transform of the max of x: pass 1 needs no
 // tanh.  Math and argument contract: bond/cpu.h and bond_kernels/ops/token_logprobs.py.
@@ -29,27 +31,37 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr index_t kSumBlock = 512;
 
 struct Transform {
-  float inv_t;    // 1 / T
-  float inv_cap;  // 1 / c
-  float cap;      // c
+  float inv_t;       // 1 / T
+  float inv_cap;     // 1 / c
+  float cap_over_t;  // c / T
 };
 
 Transform make_transform(float temperature, float softcap) {
   Transform tf;
   tf.inv_t = 1.0f / temperature;
   tf.inv_cap = softcap > 0.0f ? 1.0f / softcap : 0.0f;
-  tf.cap = softcap;
+  tf.cap_over_t = softcap / temperature;
   return tf;
 }
 
-// w = c * tanh(x / c): the capped logit, in logit units (z = w / T).
-BOND_INLINE float capped(const Transform& tf, float x) { return tf.cap * tanh_f32(x * tf.inv_cap); }
-
-// t = (w - shift) / T, the transformed logit relative to a row constant: the subtraction is exact for
-// nearby values (the ones that matter), and the division then rounds t, not |z|.
+// The row constant the exponents are taken relative to, from the raw row max (or saved shift) x_m: x_m
+// itself, or with a softcap tanh(x_m / c).
 template <bool kSoftcap>
-BOND_INLINE float shifted(const Transform& tf, float x, float shift) {
-  return ((kSoftcap ? capped(tf, x) : x) - shift) * tf.inv_t;
+BOND_INLINE float row_anchor(const Transform& tf, float x_m) {
+  return kSoftcap ? tanh_f32(x_m * tf.inv_cap) : x_m;
+}
+
+// t = z - z(x_m) from that anchor: the subtraction is exact for nearby values (the ones that matter) and the
+// scaling then rounds t, not |z|.
+template <bool kSoftcap>
+BOND_INLINE float shifted(const Transform& tf, float x, float anchor) {
+  return kSoftcap ? (tanh_f32(x * tf.inv_cap) - anchor) * tf.cap_over_t : (x - anchor) * tf.inv_t;
+}
+
+// z(x_m) = c * tanh(x_m / c) / T (or x_m / T) from the anchor, for a whole log-sum-exp.
+template <bool kSoftcap>
+BOND_INLINE float anchor_z(const Transform& tf, float anchor) {
+  return anchor * (kSoftcap ? tf.cap_over_t : tf.inv_t);
 }
 
 // True if a row holds a NaN (only asked about rows with no finite maximum).
@@ -76,14 +88,14 @@ BOND_INLINE float row_max(const typename Io<T>::storage* BOND_RESTRICT x, index_
 // s = sum_v exp(t_v), a = sum_v exp(t_v) * t_v over entries with exp(t_v) > 0 (0 * -inf must not be NaN).
 template <class T, bool kSoftcap, bool kEntropy>
 BOND_INLINE void row_sums(const typename Io<T>::storage* BOND_RESTRICT x, index_t vocab, const Transform& tf,
-                          float shift, float* s_out, float* a_out) {
+                          float anchor, float* s_out, float* a_out) {
   double s_total = 0.0, a_total = 0.0;
   for (index_t b0 = 0; b0 < vocab; b0 += kSumBlock) {
     const index_t b1 = vocab - b0 < kSumBlock ? vocab : b0 + kSumBlock;
     float s = 0.0f, a = 0.0f;
 #pragma omp simd reduction(+ : s, a)
     for (index_t v = b0; v < b1; ++v) {
-      const float t = shifted<kSoftcap>(tf, Io<T>::load(x, v), shift);
+      const float t = shifted<kSoftcap>(tf, Io<T>::load(x, v), anchor);
       const float e = fast_exp(t);
       s += e;
       if (kEntropy) a += e > 0.0f ? e * t : 0.0f;
@@ -125,16 +137,16 @@ BOND_INLINE int fwd_row(const TokenLogprobsFwdParams& p, const Transform& tf, in
     if (bad_label) return kBadLabel;
     return row_has_nan<T>(x, p.vocab) ? kOk : kAllNegInfRow;  // NaN: the caller names it
   }
-  const float shift = kSoftcap ? capped(tf, mx) : mx;  // the row max of w (tanh is monotonic)
+  const float anchor = row_anchor<kSoftcap>(tf, mx);  // z(mx) is the row max of z: tanh is monotonic
   float s, a;
-  row_sums<T, kSoftcap, kEntropy>(x, p.vocab, tf, shift, &s, &a);
+  row_sums<T, kSoftcap, kEntropy>(x, p.vocab, tf, anchor, &s, &a);
   const float log_s = std::log(s);
-  p.logp[r] = shifted<kSoftcap>(tf, Io<T>::load(x, y), shift) - log_s;
+  p.logp[r] = shifted<kSoftcap>(tf, Io<T>::load(x, y), anchor) - log_s;
   if (p.shift) {
-    p.shift[r] = shift;
+    p.shift[r] = mx;
     p.lse[r] = log_s;
   } else {
-    p.lse[r] = shift * tf.inv_t + log_s;
+    p.lse[r] = anchor_z<kSoftcap>(tf, anchor) + log_s;
   }
   if (kEntropy) p.entropy[r] = log_s - a / s;  // H = log S - sum_v (e_v / S) t_v
   return kOk;
@@ -142,18 +154,19 @@ BOND_INLINE int fwd_row(const TokenLogprobsFwdParams& p, const Transform& tf, in
 
 // ----------------------------------------------------------------------------------------------- backward
 // dz_v = g (1[v = y] - p_v) - g_H p_v (log p_v + H);  dx_v = dz_v / T * (1 - tanh^2(x_v / c)), with
-// log p_v = (w_v - shift) / T - lse (shift 0 and the full lse when the forward did not split it).
+// log p_v = z_v - z(x_m) - lse from the row's anchor (row_anchor; anchor 0 and the full lse when the forward
+// did not split it).
 template <bool kSoftcap, bool kEntGrad>
-BOND_INLINE float bwd_element(const Transform& tf, float xv, float shift, float lse, float g, float gh, float h,
+BOND_INLINE float bwd_element(const Transform& tf, float xv, float anchor, float lse, float g, float gh, float h,
                               float onehot) {
   float lp, dfac;
   if (kSoftcap) {
     const float th = tanh_f32(xv * tf.inv_cap);
     const float ath = abs_f32(th);
-    lp = (tf.cap * th - shift) * tf.inv_t - lse;
+    lp = (th - anchor) * tf.cap_over_t - lse;
     dfac = tf.inv_t * ((1.0f - ath) * (1.0f + ath));  // 1 - tanh^2 without cancelling 1 - th*th
   } else {
-    lp = (xv - shift) * tf.inv_t - lse;
+    lp = (xv - anchor) * tf.inv_t - lse;
     dfac = tf.inv_t;
   }
   const float pv = fast_exp(lp);
@@ -178,7 +191,7 @@ BOND_INLINE int bwd_row(const TokenLogprobsBwdParams& p, const Transform& tf, in
     return kBadLabel;
   }
   const float lse = p.lse[r];
-  const float shift = p.shift ? p.shift[r] : 0.0f;
+  const float anchor = p.shift ? row_anchor<kSoftcap>(tf, p.shift[r]) : 0.0f;
   const float g = p.grad_logp[r];
   const float gh = kEntGrad ? p.grad_entropy[r] : 0.0f;
   const float h = kEntGrad ? p.entropy[r] : 0.0f;
@@ -187,9 +200,9 @@ BOND_INLINE int bwd_row(const TokenLogprobsBwdParams& p, const Transform& tf, in
   // harmless and the loop still vectorises (the simd pragma asserts independence across iterations).
 #pragma omp simd
   for (index_t v = 0; v < vocab; ++v) {
-    Io<T>::store(out, v, bwd_element<kSoftcap, kEntGrad>(tf, Io<T>::load(x, v), shift, lse, g, gh, h, 0.0f));
+    Io<T>::store(out, v, bwd_element<kSoftcap, kEntGrad>(tf, Io<T>::load(x, v), anchor, lse, g, gh, h, 0.0f));
   }
-  Io<T>::store(out, y, bwd_element<kSoftcap, kEntGrad>(tf, xy, shift, lse, g, gh, h, 1.0f));
+  Io<T>::store(out, y, bwd_element<kSoftcap, kEntGrad>(tf, xy, anchor, lse, g, gh, h, 1.0f));
   return kOk;
 }
 
@@ -217,16 +230,16 @@ BOND_INLINE int fwd_bwd_row(const TokenLogprobsFwdBwdParams& p, const Transform&
     if (bad_label) return kBadLabel;
     return nan_row ? kOk : kAllNegInfRow;
   }
-  const float shift = kSoftcap ? capped(tf, mx) : mx;
+  const float anchor = row_anchor<kSoftcap>(tf, mx);
   float s, a;
-  row_sums<T, kSoftcap, false>(x, vocab, tf, shift, &s, &a);
+  row_sums<T, kSoftcap, false>(x, vocab, tf, anchor, &s, &a);
   const float log_s = std::log(s);
   const float inv_s = 1.0f / s;
   const float g = p.grad_logp[r];
   const float xy = Io<T>::load(x, y);
-  const float ty = shifted<kSoftcap>(tf, xy, shift);
+  const float ty = shifted<kSoftcap>(tf, xy, anchor);
   p.logp[r] = ty - log_s;
-  if (p.lse) p.lse[r] = shift * tf.inv_t + log_s;
+  if (p.lse) p.lse[r] = anchor_z<kSoftcap>(tf, anchor) + log_s;
   // Third sweep, from cache: p_v = exp(t_v) / S, grad = -g p_v * dz/dx (the label is fixed up below).
 #pragma omp simd
   for (index_t v = 0; v < vocab; ++v) {
@@ -235,10 +248,10 @@ BOND_INLINE int fwd_bwd_row(const TokenLogprobsFwdBwdParams& p, const Transform&
     if (kSoftcap) {
       const float th = tanh_f32(xv * tf.inv_cap);
       const float ath = abs_f32(th);
-      t = (tf.cap * th - shift) * tf.inv_t;
+      t = (th - anchor) * tf.cap_over_t;
       dfac = tf.inv_t * ((1.0f - ath) * (1.0f + ath));
     } else {
-      t = (xv - shift) * tf.inv_t;
+      t = (xv - anchor) * tf.inv_t;
       dfac = tf.inv_t;
     }
     Io<T>::store(out, v, -g * (fast_exp(t) * inv_s) * dfac);

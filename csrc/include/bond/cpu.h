@@ -43,10 +43,10 @@ std::size_t advise_huge_pages(void* ptr, std::size_t nbytes);
 //   logp[r] = z[r, y_r] - lse[r],  lse[r] = log sum_v exp(z[r, v]),  entropy[r] = -sum_v p log p.
 // Rows whose label equals ignore_index give 0 (and a zero gradient) without reading the row.
 //
-// Split log-sum-exp.  With `shift` given, the forward writes w_max = max_v w_v of the capped logits
-// w = c * tanh(x / c) (or x), in logit units, to shift[r] and log sum_v exp((w_v - w_max) / T) to lse[r], so
-// lse = shift / T + lse exactly; the backward given both recomputes log p_v = (w_v - shift) / T - lse, whose
-// error is a rounding of log p_v.  The full fp32 lse has one rounding of |z| (2.4e-4 at |z| = 4000), which
+// Split log-sum-exp.  With `shift` given, the forward writes the row max x_m of the logits to shift[r] and
+// log sum_v exp(z_v - z(x_m)) to lse[r] (z(x_m) = c * tanh(x_m / c) / T is the row max of z), so the whole
+// lse is z(shift) + lse; the backward given both recomputes log p_v = z_v - z(x_m) - lse as a difference
+// first (x_v - x_m, or tanh(x_v / c) - tanh(x_m / c)), whose error is a rounding of log p_v.  The full fp32 lse has one rounding of |z| (2.4e-4 at |z| = 4000), which
 // log p_v = z_v - lse inherits: the backward without `shift` (callers that combine partial rows into a
 // global lse) has that error.
 // NaN or +inf entries (without a softcap) make the row's outputs NaN and return kOk: the caller names the
@@ -59,7 +59,7 @@ struct TokenLogprobsFwdParams {
   float* logp = nullptr;            // (N,) out
   float* lse = nullptr;             // (N,) out, log-sum-exp of z (saved for the backward), or with shift
                                     // the log-sum-exp of z - shift / T
-  float* shift = nullptr;           // (N,) out or nullptr: the row max of the capped logits (split lse)
+  float* shift = nullptr;           // (N,) out or nullptr: the row max of the logits (split lse)
   float* entropy = nullptr;         // (N,) out, or nullptr to skip the entropy
   DType dtype = DType::kFloat32;
   Rows rows;
