@@ -584,11 +584,6 @@ def test_softcap_gradient_does_not_underflow(backend):
 
 
 @pytest.mark.interpret
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the Triton kernel change of the issue 14 report: the running max "
-    "starts at -1e30, above rows whose z all lie below it",
-)
 def test_triton_rows_below_the_initial_running_max():
     x = torch.tensor([[-math.inf]])
     lp = bk.token_logprobs(x, torch.tensor([0]), softcap=1e37, backend="triton")  # z = -1e37·log2(e)
@@ -596,11 +591,6 @@ def test_triton_rows_below_the_initial_running_max():
 
 
 @pytest.mark.interpret
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the Triton kernel change of the issue 14 report: _tanh has an "
-    "absolute error of ~6e-8 near 0, c·6e-8 in z",
-)
 def test_triton_large_softcap_is_accurate():
     x = torch.tensor([[1.5410, -0.2934]])
     got = bk.token_logprobs(x, torch.tensor([1]), softcap=1e6, backend="triton")

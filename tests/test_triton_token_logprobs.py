@@ -144,7 +144,7 @@ def test_launcher_contract():
     keep = y != IGNORE
     torch.testing.assert_close(lse[0][keep], x.float().amax(-1)[keep], atol=0, rtol=0)
     torch.testing.assert_close(
-        full_lse(lse, 0.7)[keep].double(),
+        full_lse(lse, 0.7, 0.0)[keep].double(),
         torch.logsumexp(x.double() / 0.7, -1)[keep],
         atol=FP32_OUT_ATOL,
         rtol=0,

@@ -44,9 +44,6 @@ from . import _config
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-# Initial running max: finite, so that exp2(m_old − m_new) and (m_old − m_new)·0 stay NaN-free while a row
-# has seen only −inf (masked vocabulary) entries; any real logit·log2(e)/T is far above it.
-_M_INIT = tl.constexpr(-1.0e30)  # a constexpr: jit code may only read constexpr globals
 
 # The forward's saved log-sum-exp: split, (2, N) = (row max of the capped logits w, ln Σ exp((w − max)/T)),
 # so the backward's log p never rounds |x|/T (the contract in ops/token_logprobs.py, whose SPLIT_LSE names
@@ -70,37 +67,71 @@ def _tanh(y, FAST: tl.constexpr):
     else:
         # Without libdevice (the interpreter cannot run it): 1 − 2/(e^{2y} + 1).  e^{2y} overflows to +inf
         # for y > 44 and gives exactly 1; y = −inf gives exactly −1; absolute error ~1e-7 near 0.
-        return 1.0 - 2.0 / (tl.exp2(y * 2.8853900817779268) + 1.0)
+        # Near 0 that formula's absolute error (~6e-8) is a large relative one, c·6e-8 in the capped logit
+        # (a 6% error at softcap 1e6): below |y| = 0.25 a Taylor polynomial, relative error < 1e-8 there.
+        y2 = y * y
+        poly = y * (
+            1.0
+            + y2
+            * (
+                -0.3333333333333333
+                + y2 * (0.13333333333333333 + y2 * (-0.05396825396825397 + y2 * 0.021869488536155203))
+            )
+        )
+        return tl.where(tl.abs(y) < 0.25, poly, 1.0 - 2.0 / (tl.exp2(y * 2.8853900817779268) + 1.0))
 
 
 @triton.jit
 def _capped(x, softcap, inv_softcap, HAS_SOFTCAP: tl.constexpr, FAST_TANH: tl.constexpr):
-    # Loaded logits → (w, t): w = softcap·tanh(x/softcap) in logit units (before the temperature), and
-    # t = tanh(x/softcap) (the softcap's derivative is 1 − t²; without a softcap t is unused, compiled away).
-    # Everything divides by T only after subtracting the row max of w, so |x|/T is never rounded: at
-    # T = 1e-4 that rounding alone was 2.7e-3 of relative gradient error.
+    # Loaded logits → (v, t): v is the logit in the units the kernels subtract maxes in, t = tanh(x/softcap)
+    # (the softcap's derivative is 1 − t²).  With a softcap v = t and the launcher's scale carries the factor
+    # softcap·log2(e)/T, so an exponent is (tanh(x/c) − tanh(x_max/c))·c·log2(e)/T: equal logits give exactly
+    # 0 (c·tanh(x/c) − c·tanh(x_max/c) can differ by an unrounded FMA, which c/T = 4e31 makes +inf).  Without
+    # a softcap v = x and scale = log2(e)/T.  Maxes are taken before the temperature, so |x|/T is never
+    # rounded (at T = 1e-4 that rounding alone was 2.7e-3 of relative gradient error).
     x = x.to(tl.float32)
-    t = x
     if HAS_SOFTCAP:
         t = _tanh(x * inv_softcap, FAST_TANH)
-        x = softcap * t
-    return x, t
+        return t, t
+    else:
+        return x, x
 
 
 @triton.jit
-def _lse_step(w, m, s, a, scale, RETURN_ENTROPY: tl.constexpr):
-    # One block of the online log-sum-exp (w = −inf where masked; scale = log2(e)/T): scalar running max m of
-    # w (one block reduction), per-lane running sums s of 2^{(w−m)·scale}, and for the entropy
-    # a_v = Σ e·(w − m)·scale, rescaled like s.
-    m_new = tl.maximum(m, tl.max(w, 0))
-    shift = (m - m_new) * scale  # ≤ 0; −inf while the row has shown only masked entries
+def _safe(m_v):
+    # A running max that is still −inf (no finite entry yet) subtracts as 0: exponents stay −inf, no NaN.
+    return tl.where(m_v == float("-inf"), 0.0, m_v)
+
+
+@triton.jit
+def _lse_step(
+    x,
+    v,
+    m_x,
+    m_v,
+    s,
+    a,
+    scale,
+    softcap,
+    inv_softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    FAST_TANH: tl.constexpr,
+    RETURN_ENTROPY: tl.constexpr,
+):
+    # One block of the online log-sum-exp in base 2 (x and v = −inf where masked): the running max m_x of the
+    # raw logits (one block reduction; the split lse saves it), m_v its value in v units, per-lane running sums
+    # s of 2^{(v − m_v)·scale}, and for the entropy a_v = Σ e·(v − m_v)·scale, rescaled like s.
+    m_x_new = tl.maximum(m_x, tl.max(x, 0))
+    m_v_new, t_unused = _capped(m_x_new, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+    ref = _safe(m_v_new)
+    shift = (m_v - ref) * scale  # ≤ 0; −inf while the row had no finite entry
     alpha = tl.exp2(shift)
-    d = (w - m_new) * scale
+    d = (v - ref) * scale
     e = tl.exp2(d)
     if RETURN_ENTROPY:
         a = alpha * (a + tl.where(s > 0.0, shift * s, 0.0)) + tl.where(e > 0.0, e * d, 0.0)
     s = s * alpha + e
-    return m_new, s, a
+    return m_x_new, m_v_new, s, a
 
 
 @triton.jit
@@ -188,35 +219,43 @@ def _token_logprobs_fwd_kernel(
     offs = tl.arange(0, BLOCK)
     v_full = V - V % BLOCK
 
-    m = tl.full((), _M_INIT, tl.float32)
+    m_x = tl.full((), float("-inf"), tl.float32)
+    m_v, t0 = _capped(m_x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
     s = tl.zeros([BLOCK], dtype=tl.float32)
     a = tl.zeros([BLOCK], dtype=tl.float32)
     for start in tl.range(0, v_full, BLOCK, num_stages=NUM_STAGES):
-        x = tl.load(row_ptr + start + offs)
-        w, t = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-        m, s, a = _lse_step(w, m, s, a, scale, RETURN_ENTROPY)
+        x = tl.load(row_ptr + start + offs).to(tl.float32)
+        v, t = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+        m_x, m_v, s, a = _lse_step(
+            x, v, m_x, m_v, s, a, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH, RETURN_ENTROPY
+        )
     if v_full < V:
         cols = v_full + offs
         mask = cols < V
-        x = tl.load(row_ptr + cols, mask=mask, other=0.0)
-        w, t = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-        w = tl.where(mask, w, float("-inf"))  # mask after the softcap: tanh(0) is not −inf
-        m, s, a = _lse_step(w, m, s, a, scale, RETURN_ENTROPY)
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        v, t = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+        # mask after the softcap: tanh(0) is not −inf (and a real −inf logit caps to a finite −c)
+        x = tl.where(mask, x, float("-inf"))
+        v = tl.where(mask, v, float("-inf"))
+        m_x, m_v, s, a = _lse_step(
+            x, v, m_x, m_v, s, a, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH, RETURN_ENTROPY
+        )
     s_tot = tl.sum(s, 0)
     log2_s = tl.log2(s_tot)
+    ref = _safe(m_v)
 
     # Label gather: one scalar load, transformed exactly like the sweep.  Out of range → NaN (no host sync).
     in_range = (label >= 0) & (label < V)
     x_y = tl.load(row_ptr + tl.where(in_range, label, 0))
-    w_y, t_y = _capped(x_y, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-    logp = tl.where(in_range, ((w_y - m) * scale - log2_s) * 0.6931471805599453, float("nan"))
+    v_y, t_y = _capped(x_y, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+    logp = tl.where(in_range, ((v_y - ref) * scale - log2_s) * 0.6931471805599453, float("nan"))
     tl.store(logp_ptr + row, logp)
     if SPLIT_LSE:
-        # (row max of w, ln Σ exp((w − max)/T)): the backward recomputes log p without rounding |x|/T
-        tl.store(lse_ptr + row, m)
+        # (row max of the raw logits, ln Σ exp(z − z(max))): the backward recomputes log p without rounding
+        tl.store(lse_ptr + row, m_x)
         tl.store(lse_ptr + N + row, log2_s * 0.6931471805599453)
     else:
-        tl.store(lse_ptr + row, (m * scale + log2_s) * 0.6931471805599453)
+        tl.store(lse_ptr + row, (ref * scale + log2_s) * 0.6931471805599453)
     if RETURN_ENTROPY:
         # H = lse − E[z] = ln2·(log2 s − Σa/s): relative to the max, so no cancellation of large logits.
         tl.store(ent_ptr + row, (log2_s - tl.sum(a, 0) / s_tot) * 0.6931471805599453)
@@ -277,12 +316,13 @@ def _token_logprobs_bwd_kernel(
     in_range = (label >= 0) & (label < V)
     g = tl.where(in_range, tl.load(grad_logp_ptr + row), float("nan"))  # bad label → NaN row
     label32 = tl.where(in_range, label, -1).to(tl.int32)  # V < 2^31: the in-range label fits
-    # log2 p = (w − shift)·scale − c2: split lse (row max of w, ln Σ relative to it) or a whole one (shift 0)
+    # log2 p = (v − ref)·scale − c2: split lse (raw row max, ln Σ relative to it) or a whole one (ref 0)
     if SPLIT_LSE:
-        shift = tl.load(lse_ptr + row)
+        m_v, t0 = _capped(tl.load(lse_ptr + row), softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+        ref = _safe(m_v)
         c2 = tl.load(lse_ptr + N + row) * 1.4426950408889634
     else:
-        shift = 0.0
+        ref = 0.0
         c2 = tl.load(lse_ptr + row) * 1.4426950408889634
     g_ent = 0.0
     ent = 0.0
@@ -293,8 +333,8 @@ def _token_logprobs_bwd_kernel(
     # blocks in flight ahead of it are other columns, and no other program touches this row.
     for start in tl.range(0, v_full, BLOCK, num_stages=NUM_STAGES):
         x = tl.load(row_ptr + start + offs)
-        w, t_cap = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-        d = (w - shift) * scale - c2
+        v, t_cap = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+        d = (v - ref) * scale - c2
         dx = _grad_block(
             d, t_cap, offs, label32 - start, g, g_ent, ent, inv_temp, HAS_SOFTCAP, HAS_GRAD_ENTROPY
         )
@@ -303,8 +343,8 @@ def _token_logprobs_bwd_kernel(
         cols = v_full + offs
         mask = cols < V
         x = tl.load(row_ptr + cols, mask=mask, other=0.0)
-        w, t_cap = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-        d = tl.where(mask, (w - shift) * scale - c2, float("-inf"))
+        v, t_cap = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+        d = tl.where(mask, (v - ref) * scale - c2, float("-inf"))
         dx = _grad_block(
             d, t_cap, offs, label32 - v_full, g, g_ent, ent, inv_temp, HAS_SOFTCAP, HAS_GRAD_ENTROPY
         )
@@ -358,14 +398,20 @@ def _token_logprobs_fwd_bwd_kernel(
     )
     mask = offs < V
     x = tl.load(row_ptr + offs, mask=mask, other=0.0)
-    w, t_cap = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-    w = tl.where(mask, w, float("-inf"))
-    m = tl.max(w, 0)
-    d = (w - m) * scale  # relative to the row max before the temperature: |x|/T is never rounded
+    v, t_cap = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+    m_v, t0 = _capped(
+        tl.max(tl.where(mask, x.to(tl.float32), float("-inf")), 0),
+        softcap,
+        inv_softcap,
+        HAS_SOFTCAP,
+        FAST_TANH,
+    )
+    ref = _safe(m_v)
+    d = tl.where(mask, (v - ref) * scale, float("-inf"))  # relative to the row max: |x|/T is never rounded
     log2_s = tl.log2(tl.sum(tl.exp2(d), 0))
     dx = _grad_block(d - log2_s, t_cap, offs, label32, g, 0.0, 0.0, inv_temp, HAS_SOFTCAP, False)
     tl.store(grad_row + offs, dx.to(grad_ptr.dtype.element_ty), mask=mask)
-    logp = ((w_y - m) * scale - log2_s) * 0.6931471805599453
+    logp = ((w_y - ref) * scale - log2_s) * 0.6931471805599453
     tl.store(logp_ptr + row, tl.where(in_range, logp, float("nan")))
 
 
@@ -426,25 +472,43 @@ def _token_logprobs_fwd_bwd_two_sweep_kernel(
                 FAST_TANH,
             )
             # Sweep 1: online log-sum-exp (as the forward kernel, without the entropy).
-            m = tl.full((), _M_INIT, tl.float32)
+            m_x = tl.full((), float("-inf"), tl.float32)
+            m_v, t0 = _capped(m_x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
             s = tl.zeros([BLOCK], dtype=tl.float32)
             for start in tl.range(0, v_full, BLOCK, num_stages=NUM_STAGES):
                 x = tl.load(row_ptr + start + offs, eviction_policy="evict_last")
-                w, t = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-                m, s, unused = _lse_step(w, m, s, s, scale, False)
+                v, t = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+                m_x, m_v, s, unused = _lse_step(
+                    x.to(tl.float32),
+                    v,
+                    m_x,
+                    m_v,
+                    s,
+                    s,
+                    scale,
+                    softcap,
+                    inv_softcap,
+                    HAS_SOFTCAP,
+                    FAST_TANH,
+                    False,
+                )
             if v_full < V:
                 cols = v_full + offs
                 mask = cols < V
                 x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last")
-                w, t = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-                w = tl.where(mask, w, float("-inf"))
-                m, s, unused = _lse_step(w, m, s, s, scale, False)
+                v, t = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+                xm = tl.where(mask, x.to(tl.float32), float("-inf"))
+                v = tl.where(mask, v, float("-inf"))
+                m_x, m_v, s, unused = _lse_step(
+                    xm, v, m_x, m_v, s, s, scale, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH, False
+                )
             log2_s = tl.log2(tl.sum(s, 0))
+            ref = _safe(m_v)
             # Sweep 2: read the row again (from L2) and write the gradient.
             for start in tl.range(0, v_full, BLOCK, num_stages=NUM_STAGES):
                 x = tl.load(row_ptr + start + offs, eviction_policy="evict_first")
-                w, t_cap = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-                d = (w - m) * scale - log2_s
+                v, t_cap = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+                d = (v - ref) * scale - log2_s
                 dx = _grad_block(d, t_cap, offs, label32 - start, g, 0.0, 0.0, inv_temp, HAS_SOFTCAP, False)
                 tl.store(
                     grad_row + start + offs, dx.to(grad_ptr.dtype.element_ty), eviction_policy="evict_first"
@@ -453,8 +517,8 @@ def _token_logprobs_fwd_bwd_two_sweep_kernel(
                 cols = v_full + offs
                 mask = cols < V
                 x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_first")
-                w, t_cap = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
-                d = tl.where(mask, (w - m) * scale - log2_s, float("-inf"))
+                v, t_cap = _capped(x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
+                d = tl.where(mask, (v - ref) * scale - log2_s, float("-inf"))
                 dx = _grad_block(d, t_cap, offs, label32 - v_full, g, 0.0, 0.0, inv_temp, HAS_SOFTCAP, False)
                 tl.store(
                     grad_row + cols,
@@ -462,7 +526,7 @@ def _token_logprobs_fwd_bwd_two_sweep_kernel(
                     mask=mask,
                     eviction_policy="evict_first",
                 )
-            logp = ((w_y - m) * scale - log2_s) * 0.6931471805599453
+            logp = ((w_y - ref) * scale - log2_s) * 0.6931471805599453
             tl.store(logp_ptr + row, tl.where(in_range, logp, float("nan")))
 
 
@@ -548,7 +612,8 @@ def _scalars(temperature: float, softcap: float, device: torch.device) -> dict:
     softcap = float(softcap or 0.0)
     has_softcap = softcap != 0.0
     return dict(
-        scale=_LOG2E / temperature,
+        # with a softcap the kernels subtract in tanh units (see _capped): the scale carries the softcap
+        scale=_LOG2E / temperature * (softcap if has_softcap else 1.0),
         inv_temp=1.0 / temperature,
         softcap=softcap,
         inv_softcap=(1.0 / softcap if has_softcap else 0.0),
