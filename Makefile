@@ -14,7 +14,7 @@ PEERS := tests/requirements-peers.txt
 PEERS_STAMP := $(VENV)/.bond_kernels_peers
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup setup-peers test test-cpu test-interpret ctest test-gpu demo bench lint format clean
+.PHONY: setup setup-peers test test-cpu test-interpret ctest test-asan test-gpu demo bench lint format clean
 
 setup: $(STAMP) $(PEERS_STAMP)
 
@@ -45,6 +45,29 @@ ctest:
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > /dev/null
 	cmake --build build/cmake -j2 > /dev/null
 	ctest --test-dir build/cmake --output-on-failure
+
+# Sanitizer job (README, "Sanitizers"): the extension and the torch-free C++ tests built with ASan + UBSan into
+# build/asan (the in-place build is left alone), then ctest, and the CPU parity, bad-input, sequence, linear and
+# odd-input tests and the fuzz suite at a small budget, with the sanitizer runtimes preloaded into python.  Any
+# report aborts (-fno-sanitize-recover).  pytest runs as .venv/bin/pytest from the repository root, so the
+# test ids (which seed the tests) are the usual ones and python does not put ./bond_kernels first on its path.
+ASAN_DIR := build/asan
+SAN_FLAGS := -fsanitize=address,undefined -fsanitize=float-cast-overflow -fno-sanitize-recover=all -fno-omit-frame-pointer
+ASAN_TESTS := tests/test_cpu_parity.py tests/test_bad_input.py tests/test_bond_sequence.py \
+	tests/test_linear_token_logprobs.py tests/test_odd_inputs.py tests/test_fuzz.py
+
+test-asan: setup
+	rm -rf $(ASAN_DIR)/pkg && mkdir -p $(ASAN_DIR)/pkg && cp -r bond_kernels $(ASAN_DIR)/pkg/
+	find $(ASAN_DIR)/pkg \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
+	BOND_KERNELS_SANITIZE=address,undefined BOND_KERNELS_BUILD_CUDA=0 $(BIN)/python setup.py -q build_ext \
+		--build-lib $(ASAN_DIR)/pkg --build-temp $(ASAN_DIR)/tmp > $(ASAN_DIR)/build.log 2>&1 || (tail -30 $(ASAN_DIR)/build.log; false)
+	cmake -S . -B $(ASAN_DIR)/cmake -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBOND_WITH_CUDA=OFF \
+		-DCMAKE_CXX_FLAGS="$(SAN_FLAGS)" -DCMAKE_EXE_LINKER_FLAGS="$(SAN_FLAGS)" > /dev/null
+	cmake --build $(ASAN_DIR)/cmake -j2 > /dev/null
+	ctest --test-dir $(ASAN_DIR)/cmake --output-on-failure
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
+		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 BOND_FUZZ=small \
+		PYTHONPATH=$(abspath $(ASAN_DIR)/pkg) $(BIN)/pytest $(ASAN_TESTS) -q -p no:cacheprovider
 
 # GPU machine only.
 test-gpu:

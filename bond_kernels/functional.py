@@ -109,8 +109,9 @@ def token_logprobs(
 
     inplace: the backward writes the gradient into the logits buffer, **destroying the logits** (saves one
         (N, V) buffer).  Only use it when nothing else reads the logits after this call.
-    validate: check on the host (one synchronisation) that every label is in range.  Without it the cpu and
-        torch backends still raise, and the GPU kernels write NaN to a row whose label is out of range.
+    validate: check on the host (one synchronisation) that every label is in range and that no kept row is
+        without a distribution (NaN or +inf in it, or all -inf; README, "Odd inputs").  On CPU tensors every
+        backend checks anyway (no synchronisation to save); on a GPU without it such a row is NaN.
     process_group: logits sharded over the vocabulary across the group's ranks (tensor parallel), the same
         number of columns on every rank; labels are global ids.  See :func:`bond_kernels.distributed.token_logprobs`.
     """

@@ -167,7 +167,7 @@ def logits_case(draw, max_v=300, max_n=6, min_t=TINY, max_c=HUGE):
 
 
 def _amax(t):
-    return float(t.abs().max()) if t.numel() else 0.0
+    return float(t.detach().abs().max()) if t.numel() else 0.0
 
 
 def _same(a, b):

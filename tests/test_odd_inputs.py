@@ -596,3 +596,26 @@ def test_triton_large_softcap_is_accurate():
     got = bk.token_logprobs(x, torch.tensor([1]), softcap=1e6, backend="triton")
     want = ref.token_logprobs(x.double(), torch.tensor([1]), softcap=1e6)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_jeffreys_zero_weight_with_a_masked_anchor_word(backend):
+    """The anchor masks a word (-inf) the policy gives mass: KL(p‖q) = inf, and beta = 0 is KL(q‖p) alone."""
+    p, q = torch.zeros(2, 4), torch.zeros(2, 4)
+    q[:, 1] = -INF
+    xl = p.clone().requires_grad_(True)
+    div = bk.token_jeffreys(xl, q, beta=0.0, backend=backend)
+    div.sum().backward()
+    torch.testing.assert_close(div, torch.full((2,), math.log(4 / 3)))
+    torch.testing.assert_close(xl.grad[0], torch.tensor([-1 / 12, 1 / 4, -1 / 12, -1 / 12]))
+
+
+@pytest.mark.interpret
+def test_triton_token_jeffreys_zero_weight_with_a_masked_anchor_word():
+    p, q = torch.zeros(2, 4), torch.zeros(2, 4)
+    q[:, 1] = -INF
+    xl = p.clone().requires_grad_(True)
+    div = bk.token_jeffreys(xl, q, beta=0.0, backend="triton")
+    torch.testing.assert_close(div, torch.full((2,), math.log(4 / 3)))
+    div.sum().backward()
+    torch.testing.assert_close(xl.grad[0], torch.tensor([-1 / 12, 1 / 4, -1 / 12, -1 / 12]))

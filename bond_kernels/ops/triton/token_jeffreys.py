@@ -128,7 +128,9 @@ def _token_jeffreys_fwd_kernel(
     delta = log_sp - log_sq
     kl_pq = tl.sum(c_p, 0) / sum_p - delta
     kl_qp = tl.sum(c_q, 0) / sum_q + delta
-    div = beta * kl_pq + (1.0 - beta) * kl_qp
+    # a term whose weight is 0 is dropped, not multiplied: 0·inf (an anchor that masks a word the policy
+    # has, at β = 0) would be NaN
+    div = tl.where(beta > 0.0, beta * kl_pq, 0.0) + tl.where(beta < 1.0, (1.0 - beta) * kl_qp, 0.0)
     tl.store(div_ptr + row, tl.where(keep, div, 0.0))
     if SPLIT_LSE:
         # (row max of the raw logits, ln Σ relative to it), the token_logprobs contract's split form
@@ -205,7 +207,7 @@ def _token_jeffreys_bwd_kernel(
         p = tl.exp(log_p)
         q = tl.exp(log_q)
         t = tl.where(p > 0, p * (log_p - log_q - kl), 0.0)
-        grad = w_p * t + w_d * (p - q)
+        grad = tl.where(beta > 0.0, w_p * t, 0.0) + w_d * (p - q)  # β = 0: KL(p‖q) (maybe inf) is not there
         tl.store(g_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
