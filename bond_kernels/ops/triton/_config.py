@@ -16,8 +16,8 @@ import triton
 
 # Per-iteration block cap of the streaming sweeps (forward, backward).  4096 columns at 8 warps is 16 values
 # per thread: the fp32 copy of the block plus the per-lane accumulators of the online log-sum-exp.  At the
-# benchmark shapes the forward takes 48-59 registers (79-100 with the entropy): 2-5 programs, 16-40 warps
-# per SM; the backward 32-48: 5-6 programs.  Every figure here is from BENCHMARKS.md "Compile budget" (triton
+# benchmark shapes the forward takes 48-64 registers (79-80 with the entropy): 3-5 programs, 24-40 warps
+# per SM; the backward 32-64: 4-6 programs.  Every figure here is from BENCHMARKS.md "Compile budget" (triton
 # 3.9, sm_90, benchmarks/compile_budget.py through the launchers, so with the alignment hints real launches
 # get; CI fails on any spill).  Timings of the alternatives are owed (gpu_check.sh sweep).
 MAX_BLOCK = 4096
@@ -29,13 +29,13 @@ MAX_BLOCK = 4096
 NUM_STAGES = 3
 
 # Largest row the gradient-in-forward kernel keeps whole in registers (one read of the logits instead of
-# two sweeps).  16384 columns at 16 warps is 32 fp32 values per thread: 76-118 registers, one program
+# two sweeps).  16384 columns at 16 warps is 32 fp32 values per thread: 86-126 registers, one program
 # (16 warps) per SM, no spills.  A longer row would spill to local memory, which costs more than the second sweep.
 SINGLE_PASS_MAX = 16384
 
 # Block and pipeline depth of the two-sweep gradient-in-forward.  Its grid is bounded (two_sweep_programs),
 # often to about one program per SM, so each program needs more bytes in flight than a streaming sweep:
-# 4096 columns at 8 warps with 5 stages keeps 4 blocks ahead, 32 KB of bf16 per program (74-119 registers,
+# 4096 columns at 8 warps with 5 stages keeps 4 blocks ahead, 32 KB of bf16 per program (76-111 registers,
 # up to 2-3 programs per SM).  8192 columns at 16 warps reached the 128-register cap of 16-warp programs with
 # a softcap on triton 3.6 (an 8-byte spill).
 TWO_SWEEP_BLOCK = 4096
