@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
+from test_bench_linear import _emit  # noqa: E402
 
 import bond_kernels as bk  # noqa: E402
 
@@ -48,13 +49,6 @@ HEADER = [
     "frac of matmul rate",
     "peak extra memory",
 ]
-
-
-def _emit(line, out):
-    print(line, flush=True)
-    if out:
-        with open(out, "a") as f:
-            f.write(line + "\n")
 
 
 def inputs(n, h, v):

@@ -363,9 +363,9 @@ def _check_errors(rank, world):
     bk.token_logprobs(x, y, process_group=pg)
 
 
-def _worker(rank, world, port, tile):
+def init_gloo(rank, world, port):
+    """One worker's process group: gloo on loopback, one thread, a 60 s timeout (the workers stop themselves)."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    os.environ["BOND_KERNELS_LINEAR_TILE"] = tile
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -374,6 +374,11 @@ def _worker(rank, world, port, tile):
         world_size=world,
         timeout=timedelta(seconds=60),
     )
+
+
+def _worker(rank, world, port, tile):
+    os.environ["BOND_KERNELS_LINEAR_TILE"] = tile
+    init_gloo(rank, world, port)
     try:
         for dtype, backend in ((torch.float64, "torch"), (torch.float32, "auto")):
             _check_token(rank, world, dtype, backend)

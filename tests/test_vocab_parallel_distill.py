@@ -5,14 +5,12 @@ compares the divergence, the entropy and its shard's gradients (random upstream 
 single-process op on the full vocabulary; tiles smaller than a shard, so tile and shard boundaries mix.
 """
 
-import os
 import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-from test_vocab_parallel import _free_port, run_world, teardown
+from test_vocab_parallel import init_gloo, run_world, teardown
 
 import bond_kernels as bk
 
@@ -84,15 +82,7 @@ def _check_mismatch(rank):
 
 
 def _worker(rank, world, port):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=60),
-    )
+    init_gloo(rank, world, port)
     try:
         for divergence, beta in (("jeffreys", 0.3), ("gjsd", 0.5), ("gjsd", 0.0)):
             for softcap in (None, 4.0):
@@ -107,6 +97,3 @@ def _worker(rank, world, port):
 @pytest.mark.parametrize("world", [2, 3])
 def test_linear_token_jeffreys_vocab_parallel(world):
     run_world(world, worker=_worker)
-
-
-assert _free_port  # imported for run_world's use of the same helpers

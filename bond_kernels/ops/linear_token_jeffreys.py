@@ -83,17 +83,19 @@ def _tiles(vocab, cols):
     return [(c0, min(c0 + cols, vocab)) for c0 in range(0, vocab, cols)]
 
 
-def _fold(state, z):
+def _fold(state, z, entropy=True):
     """Online log-sum-exp: fold tile z (N, C) into (m, s, a), a = Σ e^{z−m}·(z − m) (for the entropy, relative
-    to the max so large logits do not cancel); returns the new state, e = exp(z − m_new) and the rescale."""
+    to the max so large logits do not cancel; left as it is with ``entropy=False``, the teacher's case);
+    returns the new state, e = exp(z − m_new) and the rescale."""
     m, s, a = state
     m_new = torch.maximum(m, z.amax(1))
     m_safe = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
     alpha = torch.exp(m - m_safe)
     d = z - m_safe[:, None]
     e = torch.exp(d)
-    shift = torch.where(s > 0, (m - m_safe) * s, torch.zeros_like(s))
-    a = alpha * (a + shift) + _cross(e, d)
+    if entropy:
+        shift = torch.where(s > 0, (m - m_safe) * s, torch.zeros_like(s))
+        a = alpha * (a + shift) + _cross(e, d)
     return (m_new, s * alpha + e.sum(1), a), e, alpha
 
 
@@ -152,7 +154,7 @@ def jeffreys_stats(student: Head, teacher: Head, n, vocab, cols, group=None):
         z, _ = student.logits(c0, c1)
         a, _ = teacher.logits(c0, c1)
         st_s, e_s, alpha_s = _fold(st_s, z)
-        st_t, e_t, alpha_t = _fold(st_t, a)
+        st_t, e_t, alpha_t = _fold(st_t, a, entropy=False)
         d = z - a
         c_s = c_s * alpha_s + _cross(e_s, d)
         c_t = c_t * alpha_t - _cross(e_t, d)
@@ -171,7 +173,7 @@ def lse_pass(student: Head, teacher: Head, n, vocab, cols, group=None):
     st_s, st_t = _init(n, dev), _init(n, dev)
     for c0, c1 in _tiles(vocab, cols):
         st_s, _, _ = _fold(st_s, student.logits(c0, c1)[0])
-        st_t, _, _ = _fold(st_t, teacher.logits(c0, c1)[0])
+        st_t, _, _ = _fold(st_t, teacher.logits(c0, c1)[0], entropy=False)
     st_s, st_t = _merge([st_s, st_t], group)
     lse_s, ent = _lse_entropy(st_s)
     return lse_s, st_t[0] + torch.log(st_t[1]), ent
