@@ -19,15 +19,91 @@ logger = logging.getLogger("bond_kernels")
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 
-# Which backends implement which op.  The ``torch`` backend (the reference) implements everything.
-OPS = {
-    "token_logprobs": ("triton", "cpu", "torch"),
-    "linear_token_logprobs": ("triton", "cpu", "torch"),
-    "reward_quantiles": ("cuda", "triton", "cpu", "torch"),
-    "bond_sequence": ("cuda", "cpu", "torch"),
-    "token_jeffreys": ("triton", "cpu", "torch"),
-    "linear_token_jeffreys": ("triton", "cpu", "torch"),
+# The registry: the one map from an op and a backend to its implementation (``impl``).  Each entry names
+# where the implementation lives, loaded on first use (triton and the compiled extension are imported only
+# when asked for): ``_C.cpu`` / ``_C.cuda`` are the compiled submodules of ``bond_kernels._C``; any other
+# entry is ``module`` or ``module:attribute``.  An implementation provides the op's launcher contract, the
+# functions documented in ``ops/<op>.py`` under the same names (``token_logprobs_fwd``, ...).  The ``torch``
+# implementations are that contract in plain torch on top of the reference (``reference/launchers.py``);
+# the public API's own ``torch`` path calls the reference functions themselves (the spec, with autograd).
+_REGISTRY = {
+    "token_logprobs": {
+        "triton": "bond_kernels.ops.triton.token_logprobs",
+        "cpu": "_C.cpu",
+        "torch": "bond_kernels.reference.launchers",
+    },
+    "linear_token_logprobs": {
+        "triton": "bond_kernels.ops.linear_engine:TRITON",
+        "cpu": "bond_kernels.ops.linear_engine:CPU",
+        "torch": "bond_kernels.ops.linear_engine:TORCH",
+    },
+    "reward_quantiles": {
+        "cuda": "_C.cuda",
+        "triton": "bond_kernels.ops.triton.reward_quantiles",
+        "cpu": "_C.cpu",
+        "torch": "bond_kernels.reference.launchers",
+    },
+    "bond_sequence": {"cuda": "_C.cuda", "cpu": "_C.cpu", "torch": "bond_kernels.reference.launchers"},
+    "token_jeffreys": {
+        "triton": "bond_kernels.ops.triton.token_jeffreys",
+        "cpu": "_C.cpu",
+        "torch": "bond_kernels.reference.launchers",
+    },
+    # The tiled student-teacher divergence runs its matmuls in torch on every backend; the backend names
+    # the per-tile Jeffreys gradient kernel (token_jeffreys_bwd of that backend's token_jeffreys).
+    "linear_token_jeffreys": {
+        "triton": "bond_kernels.ops.triton.token_jeffreys",
+        "cpu": "_C.cpu",
+        "torch": "bond_kernels.reference.launchers",
+    },
 }
+
+# Which backends implement which op (derived from the registry, for messages, ``bk.info()`` and tests).
+OPS = {op: tuple(entries) for op, entries in _REGISTRY.items()}
+_IMPLS = {}  # memo of loaded implementations (a dict rather than lru_cache: torch.compile reads it)
+
+
+def impl(op: str, backend: str):
+    """The implementation of ``op`` on ``backend`` (an object with the op's launcher contract).
+
+    Raises ``ValueError`` for an unknown op or backend name and ``RuntimeError`` with the reason when the
+    backend does not implement the op or its implementation cannot be loaded: there is no fall-back here
+    (``resolve`` decides which backend runs; this only finds it)."""
+    if op not in _REGISTRY:
+        raise ValueError(f"op must be one of {tuple(_REGISTRY)}, got {op!r}")
+    key = (op, backend)
+    if key in _IMPLS:
+        return _IMPLS[key]
+    where = _REGISTRY[op].get(backend)
+    if where is None:
+        if backend not in BACKENDS[1:]:
+            raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+        raise RuntimeError(f"{op}: backend {backend!r} does not implement this op (it has {OPS[op]})")
+    found = _load(where, op, backend)
+    _IMPLS[key] = found
+    return found
+
+
+def _load(where: str, op: str, backend: str):
+    if where.startswith("_C."):
+        mod, reason = _ext.load()
+        if mod is None:
+            raise RuntimeError(f"{op}: backend {backend!r} is unavailable: {reason}")
+        sub = getattr(mod, where[3:], None)
+        if sub is None:
+            raise RuntimeError(
+                f"{op}: backend {backend!r} is unavailable: bond_kernels._C was built without {where[3:]} "
+                "kernels"
+                + (" (no nvcc or a CPU-only torch at build time)" if where == "_C.cuda" else "")
+            )
+        return sub
+    module, _, attr = where.partition(":")
+    try:
+        loaded = importlib.import_module(module)
+    except ImportError as exc:
+        raise RuntimeError(f"{op}: backend {backend!r} is unavailable: {exc}") from exc
+    return getattr(loaded, attr) if attr else loaded
+
 
 # Preference order of ``auto`` per device type.
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
@@ -157,6 +233,30 @@ def resolve(op: str, backend, device: torch.device) -> str:
             return name
         skipped.append(f"{name}: {reason}")
     return "torch"
+
+
+def choose(op: str, backend, device: torch.device, *, needs_reference=None, env_may_defer=False) -> str:
+    """The backend that runs one call of ``op`` on tensors on ``device``: ``resolve`` plus the call's own
+    constraints.  Every public function picks its backend through here.
+
+    needs_reference: None, or why only the reference computes this call exactly (fp64 inputs, integer
+        rewards), worded to follow ``backend '<name>'``.  ``auto`` then gives ``torch``; an explicit other
+        backend raises ``TypeError`` with that reason.
+    env_may_defer: for ops without a ``backend`` argument (the sequence losses): a ``BOND_KERNELS_BACKEND``
+        that names a backend without this op (``triton`` has no sequence kernel) leaves the call to the
+        reference instead of refusing the whole loss.
+    """
+    wanted = requested(backend)
+    if needs_reference is not None:
+        if backend in (None, "auto") or wanted == "torch":
+            return "torch"
+        raise TypeError(f"backend {wanted!r} {needs_reference}")
+    if env_may_defer and backend in (None, "auto") and wanted != "auto" and wanted not in OPS[op]:
+        return "torch"
+    return resolve(op, backend, device)
+
+
+FP64_NEEDS_REFERENCE = "takes fp32, bf16 or fp16 inputs; fp64 runs on backend='torch', got fp64"
 
 
 def _median_ms(fn, device: torch.device, rounds: int) -> float:
