@@ -93,8 +93,7 @@ def _load(where: str, op: str, backend: str):
         if sub is None:
             raise RuntimeError(
                 f"{op}: backend {backend!r} is unavailable: bond_kernels._C was built without {where[3:]} "
-                "kernels"
-                + (" (no nvcc or a CPU-only torch at build time)" if where == "_C.cuda" else "")
+                "kernels" + (" (no nvcc or a CPU-only torch at build time)" if where == "_C.cuda" else "")
             )
         return sub
     module, _, attr = where.partition(":")
@@ -257,6 +256,11 @@ def choose(op: str, backend, device: torch.device, *, needs_reference=None, env_
 
 
 FP64_NEEDS_REFERENCE = "takes fp32, bf16 or fp16 inputs; fp64 runs on backend='torch', got fp64"
+
+
+def fp64_reason(*tensors):
+    """``needs_reference`` for float tensors: fp64 keeps fp64 end to end, which only the reference does."""
+    return FP64_NEEDS_REFERENCE if any(t.dtype == torch.float64 for t in tensors) else None
 
 
 def _median_ms(fn, device: torch.device, rounds: int) -> float:

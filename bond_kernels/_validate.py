@@ -4,6 +4,7 @@ Checks here look at shapes, dtypes, devices and Python scalars only (no host syn
 ``validate=True`` (``check_labels_in_range``, ``check_no_nan``), which read values and therefore synchronise.
 """
 
+import enum
 import math
 import numbers
 
@@ -293,3 +294,238 @@ def explain_nan_rows(out: torch.Tensor, named, *, softcap: float = 0.0, which: s
         f"{names} give NaN in the row at position {where} ({count} row(s)) although every entry is finite "
         f"or -inf: the fp32 computation overflowed (check temperature and softcap)"
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Typed options: each is checked once, here, and passed down in this form.
+# --------------------------------------------------------------------------------------------------------
+class Smoothing(enum.IntEnum):
+    """How the reward quantiles are smoothed (the kernels' ``mode`` argument).
+
+    NONE: counts over the k samples; SELF: the candidate counts as one more sample that ties with it;
+    EPS: ``p_le`` clamped to at least ε."""
+
+    NONE = 0
+    SELF = 1
+    EPS = 2
+
+
+class Baseline(enum.IntEnum):
+    """The baseline subtracted from the BOND returns (the kernels' ``baseline`` argument)."""
+
+    LOO = 0
+    MEAN = 1
+    NONE = 2
+
+
+BASELINES = {"loo": Baseline.LOO, "mean": Baseline.MEAN, "none": Baseline.NONE}
+
+
+def smoothing(x) -> tuple:
+    """``(Smoothing, eps)`` from ``"none"`` (or None), ``"self"`` or a float ε in (0, 1]."""
+    if x is None or x == "none":
+        return Smoothing.NONE, 0.0
+    if x == "self":
+        return Smoothing.SELF, 0.0
+    if isinstance(x, numbers.Real) and not isinstance(x, bool) and 0.0 < x <= 1.0:
+        return Smoothing.EPS, float(x)
+    raise ValueError(f"smoothing must be 'none', 'self' or a float in (0, 1], got {x!r}")
+
+
+def non_negative(x, name: str) -> float:
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or x < 0 or not math.isfinite(x):
+        raise ValueError(f"{name} must be a finite number >= 0, got {x!r}")
+    return float(x)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Argument checks of the public functions (shapes, dtypes, devices, scalars; no host sync unless named)
+# --------------------------------------------------------------------------------------------------------
+def token_args(logits, labels, temperature_, softcap, ignore_index, inplace=False):
+    """Checks of ``token_logprobs``-like calls; returns ``(temperature, softcap, ignore_index)`` (softcap 0.0
+    is off)."""
+    float_tensor(logits, "logits")
+    label_tensor(labels, logits)
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary (last) dimension, got {describe(logits)}")
+    if inplace:
+        writable_once(logits, "logits")
+    t, c = transform_scalars(temperature_, softcap)
+    return t, c, integer(ignore_index, "ignore_index")
+
+
+def sequence_layout(logits, cu_seqlens, validate=False):
+    """``cu_seqlens`` checked against the logits (None for padded (B, T, V) logits)."""
+    if cu_seqlens is None:
+        if logits.dim() != 3:
+            raise ValueError(
+                f"logits must be (B, T, V) for padded sequences (or pass cu_seqlens), got {describe(logits)}"
+            )
+        return None
+    tensor(cu_seqlens, "cu_seqlens")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32/int64 tensor of B+1 offsets, got {describe(cu_seqlens)}"
+        )
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (total, V) with cu_seqlens, got {describe(logits)}")
+    same_device(logits, cu_seqlens, "logits", "cu_seqlens")
+    # Offsets outside [0, total] index out of bounds (or silently drop rows): check them where reading B+1
+    # integers costs no device sync (CPU, outside torch.compile tracing), and everywhere with validate=True.
+    if validate or free_to_read(cu_seqlens):
+        check_cu_seqlens(cu_seqlens, logits.shape[0])
+    return cu_seqlens
+
+
+def linear_args(hidden, weight, labels, bias, temperature_, softcap, ignore_index):
+    """Checks of ``linear_token_logprobs``; returns ``(temperature, softcap, ignore_index)``."""
+    float_tensor(hidden, "hidden")
+    float_tensor(weight, "weight")
+    h = hidden.shape[-1]
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (V, H) = (vocabulary, hidden size), got {describe(weight)}")
+    if weight.shape[1] != h:
+        raise ValueError(
+            f"weight must have hidden's size H = {h} as its second dimension (weight is (V, H)), got {describe(weight)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight must hold at least one vocabulary row, got {describe(weight)}")
+    if h == 0:
+        raise ValueError(f"hidden must have a non-empty hidden (last) dimension H, got {describe(hidden)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {describe(weight)}")
+    same_device(hidden, weight, "hidden", "weight")
+    if bias is not None:
+        float_tensor(bias, "bias")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(
+                f"bias must have shape ({weight.shape[0]},), one entry per weight row, got {describe(bias)}"
+            )
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have weight's dtype {weight.dtype}, got {describe(bias)}")
+        same_device(hidden, bias, "hidden", "bias")
+    tensor(labels, "labels")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"labels must be an int64 (or int32) tensor, got {describe(labels)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels must have hidden's leading shape {tuple(hidden.shape[:-1])}, got {describe(labels)}"
+        )
+    same_device(hidden, labels, "hidden", "labels")
+    t, c = transform_scalars(temperature_, softcap)
+    return t, c, integer(ignore_index, "ignore_index")
+
+
+def head_args(hidden, weight, bias, name):
+    """Checks of one model's (hidden, weight, bias) for the distillation ops; ``name`` is "" (student) or
+    "teacher_"."""
+    float_tensor(hidden, f"{name}hidden")
+    float_tensor(weight, f"{name}weight")
+    h = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != h:
+        raise ValueError(
+            f"{name}weight must be (V, H) with {name}hidden's size H = {h} as its second dimension, "
+            f"got {describe(weight)}"
+        )
+    if h == 0 or weight.shape[0] == 0:
+        raise ValueError(
+            f"{name}hidden and {name}weight must be non-empty (H ≥ 1, V ≥ 1), got {name}hidden "
+            f"{describe(hidden)} and {name}weight {describe(weight)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{name}weight must have {name}hidden's dtype {hidden.dtype}, got {describe(weight)}")
+    same_device(hidden, weight, f"{name}hidden", f"{name}weight")
+    if bias is not None:
+        float_tensor(bias, f"{name}bias")
+        if tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype:
+            raise ValueError(
+                f"{name}bias must be ({weight.shape[0]},) of {name}weight's dtype {weight.dtype}, "
+                f"got {describe(bias)}"
+            )
+        same_device(hidden, bias, f"{name}hidden", f"{name}bias")
+
+
+def jeffreys_args(policy_logits, anchor_logits, beta, temperature_, ignore_mask):
+    """Checks of ``token_jeffreys``; returns ``(beta, temperature)``."""
+    float_tensor(policy_logits, "policy_logits")
+    float_tensor(anchor_logits, "anchor_logits")
+    if tuple(anchor_logits.shape) != tuple(policy_logits.shape):
+        raise ValueError(
+            f"anchor_logits must have policy_logits' shape {tuple(policy_logits.shape)}, got {describe(anchor_logits)}"
+        )
+    same_device(policy_logits, anchor_logits, "policy_logits", "anchor_logits")
+    if policy_logits.shape[-1] == 0:
+        raise ValueError(
+            f"policy_logits must have a non-empty vocabulary (last) dimension, got {describe(policy_logits)}"
+        )
+    row_mask(ignore_mask, policy_logits.shape[:-1], policy_logits)
+    return unit_interval(beta, "beta"), temperature(temperature_)
+
+
+def row_mask(mask, lead, like: torch.Tensor, name: str = "ignore_mask", what: str = "policy_logits"):
+    """A (lead) bool mask on ``like``'s device, or None."""
+    if mask is None:
+        return None
+    tensor(mask, name)
+    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(lead):
+        raise ValueError(f"{name} must be a bool tensor of shape {tuple(lead)}, got {describe(mask)}")
+    same_device(like, mask, what, name)
+    return mask
+
+
+def reward_tensor(x, name, *, dims=2):
+    tensor(x, name)
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name} must be a real-valued tensor, got {describe(x)}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimension(s), got {describe(x)}")
+    return x
+
+
+def quantile_inputs(rewards, ref_rewards, ref_mask, validate, names=("rewards", "ref_rewards", "ref_mask")):
+    """Checks of the reward-quantile inputs; ``validate`` adds the NaN and empty-row checks (one sync)."""
+    r_name, k_name, m_name = names
+    rewards = reward_tensor(rewards, r_name)
+    ref_rewards = reward_tensor(ref_rewards, k_name)
+    same_device(rewards, ref_rewards, r_name, k_name)
+    if rewards.shape[0] != ref_rewards.shape[0]:
+        raise ValueError(
+            f"{k_name} must have one row per prompt like {r_name} (B = {rewards.shape[0]}), got {describe(ref_rewards)}"
+        )
+    if ref_rewards.shape[1] == 0:
+        raise ValueError(
+            f"{k_name} must hold at least one reference sample per prompt (k >= 1), got {describe(ref_rewards)}"
+        )
+    if ref_mask is not None:
+        tensor(ref_mask, m_name)
+        if ref_mask.dtype != torch.bool:
+            raise TypeError(f"{m_name} must be a bool tensor, got {describe(ref_mask)}")
+        if tuple(ref_mask.shape) != tuple(ref_rewards.shape):
+            raise ValueError(
+                f"{m_name} must have {k_name}'s shape {tuple(ref_rewards.shape)}, got {describe(ref_mask)}"
+            )
+        same_device(ref_rewards, ref_mask, k_name, m_name)
+    if validate:
+        check_no_nan(rewards, r_name)
+        if ref_mask is None:
+            check_no_nan(ref_rewards, k_name)
+        else:
+            check_no_nan(torch.where(ref_mask, ref_rewards, torch.zeros_like(ref_rewards)), k_name)
+            check_rows_nonempty(ref_mask, m_name)
+    return rewards, ref_rewards
+
+
+def logp_tensor(x, name, shape=None, dims=None):
+    float_tensor(x, name, min_dim=0)
+    if dims is not None and x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimension(s), got {describe(x)}")
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {describe(x)}")
+    return x
+
+
+# Why validate=True rejects non-finite sequence log-probs in the losses (README, "Odd inputs").
+LOGP_FINITE = (
+    "a log-probability of a sampled sequence; -inf is an impossible sample and would make the loss and its "
+    "gradient infinite or NaN"
+)

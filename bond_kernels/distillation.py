@@ -13,36 +13,6 @@ from . import _validate as V
 DIVERGENCES = ("jeffreys", "gjsd")
 
 
-def _head_args(hidden, weight, bias, name):
-    """Checks of one model's (hidden, weight, bias); ``name`` is "" for the student, "teacher_" for the teacher."""
-    V.float_tensor(hidden, f"{name}hidden")
-    V.float_tensor(weight, f"{name}weight")
-    h = hidden.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != h:
-        raise ValueError(
-            f"{name}weight must be (V, H) with {name}hidden's size H = {h} as its second dimension, "
-            f"got {V.describe(weight)}"
-        )
-    if h == 0 or weight.shape[0] == 0:
-        raise ValueError(
-            f"{name}hidden and {name}weight must be non-empty (H ≥ 1, V ≥ 1), got {name}hidden "
-            f"{V.describe(hidden)} and {name}weight {V.describe(weight)}"
-        )
-    if weight.dtype != hidden.dtype:
-        raise TypeError(
-            f"{name}weight must have {name}hidden's dtype {hidden.dtype}, got {V.describe(weight)}"
-        )
-    V.same_device(hidden, weight, f"{name}hidden", f"{name}weight")
-    if bias is not None:
-        V.float_tensor(bias, f"{name}bias")
-        if tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype:
-            raise ValueError(
-                f"{name}bias must be ({weight.shape[0]},) of {name}weight's dtype {weight.dtype}, "
-                f"got {V.describe(bias)}"
-            )
-        V.same_device(hidden, bias, f"{name}hidden", f"{name}bias")
-
-
 def _ignored(labels, ignore_index, ignore_mask, lead, device):
     """(N,) bool: True where the row counts (from labels != ignore_index and/or ~ignore_mask)."""
     keep = torch.ones(lead, dtype=torch.bool, device=device)
@@ -114,8 +84,8 @@ def linear_token_jeffreys(
     tile_bytes: bytes of one fp32 (N, C) logits tile (default 64 MiB on CUDA, 16 MiB on CPU).
     """
     return_entropy = V.boolean(return_entropy, "return_entropy")
-    _head_args(hidden, weight, bias, "")
-    _head_args(teacher_hidden, teacher_weight, teacher_bias, "teacher_")
+    V.head_args(hidden, weight, bias, "")
+    V.head_args(teacher_hidden, teacher_weight, teacher_bias, "teacher_")
     lead = tuple(hidden.shape[:-1])
     if tuple(teacher_hidden.shape[:-1]) != lead:
         raise ValueError(
@@ -141,8 +111,8 @@ def linear_token_jeffreys(
     if not isinstance(divergence, str) or divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     beta = V.unit_interval(beta, "beta")
-    temperature = V.positive_float(temperature, "temperature")
-    cap_s, cap_t = V.softcap_value(softcap), V.softcap_value(teacher_softcap)
+    temperature, cap_s = V.transform_scalars(temperature, softcap)
+    cap_t = V.softcap_value(teacher_softcap, temperature)
     keep = _ignored(labels, ignore_index, ignore_mask, lead, hidden.device)
     if tile_bytes is not None and (
         isinstance(tile_bytes, bool) or not isinstance(tile_bytes, int) or tile_bytes < 1
@@ -151,11 +121,10 @@ def linear_token_jeffreys(
 
     if process_group is not None:
         _check_group(process_group, hidden, weight, bias)
-    fp64 = torch.float64 in (hidden.dtype, teacher_hidden.dtype)
-    if fp64 and backend in (None, "auto") and process_group is None:
-        name = "torch"
-    else:
-        name = _backend.resolve("linear_token_jeffreys", backend, hidden.device)
+    # fp64 runs on the reference (in fp64), except across a process group, whose tiles compute in fp32.
+    why = _backend.fp64_reason(hidden, teacher_hidden) if process_group is None else None
+    name = _backend.choose("linear_token_jeffreys", backend, hidden.device, needs_reference=why)
+    fp64 = why is not None
     h_s = hidden.reshape(-1, hidden.shape[-1])
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
     if name == "torch" and fp64 and process_group is None:
@@ -171,8 +140,8 @@ def linear_token_jeffreys(
             beta=beta,
             divergence=divergence,
             temperature=temperature,
-            softcap=cap_s or None,
-            teacher_softcap=cap_t or None,
+            softcap=cap_s,
+            teacher_softcap=cap_t,
             ignore_mask=~keep,
         )
         if not return_entropy:
@@ -185,7 +154,7 @@ def linear_token_jeffreys(
                 logits = logits + bias.to(div.dtype)
             first = torch.zeros(h_s.shape[0], dtype=torch.long, device=h_s.device)
             _, ent = ref_token_logprobs(
-                logits, first, temperature=temperature, softcap=cap_s or None, return_entropy=True
+                logits, first, temperature=temperature, softcap=cap_s, return_entropy=True
             )
             ent = torch.where(keep, ent, torch.zeros((), dtype=ent.dtype, device=ent.device))
         return div.view(lead), ent.view(lead)

@@ -36,8 +36,11 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from . import _backend
+from . import _validate as V
 from .ops.linear_token_logprobs import saved_tensor_hooks_active
 from .ops.token_logprobs import full_lse
+from .reference.token_logprobs import segment_sum
 
 __all__ = ["ShardInfo", "linear_token_logprobs", "sequence_logprobs", "shard_info", "token_logprobs"]
 
@@ -365,15 +368,15 @@ def token_logprobs(
     backward gives each rank the gradient of its own shard.  One host synchronisation (the metadata
     exchange; see the module docstring).  ``inplace``: the backward overwrites the shard with its gradient.
     """
-    from . import functional as F
-
     error = _pending_error
     if error is None:
         try:
-            temperature, softcap, ignore_index = F._token_args(
+            temperature, softcap, ignore_index = V.token_args(
                 logits, labels, temperature, softcap, ignore_index
             )
-            name = F._pick("token_logprobs", backend, logits)
+            name = _backend.choose(
+                "token_logprobs", backend, logits.device, needs_reference=_backend.fp64_reason(logits)
+            )
         except (TypeError, ValueError, RuntimeError) as exc:
             error = exc
     ok = error is None
@@ -424,11 +427,9 @@ def sequence_logprobs(
     process_group,
 ):
     """:func:`bond_kernels.sequence_logprobs` for vocabulary-sharded logits: per-sequence sums (B,) fp32."""
-    from . import functional as F
-
     cu, error, layout = None, None, None
     try:
-        cu = F._sequence_layout(logits, labels, cu_seqlens)
+        cu = V.sequence_layout(logits, cu_seqlens)
         # every rank must sum the same positions into the same sequences: the exchange compares this
         shape = torch.tensor(tuple(labels.shape), dtype=torch.int64, device=labels.device)
         layout = shape if cu is None else torch.cat([shape, torch.tensor([-1], device=cu.device), cu.long()])
@@ -448,7 +449,7 @@ def sequence_logprobs(
     )
     if cu is None:
         return logp.sum(-1)
-    return F._segsum(logp, cu)
+    return segment_sum(logp, cu)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -579,14 +580,14 @@ def linear_token_logprobs(
     full ``grad_hidden`` (summed over ranks inside, one all-reduce).  Tiles as the single-GPU op (bounded
     memory, the logits are never materialised); ``recompute`` as there, per rank.
     """
-    from . import functional as F
-
     error = None
     try:
-        temperature, softcap, ignore_index = F._linear_args(
+        temperature, softcap, ignore_index = V.linear_args(
             hidden, weight, labels, bias, temperature, softcap, ignore_index
         )
-        name = F._pick("linear_token_logprobs", backend, hidden)
+        name = _backend.choose(
+            "linear_token_logprobs", backend, hidden.device, needs_reference=_backend.fp64_reason(hidden)
+        )
     except (TypeError, ValueError, RuntimeError) as exc:
         error = exc
     ok = error is None

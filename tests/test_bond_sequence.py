@@ -14,8 +14,8 @@ import torch
 import bond_kernels as bk
 from bond_kernels import _backend, _ext
 from bond_kernels import reference as R
-from bond_kernels.ops import kernels
-from bond_kernels.ops.bond_sequence import BASELINES, bond_sequence, jbond_sequence
+from bond_kernels._validate import BASELINES
+from bond_kernels.ops.bond_sequence import bond_sequence, jbond_sequence
 
 pytestmark = pytest.mark.skipif(not _ext.has_cpu(), reason="bond_kernels._C is not built")
 
@@ -225,10 +225,12 @@ def test_jbond_penalty_and_bf16():
 # --------------------------------------------------------------------------------------------------------
 def test_fp64_and_tensor_baseline_take_the_reference(monkeypatch):
     calls = []
-    real = kernels("cpu").bond_sequence
+    real = _backend.impl("bond_sequence", "cpu").bond_sequence
     monkeypatch.setattr(
-        "bond_kernels.ops.bond_sequence.kernels",
-        lambda name: type("K", (), {"bond_sequence": staticmethod(lambda *a: calls.append(1) or real(*a))}),
+        "bond_kernels._backend.impl",
+        lambda op, name: type(
+            "K", (), {"bond_sequence": staticmethod(lambda *a: calls.append(1) or real(*a))}
+        ),
     )
     lp, rl, pr, rr, bl, _ = _bond_inputs(4, 2, 5, 1)
     bk.bond_loss(lp, rl, pr, rr, bl, n=2)
@@ -242,7 +244,7 @@ def test_fp64_and_tensor_baseline_take_the_reference(monkeypatch):
 def test_comparison_catches_a_small_error(monkeypatch, field):
     # The checks above can fail: an output of the fused op off by 1e-4 relative (a wrong baseline divisor,
     # a dropped C_N term would be far larger) must be reported.
-    real = kernels("cpu").bond_sequence
+    real = _backend.impl("bond_sequence", "cpu").bond_sequence
 
     def skewed(*args):
         outs = list(real(*args))
@@ -250,8 +252,8 @@ def test_comparison_catches_a_small_error(monkeypatch, field):
         return tuple(outs)
 
     monkeypatch.setattr(
-        "bond_kernels.ops.bond_sequence.kernels",
-        lambda name: type("K", (), {"bond_sequence": staticmethod(skewed)}),
+        "bond_kernels._backend.impl",
+        lambda op, name: type("K", (), {"bond_sequence": staticmethod(skewed)}),
     )
     with pytest.raises(AssertionError):
         _check_bond(_bond_inputs(6, 2, 8, 1, ties=False)[:-1] + (None,), n=4, correction=True)
@@ -315,7 +317,7 @@ def _launch(**over):
         baseline=0,
     )
     args.update(over)
-    return kernels("cpu").bond_sequence(*args.values())
+    return _backend.impl("bond_sequence", "cpu").bond_sequence(*args.values())
 
 
 @pytest.mark.parametrize(
@@ -355,7 +357,7 @@ def test_launcher_rejects_bad_arguments(over, exc, match):
 
 def test_jbond_launcher_rejects_bad_arguments():
     lp, al, pr, ar, best = (t.detach() for t in _jbond_inputs(4))
-    k = kernels("cpu")
+    k = _backend.impl("bond_sequence", "cpu")
     with pytest.raises(ValueError, match="anchor_rewards must have size 2"):
         k.jbond_sequence(lp, al, pr, torch.zeros(4, 3), best, 0.5, 0.0, 1.0, True)
     with pytest.raises(ValueError, match="gamma must be a finite number"):

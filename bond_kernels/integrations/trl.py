@@ -56,7 +56,7 @@ def selective_log_softmax(logits, index, temperature=1.0, row_mask=None, *, back
     """
     _peers.logits_arg(logits)
     multi = _peers.index_arg(index, logits, "index", allow_k=True)
-    temperature = V.positive_float(temperature, "temperature")
+    temperature = V.temperature(temperature)
     keep = _peers.mask_arg(row_mask, index)
     vocab = logits.shape[-1]
     _peers.check_index_range(index, vocab, "index", keep)
@@ -141,7 +141,7 @@ def selective_log_softmax_and_entropy(
     _peers.logits_arg(logits)
     _peers.index_arg(index, logits, "index")
     entropy_requires_grad = V.boolean(entropy_requires_grad, "entropy_requires_grad")
-    temperature = V.positive_float(temperature, "temperature")
+    temperature = V.temperature(temperature)
     keep = _peers.mask_arg(row_mask, index)
     _peers.check_index_range(index, logits.shape[-1], "index", keep)
     logp, entropy = F.token_logprobs(

@@ -1,10 +1,7 @@
-"""Kernels behind a common interface, and the ``torch.library`` custom ops that wrap them.
+"""The ``torch.library`` custom ops and their autograd, one module per op, over the backends' launchers.
 
-Each backend (``cpu`` and ``cuda`` through ``bond_kernels._C``, ``triton`` through ``ops/triton``) provides
-the same launcher functions with the same signatures; the custom ops take the backend's name as a string
-argument and look the launcher up with :func:`kernels`.
+Each backend (``cpu`` and ``cuda`` through ``bond_kernels._C``, ``triton`` through ``ops/triton``, ``torch``
+through ``reference/launchers.py``) provides an op's launcher functions with the same signatures (the
+contract in each op's module docstring); the custom ops take the backend's name as a string argument and
+find the launchers with :func:`bond_kernels._backend.impl`, the registry.
 """
-
-from ._dispatch import kernels
-
-__all__ = ["kernels"]

@@ -6,14 +6,14 @@ per-sequence coefficients ``∂L/∂log π(y)``.  ``functional.bond_loss`` / ``j
 gradient reaches the token gradients through ``sequence_logprobs``' backward as one number per sequence.
 The math is :func:`bond_kernels.reference.bond_loss` / :func:`~bond_kernels.reference.jbond_loss`.
 
-Launcher contract (``kernels(backend).<name>``; backends ``cpu`` and ``cuda``):
+Launcher contract (``_backend.impl("bond_sequence", backend).<name>``; backends ``cpu`` and ``cuda``):
 
 ``bond_sequence(policy_logp, policy_ref_logp, policy_rewards, ref_rewards, ref_mask, bon_logp, n, beta, mode,
 eps, correction, baseline)``
     policy_logp, policy_ref_logp (B, m) fp32; policy_rewards (B, m) and ref_rewards (B, k) both fp32 or both
     fp64 (comparisons happen in that dtype, as the reference's); ref_mask (B, k) bool or (0,) for none;
     bon_logp (B, j) fp32.  ``n`` float >= 1; ``beta`` in [0, 1]; ``mode``/``eps`` the smoothing of
-    ``ops/reward_quantiles.py``; ``correction`` adds the tie correction C_N; ``baseline`` 0 = leave-one-out,
+    ``ops/reward_quantiles.py``; ``correction`` adds the tie correction C_N; ``baseline`` a ``_validate.Baseline``: 0 = leave-one-out,
     1 = mean, 2 = none (per prompt when m > 1, else over the batch).  Returns fp32
     ``(p_le (B, m), log_bon (B, m), policy_coef (B, m), bon_coef (B, j), stats (4,))`` with
     ``stats = [backward_kl, forward_ce, mean_quantile, kl_to_ref]``::
@@ -38,10 +38,7 @@ fixed order (deterministic).  No host synchronisation.
 
 import torch
 
-from ._dispatch import kernels
-
-BASELINE_LOO, BASELINE_MEAN, BASELINE_NONE = 0, 1, 2
-BASELINES = {"loo": BASELINE_LOO, "mean": BASELINE_MEAN, "none": BASELINE_NONE}
+from .. import _backend
 
 
 @torch.library.custom_op("bond_kernels::bond_sequence", mutates_args=())
@@ -60,7 +57,7 @@ def bond_sequence(
     baseline: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    p_le, log_bon, policy_coef, bon_coef, stats = kernels(backend).bond_sequence(
+    p_le, log_bon, policy_coef, bon_coef, stats = _backend.impl("bond_sequence", backend).bond_sequence(
         policy_logp,
         policy_ref_logp,
         policy_rewards,
@@ -116,7 +113,7 @@ def jbond_sequence(
     strict: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    jbond_reward, policy_coef, best_coef, stats = kernels(backend).jbond_sequence(
+    jbond_reward, policy_coef, best_coef, stats = _backend.impl("bond_sequence", backend).jbond_sequence(
         policy_logp,
         anchor_logp,
         policy_rewards,

@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from . import _dispatch
+from .. import _backend
 
 GPU_TILE_BYTES = 64 << 20
 CPU_TILE_BYTES = 16 << 20
@@ -209,18 +209,12 @@ def gjsd_pass(student: Head, teacher: Head, lse_s, lse_t, beta, n, vocab, cols, 
 def _dz_jeffreys(xs, xt, lse_s, lse_t, kl_st, beta, coef, backend, temperature):
     """Gradient of Σ coef·D (Jeffreys) with respect to the capped student logits ``xs`` (N, C) fp32, from the
     capped tiles of both models and the full rows' statistics (so any column slice is exact)."""
-    if backend in ("cpu", "triton"):
-        # One fused kernel: the token_jeffreys backward, which divides by T itself.
-        empty = torch.empty(0, dtype=torch.bool, device=xs.device)
-        return _dispatch.kernels(backend).token_jeffreys_bwd(
-            xs, xt, lse_s, lse_t, kl_st, coef, beta, temperature, empty
-        )
-    log_s = xs / temperature - lse_s[:, None]
-    log_t = xt / temperature - lse_t[:, None]
-    s, t = log_s.exp(), log_t.exp()
-    zero = torch.zeros((), device=xs.device)
-    dz = beta * torch.where(s > 0, s * (log_s - log_t - kl_st[:, None]), zero) + (1.0 - beta) * (s - t)
-    return dz * (coef / temperature)[:, None]
+    # One fused kernel on cpu and triton (the token_jeffreys backward, which divides by T itself); the same
+    # contract in torch for the torch backend (reference/launchers.py).
+    empty = torch.empty(0, dtype=torch.bool, device=xs.device)
+    return _backend.impl("linear_token_jeffreys", backend).token_jeffreys_bwd(
+        xs, xt, lse_s, lse_t, kl_st, coef, beta, temperature, empty
+    )
 
 
 def _dz_gjsd(xs, xt, lse_s, lse_t, kl_sm, beta, coef, temperature):

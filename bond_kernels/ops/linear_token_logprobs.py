@@ -49,7 +49,7 @@ from typing import Callable, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._dispatch import kernels
+from .. import _backend
 from .token_logprobs import full_lse
 
 logger = logging.getLogger("bond_kernels")
@@ -205,9 +205,9 @@ def token_kernels(backend: str) -> TokenKernels:
     if backend == "torch":
         return _TORCH_KERNELS
     try:
-        mod = kernels(backend)
+        mod = _backend.impl("token_logprobs", backend)
         fwd, bwd = mod.token_logprobs_fwd, mod.token_logprobs_bwd
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, RuntimeError) as exc:
         if backend not in _said:
             _said.add(backend)
             logger.info(

@@ -2,15 +2,13 @@
 
 Launcher contract: ``reward_quantiles(rewards, ref_rewards, ref_mask, mode, eps)``
     rewards (B, n) float, ref_rewards (B, k) float (both contiguous, same dtype), ref_mask (B, k) bool or
-    (0,) for none; mode 0 = "none", 1 = "self", 2 = clamp p_le to at least ``eps``.  Returns
+    (0,) for none; mode a ``_validate.Smoothing`` (0 = "none", 1 = "self", 2 = clamp p_le to at least ``eps``).  Returns
     ``(p_le, p_lt)`` fp32 (B, n), as ``reference.reward_quantiles`` defines them.
 """
 
 import torch
 
-from ._dispatch import kernels
-
-SMOOTHING_NONE, SMOOTHING_SELF, SMOOTHING_EPS = 0, 1, 2
+from .. import _backend
 
 
 @torch.library.custom_op("bond_kernels::reward_quantiles", mutates_args=())
@@ -22,7 +20,9 @@ def reward_quantiles(
     eps: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    p_le, p_lt = kernels(backend).reward_quantiles(rewards, ref_rewards, ref_mask, mode, eps)
+    p_le, p_lt = _backend.impl("reward_quantiles", backend).reward_quantiles(
+        rewards, ref_rewards, ref_mask, mode, eps
+    )
     return p_le, p_lt
 
 

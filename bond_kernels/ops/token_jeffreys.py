@@ -1,6 +1,6 @@
 """Custom ops and autograd for the token-level Jeffreys divergence.
 
-Launcher contract (``kernels(backend).<name>``):
+Launcher contract (``_backend.impl("token_jeffreys", backend).<name>``):
 
 ``token_jeffreys_fwd(policy, anchor, beta, temperature, ignore_mask)``
     policy, anchor (N, V) float, last stride 1; ignore_mask (N,) bool or (0,) for none.
@@ -16,7 +16,7 @@ Launcher contract (``kernels(backend).<name>``):
 
 import torch
 
-from ._dispatch import kernels
+from .. import _backend
 from .token_logprobs import lse_shape
 
 
@@ -29,7 +29,7 @@ def token_jeffreys_fwd(
     ignore_mask: torch.Tensor,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    div, lse_p, lse_q, kl_pq = kernels(backend).token_jeffreys_fwd(
+    div, lse_p, lse_q, kl_pq = _backend.impl("token_jeffreys", backend).token_jeffreys_fwd(
         policy, anchor, beta, temperature, ignore_mask
     )
     return div, lse_p, lse_q, kl_pq
@@ -55,7 +55,7 @@ def token_jeffreys_bwd(
     ignore_mask: torch.Tensor,
     backend: str,
 ) -> torch.Tensor:
-    return kernels(backend).token_jeffreys_bwd(
+    return _backend.impl("token_jeffreys", backend).token_jeffreys_bwd(
         policy, anchor, lse_p, lse_q, kl_pq, grad_div, beta, temperature, ignore_mask
     )
 

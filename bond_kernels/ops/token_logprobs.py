@@ -1,6 +1,6 @@
 """Custom ops and autograd for per-token log-probs (the launchers live in each backend).
 
-Launcher contract, shared by every backend (``kernels(backend).<name>``):
+Launcher contract, shared by every backend (``_backend.impl("token_logprobs", backend).<name>``):
 
 ``token_logprobs_fwd(logits, labels, temperature, softcap, ignore_index, return_entropy)``
     logits (N, V) or (B, T, V) float with last stride 1 (any other strides); labels (N,) int64 contiguous,
@@ -26,7 +26,7 @@ ignore_index, inplace)``
 
 import torch
 
-from ._dispatch import kernels
+from .. import _backend
 
 _NO_SOFTCAP = 0.0
 
@@ -62,7 +62,7 @@ def token_logprobs_fwd(
     inplace_backward: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logp, lse, ent = kernels(backend).token_logprobs_fwd(
+    logp, lse, ent = _backend.impl("token_logprobs", backend).token_logprobs_fwd(
         logits, labels, temperature, softcap, ignore_index, return_entropy
     )
     return logp, lse, ent
@@ -92,7 +92,7 @@ def token_logprobs_bwd(
     ignore_index: int,
     backend: str,
 ) -> torch.Tensor:
-    return kernels(backend).token_logprobs_bwd(
+    return _backend.impl("token_logprobs", backend).token_logprobs_bwd(
         logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, softcap, ignore_index, False
     )
 
@@ -115,7 +115,7 @@ def token_logprobs_bwd_inplace(
     ignore_index: int,
     backend: str,
 ) -> None:
-    kernels(backend).token_logprobs_bwd(
+    _backend.impl("token_logprobs", backend).token_logprobs_bwd(
         logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, softcap, ignore_index, True
     )
 
@@ -166,7 +166,7 @@ def token_logprobs_fwd_bwd(
     ignore_index: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logp, grad = kernels(backend).token_logprobs_fwd_bwd(
+    logp, grad = _backend.impl("token_logprobs", backend).token_logprobs_fwd_bwd(
         logits, labels, grad_logp, temperature, softcap, ignore_index, False
     )
     return logp, grad
@@ -191,7 +191,7 @@ def token_logprobs_fwd_bwd_inplace(
     ignore_index: int,
     backend: str,
 ) -> torch.Tensor:
-    logp, _ = kernels(backend).token_logprobs_fwd_bwd(
+    logp, _ = _backend.impl("token_logprobs", backend).token_logprobs_fwd_bwd(
         logits, labels, grad_logp, temperature, softcap, ignore_index, True
     )
     return logp
