@@ -35,6 +35,7 @@ import os
 import torch
 
 from . import _backend, _demo
+from ._demo import deps
 from ._demo.evaluate import BON_CURVE_MAX, BON_SIZES, Evaluator, bon_curve, mid_quantile
 from ._demo.language import Grammar
 from ._demo.model import (
@@ -161,7 +162,12 @@ def _check_out(out):
 
 
 def run(args):
-    """Run the demo; returns the process exit code."""
+    """Run the demo; returns the process exit code.
+
+    First of all, before the flags' checks (``--out`` is created by them) and anything is built: every optional
+    package the demo needs is looked up, and a missing one ends the command with one message (status 1).
+    """
+    deps.check()
     _check_args(args)
     # One thread by default: at hidden size 64 a second core gains nothing, and on a shared 2-core machine
     # two spinning OpenMP threads per process made a step 25x slower under load (11 vs 0.44 steps/s,
