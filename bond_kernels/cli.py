@@ -17,12 +17,12 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions and available backends")
     p_info.set_defaults(func=_info)
-    try:
-        from .demo import add_arguments as _demo_args
-    except ImportError:
-        _demo_args = None
-    if _demo_args is not None:
-        _demo_args(sub.add_parser("demo", help="J-BOND on a small transformers causal LM (the main job)"))
+    # Listed whatever is installed: bond_kernels.demo imports only torch and bond_kernels, and the demo's own
+    # requirements are looked up when it runs (bond_kernels._demo.deps), with one message if one is missing.
+    from ._demo.deps import HELP as _demo_help
+    from .demo import add_arguments as _demo_args
+
+    _demo_args(sub.add_parser("demo", help=_demo_help, description=_demo_help + "."))
     args = parser.parse_args(argv)
     return args.func(args)
 

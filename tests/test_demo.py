@@ -183,6 +183,13 @@ def test_sampler_uses_the_cache_correctly():
     assert chunked.shape == (64, 7) and torch.equal(chunked[:, :4], prompts)
 
 
+def test_auto_path_is_the_fused_head(monkeypatch):
+    # "auto" means the fused head whenever the integration imports; a wrong relative import in the demo's
+    # modules once turned it silently into the logits path (same numbers to ~1e-6, a different op measured).
+    monkeypatch.setitem(demo._path, "use", "auto")
+    assert demo.logprob_path() == "integrations.transformers"
+
+
 @pytest.mark.parametrize("path", ["logits", "auto"])
 def test_sequence_logprobs_matches_log_softmax(path, monkeypatch):
     monkeypatch.setitem(demo._path, "use", path)
