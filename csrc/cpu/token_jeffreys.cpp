@@ -5,7 +5,7 @@
 // from which KL(p||q) = a_p / S_p - log S_p + log S_q (and symmetrically), so no third pass is needed.
 // Entries with e = 0 (masked, -inf) are skipped in the cross terms: 0 * log 0 = 0.  The log-sum-exps are
 // saved split (row max, log S) so that the backward's log p_v = (x_v - max) / T - log S rounds log p_v, not
-// |x_v| / T (see the split log-sum-exp in bond/cpu.h).  Contract: bond/cpu.h and
+// |x_v| / T (see the split log-sum-exp in bond/token_logprobs.h).  Contract: bond/token_jeffreys.h and
 // bond_kernels/ops/token_jeffreys.py.
 #include <cmath>
 #include <limits>

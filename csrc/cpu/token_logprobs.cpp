@@ -8,7 +8,7 @@
 // c / T = 4e31 a V = 1 row's log-prob became +inf.)  At V = 32000 a row is 128 KB of fp32, so pass 2 reads
 // it from L2 (1-2 MB per core on current x86), and main memory sees the row once.  The transform
 // z = c * tanh(x / c) / T is monotonic, so the max of z is the transform of the max of x: pass 1 needs no
-// tanh.  Math and argument contract: bond/cpu.h and bond_kernels/ops/token_logprobs.py.
+// tanh.  Math and argument contract: bond/token_logprobs.h and bond_kernels/ops/token_logprobs.py.
 #include <cmath>
 #include <limits>
 

@@ -5,13 +5,14 @@
 
 #include <cstdint>
 
-#include "../cpu/bond_sequence.h"
+#include "bond/common.h"
+#include "bond/sequence_math.h"
 
 namespace bond {
 namespace cuda {
 namespace detail {
 
-// kOk, or the last launch error offset by kCudaErrorBase (bond_sequence.h).
+// kOk, or the last launch error offset by kCudaErrorBase (bond/common.h).
 inline int launch_status() {
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? kOk : kCudaErrorBase + static_cast<int>(err);

@@ -1,4 +1,4 @@
-// The sequence-level BOND and J-BOND math in one launch each (contract: ../cpu/bond_sequence.h).
+// The sequence-level BOND and J-BOND math in one launch each (contract: bond/bond_sequence.h).
 //
 // BOND: the quantiles are B·m·k comparisons (1M at B = 1024, m = 16, k = 64), too many for one SM inside the
 // 10 µs target (~4 instructions per comparison: ~18 µs on one H100 SM), so the kernel runs one block per
@@ -10,7 +10,8 @@
 // J-BOND: O(1) work per prompt, so one block of 1024 threads does all of it (two passes over B).
 #include <cuda_runtime.h>
 
-#include "bond_cuda.h"
+#include "bond/cuda.h"
+#include "bond/sequence_math.h"
 #include "bond_device.cuh"
 
 namespace bond {

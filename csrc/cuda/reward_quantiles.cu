@@ -7,7 +7,8 @@
 // L1 once per warp.  The group combines its counts with shuffles (no atomics: deterministic).
 #include <cuda_runtime.h>
 
-#include "bond_cuda.h"
+#include "bond/cuda.h"
+#include "bond/sequence_math.h"
 #include "bond_device.cuh"
 
 namespace bond {

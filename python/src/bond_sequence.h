@@ -6,8 +6,6 @@
 #pragma once
 
 #include <cmath>
-#include <sstream>
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -15,16 +13,11 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
-#include "../../csrc/cpu/bond_sequence.h"
+#include "bond/bond_sequence.h"
+#include "common.h"  // describe, raise_status
 
 namespace bond_py {
 namespace seq {
-
-inline std::string describe(const at::Tensor& t) {
-  std::ostringstream os;
-  os << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device();
-  return os.str();
-}
 
 // Same device as `device`, `dims` dimensions; returns a contiguous tensor (a copy only when needed).
 inline at::Tensor checked(const at::Tensor& t, const char* name, const c10::Device& device, int64_t dims) {
@@ -179,13 +172,6 @@ inline void prepare_jbond(JBondCall& call, const at::Tensor& policy_logp_in, con
   a.gamma = gamma;
   a.penalty = penalty;
   a.strict = strict;
-}
-
-inline void raise_status(int status, const char* op, const char* backend) {
-  TORCH_CHECK_VALUE(status != bond::kBadArgument, op, ": the ", backend,
-                    " kernel rejected its sizes (negative, or more than 2^31 reference samples per prompt)");
-  TORCH_CHECK(status == bond::kOk, op, ": ", backend, " kernel failed with status ", status,
-              status >= bond::kCudaErrorBase ? " (kCudaErrorBase + cudaError_t)" : "");
 }
 
 }  // namespace seq
