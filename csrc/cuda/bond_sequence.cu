@@ -26,8 +26,8 @@ constexpr int kJBondThreads = 1024;
 constexpr int kPartials = 4;
 
 struct BondLaunch {
-  int lanes;      // lanes per candidate (bond_device.cuh)
-  int64_t rows;   // prompts per block
+  int lanes;     // lanes per candidate (bond_device.cuh)
+  int64_t rows;  // prompts per block
   int64_t blocks;
 };
 
@@ -233,11 +233,11 @@ int bond_sequence(const BondSequenceArgs& a, void* workspace, cudaStream_t strea
     if (err != cudaSuccess) return kCudaErrorBase + static_cast<int>(err);
   }
   if (a.rewards_fp64) {
-    bond_sequence_kernel<double><<<static_cast<unsigned>(l.blocks), kThreads, 0, stream>>>(a, l.lanes, l.rows,
-                                                                                           partials, counter);
+    bond_sequence_kernel<double>
+        <<<static_cast<unsigned>(l.blocks), kThreads, 0, stream>>>(a, l.lanes, l.rows, partials, counter);
   } else {
-    bond_sequence_kernel<float><<<static_cast<unsigned>(l.blocks), kThreads, 0, stream>>>(a, l.lanes, l.rows,
-                                                                                          partials, counter);
+    bond_sequence_kernel<float>
+        <<<static_cast<unsigned>(l.blocks), kThreads, 0, stream>>>(a, l.lanes, l.rows, partials, counter);
   }
   return detail::launch_status();
 }

@@ -14,8 +14,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bond_sequ
     int64_t mode, double eps, bool correction, int64_t baseline) {
   check_cpu(policy_logp, "policy_logp");
   seq::BondCall call;
-  seq::prepare_bond(call, policy_logp, policy_ref_logp, policy_rewards, ref_rewards, ref_mask, bon_logp, n, beta,
-                    mode, eps, correction, baseline);
+  seq::prepare_bond(call, policy_logp, policy_ref_logp, policy_rewards, ref_rewards, ref_mask, bon_logp, n, beta, mode,
+                    eps, correction, baseline);
   call.args.num_threads = kernel_threads();
   raise_status(bond::cpu::bond_sequence(call.args), "bond_sequence", "cpu");
   return call.outputs();

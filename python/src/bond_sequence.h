@@ -33,8 +33,8 @@ inline at::Tensor checked_f32(const at::Tensor& t, const char* name, const c10::
   TORCH_CHECK_TYPE(c.scalar_type() == at::kFloat, name, " must be float32, got ", describe(c));
   for (size_t d = 0; d < shape.size(); ++d) {
     if (shape[d] < 0) continue;  // free size
-    TORCH_CHECK_VALUE(c.size(static_cast<int64_t>(d)) == shape[d], name, " must have size ", shape[d],
-                      " in dimension ", d, ", got ", describe(c));
+    TORCH_CHECK_VALUE(c.size(static_cast<int64_t>(d)) == shape[d], name, " must have size ", shape[d], " in dimension ",
+                      d, ", got ", describe(c));
   }
   return c;
 }
@@ -89,8 +89,7 @@ inline void prepare_bond(BondCall& call, const at::Tensor& policy_logp_in, const
   at::Tensor bon = checked_f32(bon_logp_in, "bon_logp", device, {B, -1});
   const int64_t j = bon.size(1);
   check_options(n, beta, mode, eps);
-  TORCH_CHECK_VALUE(baseline >= 0 && baseline <= 2, "baseline must be 0 (loo), 1 (mean) or 2 (none), got ",
-                    baseline);
+  TORCH_CHECK_VALUE(baseline >= 0 && baseline <= 2, "baseline must be 0 (loo), 1 (mean) or 2 (none), got ", baseline);
 
   const auto f32 = logp.options().dtype(at::kFloat);
   call.p_le = at::empty({B, m}, f32);

@@ -61,8 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bond_sequ
   check_cuda_device(policy_logp, "policy_logp");
   const c10::cuda::CUDAGuard guard(policy_logp.device());
   seq::BondCall call;
-  seq::prepare_bond(call, policy_logp, policy_ref_logp, policy_rewards, ref_rewards, ref_mask, bon_logp, n, beta,
-                    mode, eps, correction, baseline);
+  seq::prepare_bond(call, policy_logp, policy_ref_logp, policy_rewards, ref_rewards, ref_mask, bon_logp, n, beta, mode,
+                    eps, correction, baseline);
   const int64_t bytes = bond::cuda::bond_sequence_workspace_bytes(call.args.B, call.args.m, call.args.k);
   // From the caching allocator: no cudaMalloc on the hot path, and safe under CUDA-graph capture.
   at::Tensor workspace = at::empty({bytes}, policy_logp.options().dtype(at::kByte));
@@ -80,8 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jbond_sequence_cuda(
   seq::JBondCall call;
   seq::prepare_jbond(call, policy_logp, anchor_logp, policy_rewards, anchor_rewards, best_anchor_logp, beta, gamma,
                      penalty, strict);
-  raise_status(bond::cuda::jbond_sequence(call.args, c10::cuda::getCurrentCUDAStream()), "jbond_sequence",
-                    "cuda");
+  raise_status(bond::cuda::jbond_sequence(call.args, c10::cuda::getCurrentCUDAStream()), "jbond_sequence", "cuda");
   return call.outputs();
 }
 

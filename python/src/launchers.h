@@ -29,8 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_jeffreys_fwd(co
                                                                               const at::Tensor& ignore_mask);
 
 at::Tensor token_jeffreys_bwd(const at::Tensor& policy, const at::Tensor& anchor, const at::Tensor& lse_p,
-                              const at::Tensor& lse_q, const at::Tensor& kl_pq, const at::Tensor& grad_div,
-                              double beta, double temperature, const at::Tensor& ignore_mask);
+                              const at::Tensor& lse_q, const at::Tensor& kl_pq, const at::Tensor& grad_div, double beta,
+                              double temperature, const at::Tensor& ignore_mask);
 
 std::tuple<at::Tensor, at::Tensor> reward_quantiles(const at::Tensor& rewards, const at::Tensor& ref_rewards,
                                                     const at::Tensor& ref_mask, int64_t mode, double eps);

@@ -21,8 +21,8 @@ void set_isa_by_name(const std::string& name) {
   bond::cpu::Isa isa;
   TORCH_CHECK_VALUE(bond::cpu::isa_from_name(name.c_str(), &isa) == bond::kOk,
                     "isa must be 'generic', 'avx2' or 'avx512', got '", name, "'");
-  TORCH_CHECK_VALUE(bond::cpu::set_isa(isa) == bond::kOk, "isa '", name, "' is not supported by this CPU (best: ",
-                    bond::cpu::isa_name(bond::cpu::best_isa()), ")");
+  TORCH_CHECK_VALUE(bond::cpu::set_isa(isa) == bond::kOk, "isa '", name,
+                    "' is not supported by this CPU (best: ", bond::cpu::isa_name(bond::cpu::best_isa()), ")");
 }
 
 std::vector<std::string> supported_isas() {
@@ -44,12 +44,12 @@ PYBIND11_MODULE(_C, m) {
           py::arg("temperature"), py::arg("softcap"), py::arg("ignore_index"), py::arg("return_entropy"), nogil,
           "(logits (N, V) | (B, T, V), labels (N,) int64, ...) -> (logp, lse, entropy) fp32 (N,) each");
   cpu.def("token_logprobs_bwd", &bond_py::token_logprobs_bwd, py::arg("logits"), py::arg("labels"), py::arg("lse"),
-          py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("temperature"),
-          py::arg("softcap"), py::arg("ignore_index"), py::arg("inplace"), nogil,
+          py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("temperature"), py::arg("softcap"),
+          py::arg("ignore_index"), py::arg("inplace"), nogil,
           "-> d/dlogits in the logits' dtype and shape (the logits tensor itself when inplace)");
   cpu.def("token_logprobs_fwd_bwd", &bond_py::token_logprobs_fwd_bwd, py::arg("logits"), py::arg("labels"),
-          py::arg("grad_logp"), py::arg("temperature"), py::arg("softcap"), py::arg("ignore_index"),
-          py::arg("inplace"), nogil, "-> (logp fp32 (N,), grad in the logits' dtype)");
+          py::arg("grad_logp"), py::arg("temperature"), py::arg("softcap"), py::arg("ignore_index"), py::arg("inplace"),
+          nogil, "-> (logp fp32 (N,), grad in the logits' dtype)");
   cpu.def("token_jeffreys_fwd", &bond_py::token_jeffreys_fwd, py::arg("policy"), py::arg("anchor"), py::arg("beta"),
           py::arg("temperature"), py::arg("ignore_mask"), nogil, "-> (div, lse_p, lse_q, kl_pq) fp32 (N,) each");
   cpu.def("token_jeffreys_bwd", &bond_py::token_jeffreys_bwd, py::arg("policy"), py::arg("anchor"), py::arg("lse_p"),

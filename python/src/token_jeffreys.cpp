@@ -1,10 +1,9 @@
 // CPU launchers for token_jeffreys (contract: bond_kernels/ops/token_jeffreys.py).
 #include <cmath>
 
-
-#include "launchers.h"
 #include "bond/cpu.h"
 #include "common.h"
+#include "launchers.h"
 
 namespace bond_py {
 namespace {

@@ -2,10 +2,9 @@
 // fp32 outputs, hand raw pointers and strides to csrc/cpu/token_logprobs.cpp, map its status to an error.
 #include <cmath>
 
-
-#include "launchers.h"
 #include "bond/cpu.h"
 #include "common.h"
+#include "launchers.h"
 
 namespace bond_py {
 namespace {

@@ -48,12 +48,12 @@ struct BondSequenceArgs {
   int64_t B, m, k, j;
   // options
   bool rewards_fp64;
-  double n;          // Best-of-N, any real >= 1
-  double beta;       // Jeffreys mixing weight in [0, 1]
-  int smoothing;     // QuantileSmoothing
-  double eps;        // clamp of p_le for kSmoothEps
-  bool correction;   // add the tie correction C_N (Theorem 1) to log π_BoN
-  int baseline;      // BondBaseline
+  double n;             // Best-of-N, any real >= 1
+  double beta;          // Jeffreys mixing weight in [0, 1]
+  int smoothing;        // QuantileSmoothing
+  double eps;           // clamp of p_le for kSmoothEps
+  bool correction;      // add the tie correction C_N (Theorem 1) to log π_BoN
+  int baseline;         // BondBaseline
   int num_threads = 0;  // cpu only: OpenMP threads (<= 0: the OpenMP default)
 };
 
@@ -73,7 +73,7 @@ struct JBondSequenceArgs {
   int64_t B;
   // options
   double beta, gamma, penalty;
-  bool strict;  // r_J = −penalty when r(y) < min(anchor rewards) (strict) or <= (not strict)
+  bool strict;          // r_J = −penalty when r(y) < min(anchor rewards) (strict) or <= (not strict)
   int num_threads = 0;  // cpu only: OpenMP threads (<= 0: the OpenMP default)
 };
 

@@ -26,10 +26,10 @@ namespace cpu {
 // ---------------------------------------------------------------------------------------------------------
 enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
 
-Isa best_isa();                 // the widest ISA this CPU (and this build) supports
-Isa active_isa();               // what the kernels use now
-int set_isa(Isa isa);           // kUnsupported if the CPU lacks it; kOk otherwise
-const char* isa_name(Isa isa);  // "generic", "avx2", "avx512"
+Isa best_isa();                                 // the widest ISA this CPU (and this build) supports
+Isa active_isa();                               // what the kernels use now
+int set_isa(Isa isa);                           // kUnsupported if the CPU lacks it; kOk otherwise
+const char* isa_name(Isa isa);                  // "generic", "avx2", "avx512"
 int isa_from_name(const char* name, Isa* out);  // kBadArgument for an unknown name
 
 // ---------------------------------------------------------------------------------------------------------
