@@ -14,7 +14,8 @@ PEERS := tests/requirements-peers.txt
 PEERS_STAMP := $(VENV)/.bond_kernels_peers
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup setup-peers test test-cpu test-interpret ctest test-asan test-gpu demo bench lint format clean
+.PHONY: setup setup-peers test test-cpu test-interpret ctest test-asan test-gpu demo bench lint lint-cpp format \
+	format-cpp clean
 
 setup: $(STAMP) $(PEERS_STAMP)
 
@@ -79,13 +80,22 @@ demo: setup
 bench: setup
 	$(BIN)/python -m pytest benchmarks/ --benchmark-only -q
 
-lint: setup
+lint: setup lint-cpp
 	$(BIN)/ruff check bond_kernels tests benchmarks
 	$(BIN)/ruff format --check bond_kernels tests benchmarks
+
+# C++ / CUDA sources, formatted by .clang-format with the clang-format the dev extra pins.
+CPP_SOURCES = $(shell find csrc python/src -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' \) | sort)
+
+lint-cpp: setup
+	$(BIN)/clang-format --dry-run -Werror $(CPP_SOURCES)
 
 format: setup
 	$(BIN)/ruff format bond_kernels tests benchmarks
 	$(BIN)/ruff check --fix bond_kernels tests benchmarks
+
+format-cpp: setup
+	$(BIN)/clang-format -i $(CPP_SOURCES)
 
 clean:
 	rm -rf build $(VENV) *.egg-info bond_kernels/*.so

@@ -1,15 +1,15 @@
-// CPU backend of the sequence-level BOND / J-BOND math (see bond_sequence.h for the contract).
+// CPU backend of the sequence-level BOND / J-BOND math (contract: bond/bond_sequence.h).
 //
 // Three phases: (1) per prompt, in parallel: quantiles, log π_BoN, returns, per-prompt baselines and row
 // partial sums; (2) the batch sums, serially over prompts in index order (fp64), so results do not depend
 // on the thread count; (3) for batch-wide baselines, the coefficients, in parallel again.
-#include "bond_sequence.h"
-
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "bond/cpu.h"
 #include "bond/parallel.h"
+#include "bond/sequence_math.h"
 
 namespace bond {
 namespace cpu {

@@ -5,7 +5,7 @@
 // from which KL(p||q) = a_p / S_p - log S_p + log S_q (and symmetrically), so no third pass is needed.
 // Entries with e = 0 (masked, -inf) are skipped in the cross terms: 0 * log 0 = 0.  The log-sum-exps are
 // saved split (row max, log S) so that the backward's log p_v = (x_v - max) / T - log S rounds log p_v, not
-// |x_v| / T (see the split log-sum-exp in bond/cpu.h).  Contract: bond/cpu.h and
+// |x_v| / T (see the split log-sum-exp in bond/token_logprobs.h).  Contract: bond/token_jeffreys.h and
 // bond_kernels/ops/token_jeffreys.py.
 #include <cmath>
 #include <limits>
@@ -100,7 +100,7 @@ BOND_INLINE int jeffreys_bwd_row(const TokenJeffreysBwdParams& p, index_t r) {
   const float inv_t = 1.0f / p.temperature;
   const float lse_p = p.lse_p[r], lse_q = p.lse_q[r], kl = p.kl_pq[r];
   const float sp = p.shift_p ? p.shift_p[r] : 0.0f, sq = p.shift_q ? p.shift_q[r] : 0.0f;
-  const float gb = p.grad_div[r] * p.beta * inv_t;            // folds g / T into both coefficients
+  const float gb = p.grad_div[r] * p.beta * inv_t;  // folds g / T into both coefficients
   const float gc = p.grad_div[r] * (1.0f - p.beta) * inv_t;
   const bool use_b = p.beta > 0.0f;
 #pragma omp simd
@@ -115,14 +115,14 @@ BOND_INLINE int jeffreys_bwd_row(const TokenJeffreysBwdParams& p, index_t r) {
   return kOk;
 }
 
-#define BOND_DEFINE_ROW_KERNELS(SUFFIX, ATTR)                                                              \
-  template <class T>                                                                                       \
-  ATTR int jeffreys_fwd_row_##SUFFIX(const TokenJeffreysFwdParams& p, index_t r) {                        \
-    return jeffreys_fwd_row<T>(p, r);                                                                      \
-  }                                                                                                        \
-  template <class T>                                                                                       \
-  ATTR int jeffreys_bwd_row_##SUFFIX(const TokenJeffreysBwdParams& p, index_t r) {                        \
-    return jeffreys_bwd_row<T>(p, r);                                                                      \
+#define BOND_DEFINE_ROW_KERNELS(SUFFIX, ATTR)                                      \
+  template <class T>                                                               \
+  ATTR int jeffreys_fwd_row_##SUFFIX(const TokenJeffreysFwdParams& p, index_t r) { \
+    return jeffreys_fwd_row<T>(p, r);                                              \
+  }                                                                                \
+  template <class T>                                                               \
+  ATTR int jeffreys_bwd_row_##SUFFIX(const TokenJeffreysBwdParams& p, index_t r) { \
+    return jeffreys_bwd_row<T>(p, r);                                              \
   }
 BOND_FOR_EACH_ISA(BOND_DEFINE_ROW_KERNELS)
 #undef BOND_DEFINE_ROW_KERNELS

@@ -8,7 +8,7 @@
 // c / T = 4e31 a V = 1 row's log-prob became +inf.)  At V = 32000 a row is 128 KB of fp32, so pass 2 reads
 // it from L2 (1-2 MB per core on current x86), and main memory sees the row once.  The transform
 // z = c * tanh(x / c) / T is monotonic, so the max of z is the transform of the max of x: pass 1 needs no
-// tanh.  Math and argument contract: bond/cpu.h and bond_kernels/ops/token_logprobs.py.
+// tanh.  Math and argument contract: bond/token_logprobs.h and bond_kernels/ops/token_logprobs.py.
 #include <cmath>
 #include <limits>
 
@@ -222,7 +222,8 @@ BOND_INLINE int fwd_bwd_row(const TokenLogprobsFwdBwdParams& p, const Transform&
   }
   const bool bad_label = y < 0 || y >= vocab;
   const float mx = bad_label ? kNaN : row_max<T>(x, vocab);
-  if (bad_label || (!kSoftcap && !(mx > kNegInf))) {  // as in fwd_row
+  // As in fwd_row.
+  if (bad_label || (!kSoftcap && !(mx > kNegInf))) {
     const bool nan_row = !bad_label && row_has_nan<T>(x, vocab);  // asked before an in-place fill
     p.logp[r] = kNaN;
     if (p.lse) p.lse[r] = kNaN;
@@ -288,13 +289,15 @@ using FwdBwdFn = int (*)(const TokenLogprobsFwdBwdParams&, const Transform&, ind
 
 template <class T>
 FwdFn pick_fwd(Isa isa, bool softcap, bool entropy) {
-  if (softcap) return entropy ? BOND_ISA_SELECT(isa, fwd_row, T, true, true) : BOND_ISA_SELECT(isa, fwd_row, T, true, false);
+  if (softcap)
+    return entropy ? BOND_ISA_SELECT(isa, fwd_row, T, true, true) : BOND_ISA_SELECT(isa, fwd_row, T, true, false);
   return entropy ? BOND_ISA_SELECT(isa, fwd_row, T, false, true) : BOND_ISA_SELECT(isa, fwd_row, T, false, false);
 }
 
 template <class T>
 BwdFn pick_bwd(Isa isa, bool softcap, bool ent_grad) {
-  if (softcap) return ent_grad ? BOND_ISA_SELECT(isa, bwd_row, T, true, true) : BOND_ISA_SELECT(isa, bwd_row, T, true, false);
+  if (softcap)
+    return ent_grad ? BOND_ISA_SELECT(isa, bwd_row, T, true, true) : BOND_ISA_SELECT(isa, bwd_row, T, true, false);
   return ent_grad ? BOND_ISA_SELECT(isa, bwd_row, T, false, true) : BOND_ISA_SELECT(isa, bwd_row, T, false, false);
 }
 

@@ -5,13 +5,14 @@
 
 #include <cstdint>
 
-#include "../cpu/bond_sequence.h"
+#include "bond/common.h"
+#include "bond/sequence_math.h"
 
 namespace bond {
 namespace cuda {
 namespace detail {
 
-// kOk, or the last launch error offset by kCudaErrorBase (bond_sequence.h).
+// kOk, or the last launch error offset by kCudaErrorBase (bond/common.h).
 inline int launch_status() {
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? kOk : kCudaErrorBase + static_cast<int>(err);
@@ -34,8 +35,8 @@ inline int lanes_per_candidate(int64_t k) {
 // c_le counts r' <= r, c_lt counts r' < r; ±inf are ordered, a NaN never counts.
 template <typename R>
 __device__ __forceinline__ void group_counts(const R* __restrict__ ref_row, const bool* __restrict__ mask_row,
-                                             int64_t k, R r, int lane, int lanes, bool active, int& c_le,
-                                             int& c_lt, int& kc) {
+                                             int64_t k, R r, int lane, int lanes, bool active, int& c_le, int& c_lt,
+                                             int& kc) {
   int le = 0, lt = 0, valid = 0;
   if (active) {
     if (mask_row == nullptr) {

@@ -1,4 +1,4 @@
-// The sequence-level BOND and J-BOND math in one launch each (contract: ../cpu/bond_sequence.h).
+// The sequence-level BOND and J-BOND math in one launch each (contract: bond/bond_sequence.h).
 //
 // BOND: the quantiles are B·m·k comparisons (1M at B = 1024, m = 16, k = 64), too many for one SM inside the
 // 10 µs target (~4 instructions per comparison: ~18 µs on one H100 SM), so the kernel runs one block per
@@ -10,7 +10,8 @@
 // J-BOND: O(1) work per prompt, so one block of 1024 threads does all of it (two passes over B).
 #include <cuda_runtime.h>
 
-#include "bond_cuda.h"
+#include "bond/cuda.h"
+#include "bond/sequence_math.h"
 #include "bond_device.cuh"
 
 namespace bond {
@@ -25,8 +26,8 @@ constexpr int kJBondThreads = 1024;
 constexpr int kPartials = 4;
 
 struct BondLaunch {
-  int lanes;      // lanes per candidate (bond_device.cuh)
-  int64_t rows;   // prompts per block
+  int lanes;     // lanes per candidate (bond_device.cuh)
+  int64_t rows;  // prompts per block
   int64_t blocks;
 };
 
@@ -232,11 +233,11 @@ int bond_sequence(const BondSequenceArgs& a, void* workspace, cudaStream_t strea
     if (err != cudaSuccess) return kCudaErrorBase + static_cast<int>(err);
   }
   if (a.rewards_fp64) {
-    bond_sequence_kernel<double><<<static_cast<unsigned>(l.blocks), kThreads, 0, stream>>>(a, l.lanes, l.rows,
-                                                                                           partials, counter);
+    bond_sequence_kernel<double>
+        <<<static_cast<unsigned>(l.blocks), kThreads, 0, stream>>>(a, l.lanes, l.rows, partials, counter);
   } else {
-    bond_sequence_kernel<float><<<static_cast<unsigned>(l.blocks), kThreads, 0, stream>>>(a, l.lanes, l.rows,
-                                                                                          partials, counter);
+    bond_sequence_kernel<float>
+        <<<static_cast<unsigned>(l.blocks), kThreads, 0, stream>>>(a, l.lanes, l.rows, partials, counter);
   }
   return detail::launch_status();
 }

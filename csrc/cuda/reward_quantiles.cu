@@ -7,7 +7,8 @@
 // L1 once per warp.  The group combines its counts with shuffles (no atomics: deterministic).
 #include <cuda_runtime.h>
 
-#include "bond_cuda.h"
+#include "bond/cuda.h"
+#include "bond/sequence_math.h"
 #include "bond_device.cuh"
 
 namespace bond {
@@ -29,8 +30,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = active ? e / n : 0;
   const float r = active ? __ldg(rewards + e) : 0.0f;
   int c_le, c_lt, kc;
-  detail::group_counts<float>(ref_rewards + row * k, ref_mask ? ref_mask + row * k : nullptr, k, r, lane, lanes,
-                              active, c_le, c_lt, kc);
+  detail::group_counts<float>(ref_rewards + row * k, ref_mask ? ref_mask + row * k : nullptr, k, r, lane, lanes, active,
+                              c_le, c_lt, kc);
   if (active && lane == 0) {
     float le, lt;
     quantiles_from_counts<float>(c_le, c_lt, kc, smoothing, eps, le, lt);

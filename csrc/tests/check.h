@@ -19,14 +19,14 @@ inline int& failures() {
   return n;
 }
 
-#define BOND_CHECK(cond, ...)                                       \
-  do {                                                              \
-    if (!(cond)) {                                                  \
-      ++::bond_test::failures();                                    \
+#define BOND_CHECK(cond, ...)                                                       \
+  do {                                                                              \
+    if (!(cond)) {                                                                  \
+      ++::bond_test::failures();                                                    \
       std::fprintf(stderr, "%s:%d: CHECK(%s) failed: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                            \
-      std::fprintf(stderr, "\n");                                   \
-    }                                                               \
+      std::fprintf(stderr, __VA_ARGS__);                                            \
+      std::fprintf(stderr, "\n");                                                   \
+    }                                                                               \
   } while (0)
 
 // |got - want| <= atol + rtol * |want|, with matching infinities and NaNs.
@@ -58,9 +58,9 @@ struct MaxErr {
     if (std::isfinite(want) && std::isfinite(got)) worst = std::fmax(worst, std::fabs(got - want));
   }
   void report() const {
-    BOND_CHECK(bad == 0, "%s: %lld of %lld values out of tolerance (atol %g, rtol %g); first at %lld: got %.9g want %.9g",
-               what.c_str(), (long long)bad, (long long)count, atol, rtol, (long long)first_index, first_got,
-               first_want);
+    BOND_CHECK(
+        bad == 0, "%s: %lld of %lld values out of tolerance (atol %g, rtol %g); first at %lld: got %.9g want %.9g",
+        what.c_str(), (long long)bad, (long long)count, atol, rtol, (long long)first_index, first_got, first_want);
     BOND_CHECK(count > 0, "%s: nothing compared", what.c_str());
   }
 };
@@ -68,8 +68,8 @@ struct MaxErr {
 // Inputs of a given dtype stored as the kernels read them, with the fp32 values they represent.
 struct Buffer {
   bond::DType dtype;
-  std::vector<float> f32;      // used when dtype is fp32
-  std::vector<uint16_t> u16;   // bf16 / fp16 bits
+  std::vector<float> f32;     // used when dtype is fp32
+  std::vector<uint16_t> u16;  // bf16 / fp16 bits
   explicit Buffer(bond::DType d, size_t n) : dtype(d) {
     if (d == bond::DType::kFloat32) f32.assign(n, 0.0f);
     else u16.assign(n, 0);
@@ -85,7 +85,9 @@ struct Buffer {
     return bond::fp16_to_f32(u16[i]);
   }
   void* data() { return dtype == bond::DType::kFloat32 ? static_cast<void*>(f32.data()) : u16.data(); }
-  const void* data() const { return dtype == bond::DType::kFloat32 ? static_cast<const void*>(f32.data()) : u16.data(); }
+  const void* data() const {
+    return dtype == bond::DType::kFloat32 ? static_cast<const void*>(f32.data()) : u16.data();
+  }
 };
 
 inline const char* dtype_name(bond::DType d) {

@@ -26,7 +26,8 @@ void test_fp16_all_patterns() {
   for (uint32_t h = 0; h < 65536; ++h) {
     const double want = fp16_exact(static_cast<uint16_t>(h));
     const float got = fp16_to_f32(static_cast<uint16_t>(h));
-    const bool ok = std::isnan(want) ? std::isnan(got) : (static_cast<double>(got) == want && std::signbit(got) == std::signbit(want));
+    const bool ok = std::isnan(want) ? std::isnan(got)
+                                     : (static_cast<double>(got) == want && std::signbit(got) == std::signbit(want));
     bad += ok ? 0 : 1;
     // Every fp16 value survives fp16 -> fp32 -> fp16 unchanged (NaNs stay NaN).
     const uint16_t back = f32_to_fp16(got);

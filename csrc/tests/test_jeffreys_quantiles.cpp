@@ -79,7 +79,10 @@ void run_jeffreys(const char* isa, DType dtype, int64_t n, int64_t V, int64_t pa
   std::snprintf(tag, sizeof(tag), "[%s %s jeffreys N=%lld V=%lld beta=%.2f T=%.2f]", isa, bond_test::dtype_name(dtype),
                 (long long)n, (long long)V, beta, temperature);
   MaxErr ed(std::string(tag) + " div", 2e-5, 1e-4), ek(std::string(tag) + " kl_pq", 2e-5, 1e-4),
-      eg(std::string(tag) + " grad", 2e-6, dtype == DType::kFloat32 ? 1e-4 : dtype == DType::kBFloat16 ? 8e-3 : 1e-3);
+      eg(std::string(tag) + " grad", 2e-6,
+         dtype == DType::kFloat32    ? 1e-4
+         : dtype == DType::kBFloat16 ? 8e-3
+                                     : 1e-3);
   std::vector<double> zp(V), zq(V), lp, lq;
   for (int64_t r = 0; r < n; ++r) {
     if (mask[r]) {

@@ -16,7 +16,7 @@ constexpr int64_t kIgnore = -100;
 const double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 struct Case {
-  int64_t b, t, vocab;       // logical (B, T, V); B = 1 with t = N gives a 2-D (N, V) tensor
+  int64_t b, t, vocab;         // logical (B, T, V); B = 1 with t = N gives a 2-D (N, V) tensor
   int64_t stride_b, stride_t;  // element strides of the logits buffer (>= the packed ones: padded rows)
   double temperature, softcap;
   bool three_d;
@@ -179,8 +179,8 @@ void run_case(const char* isa, const Case& c, DType dtype, uint32_t seed) {
   fb.softcap = fp.softcap;
   fb.ignore_index = kIgnore;
   BOND_CHECK(cpu::token_logprobs_fwd_bwd(fb) == kOk, "%s fwd_bwd status", tag);
-  MaxErr fl(std::string(tag) + " fwd_bwd logp", 2e-5, 2e-6), fg(std::string(tag) + " fwd_bwd grad (in place)", 2e-6,
-                                                               grad_rtol(dtype));
+  MaxErr fl(std::string(tag) + " fwd_bwd logp", 2e-5, 2e-6),
+      fg(std::string(tag) + " fwd_bwd grad (in place)", 2e-6, grad_rtol(dtype));
   for (int64_t r = 0; r < n; ++r) {
     fl.add(r, logp2[r], e0.logp[r]);
     const int64_t off = (r / c.t) * c.stride_b + (r % c.t) * c.stride_t;
@@ -207,7 +207,7 @@ void run_case(const char* isa, const Case& c, DType dtype, uint32_t seed) {
 void test_status_codes() {
   const int64_t n = 4, V = 50;
   std::vector<float> x(n * V, 0.5f), logp(n), lse(n);
-  std::vector<int64_t> labels = {3, V, kIgnore, 7};  // row 1 out of range
+  std::vector<int64_t> labels = {3, V, kIgnore, 7};          // row 1 out of range
   for (int64_t v = 0; v < V; ++v) x[2 * V + v] = -INFINITY;  // all -inf, but ignored: fine
   cpu::TokenLogprobsFwdParams p;
   p.logits = x.data();

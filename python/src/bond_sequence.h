@@ -6,8 +6,6 @@
 #pragma once
 
 #include <cmath>
-#include <sstream>
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -15,16 +13,11 @@
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
-#include "../../csrc/cpu/bond_sequence.h"
+#include "bond/bond_sequence.h"
+#include "common.h"  // describe, raise_status
 
 namespace bond_py {
 namespace seq {
-
-inline std::string describe(const at::Tensor& t) {
-  std::ostringstream os;
-  os << "shape " << t.sizes() << ", dtype " << t.scalar_type() << ", device " << t.device();
-  return os.str();
-}
 
 // Same device as `device`, `dims` dimensions; returns a contiguous tensor (a copy only when needed).
 inline at::Tensor checked(const at::Tensor& t, const char* name, const c10::Device& device, int64_t dims) {
@@ -40,8 +33,8 @@ inline at::Tensor checked_f32(const at::Tensor& t, const char* name, const c10::
   TORCH_CHECK_TYPE(c.scalar_type() == at::kFloat, name, " must be float32, got ", describe(c));
   for (size_t d = 0; d < shape.size(); ++d) {
     if (shape[d] < 0) continue;  // free size
-    TORCH_CHECK_VALUE(c.size(static_cast<int64_t>(d)) == shape[d], name, " must have size ", shape[d],
-                      " in dimension ", d, ", got ", describe(c));
+    TORCH_CHECK_VALUE(c.size(static_cast<int64_t>(d)) == shape[d], name, " must have size ", shape[d], " in dimension ",
+                      d, ", got ", describe(c));
   }
   return c;
 }
@@ -96,8 +89,7 @@ inline void prepare_bond(BondCall& call, const at::Tensor& policy_logp_in, const
   at::Tensor bon = checked_f32(bon_logp_in, "bon_logp", device, {B, -1});
   const int64_t j = bon.size(1);
   check_options(n, beta, mode, eps);
-  TORCH_CHECK_VALUE(baseline >= 0 && baseline <= 2, "baseline must be 0 (loo), 1 (mean) or 2 (none), got ",
-                    baseline);
+  TORCH_CHECK_VALUE(baseline >= 0 && baseline <= 2, "baseline must be 0 (loo), 1 (mean) or 2 (none), got ", baseline);
 
   const auto f32 = logp.options().dtype(at::kFloat);
   call.p_le = at::empty({B, m}, f32);
@@ -179,13 +171,6 @@ inline void prepare_jbond(JBondCall& call, const at::Tensor& policy_logp_in, con
   a.gamma = gamma;
   a.penalty = penalty;
   a.strict = strict;
-}
-
-inline void raise_status(int status, const char* op, const char* backend) {
-  TORCH_CHECK_VALUE(status != bond::kBadArgument, op, ": the ", backend,
-                    " kernel rejected its sizes (negative, or more than 2^31 reference samples per prompt)");
-  TORCH_CHECK(status == bond::kOk, op, ": ", backend, " kernel failed with status ", status,
-              status >= bond::kCudaErrorBase ? " (kCudaErrorBase + cudaError_t)" : "");
 }
 
 }  // namespace seq

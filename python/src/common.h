@@ -1,4 +1,5 @@
-// Tensor checks and conversions shared by the CPU launchers: the only place torch meets the kernels.
+// Tensor checks and conversions shared by the launchers of python/src/ (the only place torch meets the
+// kernels): describe() and raise_status() serve the CPU and the CUDA launchers, the rest the CPU ones.
 //
 // TORCH_CHECK_VALUE / TORCH_CHECK_TYPE raise Python ValueError / TypeError; every message names the
 // argument, what it got and what it expects.
@@ -107,8 +108,8 @@ inline void check_fp32_scalar(double value, const char* name) {
                     " must lie in [2^-126, 2^126] (it and its reciprocal must be normal fp32 numbers), got ", value);
 }
 
-// Per-row saved log-sum-exps: the forward's split form (2, N) = [row max of the capped logits, log-sum-exp
-// relative to it] (bond/cpu.h), or a full (N,) log-sum-exp (callers that combine partial rows).
+// Per-row saved log-sum-exps: the forward's split form (2, N) = [row max of the logits, log-sum-exp
+// relative to it] (bond/token_logprobs.h), or a full (N,) log-sum-exp (callers that combine partial rows).
 struct RowLse {
   at::Tensor lse, shift;  // shift undefined for the full form
   const float* lse_ptr() const { return lse.data_ptr<float>(); }
@@ -145,12 +146,15 @@ inline void raise_bad_label(const at::Tensor& labels, int64_t vocab, int64_t ign
                     first >= 0 ? y[first] : 0, " at position ", first, " (", count, " position(s) out of range)");
 }
 
-inline void raise_status(int status, const char* op) {
+// A kernel's status (bond/common.h) as a Python error naming the op and the backend.  kBadLabel is turned
+// into its message by the caller first (raise_bad_label), which knows the labels.
+inline void raise_status(int status, const char* op, const char* backend = "cpu") {
   TORCH_CHECK_VALUE(status != bond::kAllNegInfRow, op,
                     ": logits has a row whose entries are all -inf at a position whose label is not ignored");
-  TORCH_CHECK_VALUE(status != bond::kBadArgument, op,
-                    ": the kernel rejected its arguments (a size, stride, pointer or scalar outside its contract)");
-  TORCH_CHECK(status == bond::kOk, op, ": CPU kernel failed: ", bond::status_name(status));
+  TORCH_CHECK_VALUE(status != bond::kBadArgument, op, ": the ", backend,
+                    " kernel rejected its arguments (a size, stride, pointer or scalar outside its contract)");
+  TORCH_CHECK(status == bond::kOk, op, ": ", backend, " kernel failed with status ", status, " (",
+              bond::status_name(status), ")");
 }
 
 }  // namespace bond_py

@@ -1,6 +1,7 @@
-// The CPU launchers (python/src/token_logprobs.cpp, token_jeffreys.cpp, reward_quantiles.cpp), declared
-// with ATen types only: the launcher files skip the pybind11 and torch/extension.h headers (~15 s of
-// compile time each); module.cpp binds them.
+// Every launcher module.cpp binds, declared with ATen types only: the launcher files skip the pybind11 and
+// torch/extension.h headers (~15 s of compile time each).  The CPU ones are defined in token_logprobs.cpp,
+// token_jeffreys.cpp, reward_quantiles.cpp and bond_sequence.cpp; the CUDA ones (BOND_WITH_CUDA builds
+// only) in cuda_ops.cpp.
 #pragma once
 
 #include <cstdint>
@@ -28,10 +29,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_jeffreys_fwd(co
                                                                               const at::Tensor& ignore_mask);
 
 at::Tensor token_jeffreys_bwd(const at::Tensor& policy, const at::Tensor& anchor, const at::Tensor& lse_p,
-                              const at::Tensor& lse_q, const at::Tensor& kl_pq, const at::Tensor& grad_div,
-                              double beta, double temperature, const at::Tensor& ignore_mask);
+                              const at::Tensor& lse_q, const at::Tensor& kl_pq, const at::Tensor& grad_div, double beta,
+                              double temperature, const at::Tensor& ignore_mask);
 
 std::tuple<at::Tensor, at::Tensor> reward_quantiles(const at::Tensor& rewards, const at::Tensor& ref_rewards,
                                                     const at::Tensor& ref_mask, int64_t mode, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bond_sequence_cpu(
+    const at::Tensor& policy_logp, const at::Tensor& policy_ref_logp, const at::Tensor& policy_rewards,
+    const at::Tensor& ref_rewards, const at::Tensor& ref_mask, const at::Tensor& bon_logp, double n, double beta,
+    int64_t mode, double eps, bool correction, int64_t baseline);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jbond_sequence_cpu(
+    const at::Tensor& policy_logp, const at::Tensor& anchor_logp, const at::Tensor& policy_rewards,
+    const at::Tensor& anchor_rewards, const at::Tensor& best_anchor_logp, double beta, double gamma, double penalty,
+    bool strict);
+
+#ifdef BOND_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> reward_quantiles_cuda(const at::Tensor& rewards, const at::Tensor& ref_rewards,
+                                                         const at::Tensor& ref_mask, int64_t mode, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bond_sequence_cuda(
+    const at::Tensor& policy_logp, const at::Tensor& policy_ref_logp, const at::Tensor& policy_rewards,
+    const at::Tensor& ref_rewards, const at::Tensor& ref_mask, const at::Tensor& bon_logp, double n, double beta,
+    int64_t mode, double eps, bool correction, int64_t baseline);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> jbond_sequence_cuda(
+    const at::Tensor& policy_logp, const at::Tensor& anchor_logp, const at::Tensor& policy_rewards,
+    const at::Tensor& anchor_rewards, const at::Tensor& best_anchor_logp, double beta, double gamma, double penalty,
+    bool strict);
+#endif
 
 }  // namespace bond_py

@@ -1,8 +1,14 @@
-// The one PYBIND11_MODULE of the package: bond_kernels._C with submodules `cpu` (always) and `cuda` (when
-// built with nvcc).  bond_kernels/_ext.py reads hasattr(_C, "cpu") / hasattr(_C, "cuda") as availability.
-#include "bindings.h"  // pybind11 + tensor casters (lighter than torch/extension.h: 6 s vs 25 s to compile)
+// The one PYBIND11_MODULE of the package and the only file that binds: bond_kernels._C with submodules `cpu`
+// (always) and `cuda` (when built with nvcc, -DBOND_WITH_CUDA).  bond_kernels/_ext.py reads
+// hasattr(_C, "cpu") / hasattr(_C, "cuda") as availability.  Names, argument names and order follow the
+// launcher contracts in bond_kernels/ops/*.py; the launchers themselves are declared in launchers.h.
+//
+// pybind11 + the at::Tensor <-> torch.Tensor casters (lighter than torch/extension.h: 6 s vs 25 s to compile).
+#include <torch/csrc/utils/pybind.h>
+
 #include "bond/cpu.h"
 #include "common.h"
+#include "launchers.h"
 
 namespace py = pybind11;
 
@@ -15,8 +21,8 @@ void set_isa_by_name(const std::string& name) {
   bond::cpu::Isa isa;
   TORCH_CHECK_VALUE(bond::cpu::isa_from_name(name.c_str(), &isa) == bond::kOk,
                     "isa must be 'generic', 'avx2' or 'avx512', got '", name, "'");
-  TORCH_CHECK_VALUE(bond::cpu::set_isa(isa) == bond::kOk, "isa '", name, "' is not supported by this CPU (best: ",
-                    bond::cpu::isa_name(bond::cpu::best_isa()), ")");
+  TORCH_CHECK_VALUE(bond::cpu::set_isa(isa) == bond::kOk, "isa '", name,
+                    "' is not supported by this CPU (best: ", bond::cpu::isa_name(bond::cpu::best_isa()), ")");
 }
 
 std::vector<std::string> supported_isas() {
@@ -38,12 +44,12 @@ PYBIND11_MODULE(_C, m) {
           py::arg("temperature"), py::arg("softcap"), py::arg("ignore_index"), py::arg("return_entropy"), nogil,
           "(logits (N, V) | (B, T, V), labels (N,) int64, ...) -> (logp, lse, entropy) fp32 (N,) each");
   cpu.def("token_logprobs_bwd", &bond_py::token_logprobs_bwd, py::arg("logits"), py::arg("labels"), py::arg("lse"),
-          py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("temperature"),
-          py::arg("softcap"), py::arg("ignore_index"), py::arg("inplace"), nogil,
+          py::arg("entropy"), py::arg("grad_logp"), py::arg("grad_entropy"), py::arg("temperature"), py::arg("softcap"),
+          py::arg("ignore_index"), py::arg("inplace"), nogil,
           "-> d/dlogits in the logits' dtype and shape (the logits tensor itself when inplace)");
   cpu.def("token_logprobs_fwd_bwd", &bond_py::token_logprobs_fwd_bwd, py::arg("logits"), py::arg("labels"),
-          py::arg("grad_logp"), py::arg("temperature"), py::arg("softcap"), py::arg("ignore_index"),
-          py::arg("inplace"), nogil, "-> (logp fp32 (N,), grad in the logits' dtype)");
+          py::arg("grad_logp"), py::arg("temperature"), py::arg("softcap"), py::arg("ignore_index"), py::arg("inplace"),
+          nogil, "-> (logp fp32 (N,), grad in the logits' dtype)");
   cpu.def("token_jeffreys_fwd", &bond_py::token_jeffreys_fwd, py::arg("policy"), py::arg("anchor"), py::arg("beta"),
           py::arg("temperature"), py::arg("ignore_mask"), nogil, "-> (div, lse_p, lse_q, kl_pq) fp32 (N,) each");
   cpu.def("token_jeffreys_bwd", &bond_py::token_jeffreys_bwd, py::arg("policy"), py::arg("anchor"), py::arg("lse_p"),
@@ -61,10 +67,26 @@ PYBIND11_MODULE(_C, m) {
         return static_cast<int64_t>(bond::cpu::advise_huge_pages(t.data_ptr(), static_cast<std::size_t>(t.nbytes())));
       },
       py::arg("t"), "bytes of t advised to use transparent huge pages (0 when skipped; tests)");
-  register_bond_sequence_cpu(cpu);
+  cpu.def("bond_sequence", &bond_py::bond_sequence_cpu, py::arg("policy_logp"), py::arg("policy_ref_logp"),
+          py::arg("policy_rewards"), py::arg("ref_rewards"), py::arg("ref_mask"), py::arg("bon_logp"), py::arg("n"),
+          py::arg("beta"), py::arg("mode"), py::arg("eps"), py::arg("correction"), py::arg("baseline"), nogil,
+          "-> (p_le, log_bon, policy_coef (B, m), bon_coef (B, j), stats (4,)) fp32");
+  cpu.def("jbond_sequence", &bond_py::jbond_sequence_cpu, py::arg("policy_logp"), py::arg("anchor_logp"),
+          py::arg("policy_rewards"), py::arg("anchor_rewards"), py::arg("best_anchor_logp"), py::arg("beta"),
+          py::arg("gamma"), py::arg("penalty"), py::arg("strict"), nogil,
+          "-> (jbond_reward, policy_coef, best_coef (B,), stats (4,)) fp32");
 
 #ifdef BOND_WITH_CUDA
   py::module_ cuda = m.def_submodule("cuda", "CUDA kernels");
-  register_cuda_ops(cuda);
+  cuda.def("reward_quantiles", &bond_py::reward_quantiles_cuda, py::arg("rewards"), py::arg("ref_rewards"),
+           py::arg("ref_mask"), py::arg("mode"), py::arg("eps"), nogil, "-> (p_le, p_lt) fp32 (B, n)");
+  cuda.def("bond_sequence", &bond_py::bond_sequence_cuda, py::arg("policy_logp"), py::arg("policy_ref_logp"),
+           py::arg("policy_rewards"), py::arg("ref_rewards"), py::arg("ref_mask"), py::arg("bon_logp"), py::arg("n"),
+           py::arg("beta"), py::arg("mode"), py::arg("eps"), py::arg("correction"), py::arg("baseline"), nogil,
+           "-> (p_le, log_bon, policy_coef (B, m), bon_coef (B, j), stats (4,)) fp32");
+  cuda.def("jbond_sequence", &bond_py::jbond_sequence_cuda, py::arg("policy_logp"), py::arg("anchor_logp"),
+           py::arg("policy_rewards"), py::arg("anchor_rewards"), py::arg("best_anchor_logp"), py::arg("beta"),
+           py::arg("gamma"), py::arg("penalty"), py::arg("strict"), nogil,
+           "-> (jbond_reward, policy_coef, best_coef (B,), stats (4,)) fp32");
 #endif
 }

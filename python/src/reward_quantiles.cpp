@@ -1,10 +1,9 @@
 // CPU launcher for reward_quantiles (contract: bond_kernels/ops/reward_quantiles.py).
 #include <cmath>
 
-
-#include "launchers.h"
 #include "bond/cpu.h"
 #include "common.h"
+#include "launchers.h"
 
 namespace bond_py {
 namespace {
@@ -21,8 +20,9 @@ std::tuple<at::Tensor, at::Tensor> reward_quantiles(const at::Tensor& rewards_in
                                                     const at::Tensor& ref_mask_in, int64_t mode, double eps) {
   check_matrix(rewards_in, "rewards");
   check_matrix(ref_in, "ref_rewards");
-  TORCH_CHECK_VALUE(ref_in.size(0) == rewards_in.size(0), "ref_rewards must have one row per prompt like rewards (B = ",
-                    rewards_in.size(0), "), got ", describe(ref_in));
+  TORCH_CHECK_VALUE(ref_in.size(0) == rewards_in.size(0),
+                    "ref_rewards must have one row per prompt like rewards (B = ", rewards_in.size(0), "), got ",
+                    describe(ref_in));
   TORCH_CHECK_VALUE(mode >= 0 && mode <= 2, "mode must be 0 (none), 1 (self) or 2 (eps), got ", mode);
   TORCH_CHECK_VALUE(mode != 2 || (eps > 0.0 && eps <= 1.0), "eps must be in (0, 1] for mode 2, got ", eps);
   at::Tensor rewards = rewards_in, ref = ref_in;
@@ -37,9 +37,10 @@ std::tuple<at::Tensor, at::Tensor> reward_quantiles(const at::Tensor& rewards_in
   const bool has_mask = ref_mask_in.numel() > 0 || ref_mask_in.dim() != 1;
   if (has_mask) {
     check_cpu(ref_mask_in, "ref_mask");
-    TORCH_CHECK_TYPE(ref_mask_in.scalar_type() == at::kBool, "ref_mask must be a bool tensor, got ", describe(ref_mask_in));
-    TORCH_CHECK_VALUE(ref_mask_in.sizes() == ref.sizes(), "ref_mask must have ref_rewards' shape ", ref.sizes(), ", got ",
-                      describe(ref_mask_in));
+    TORCH_CHECK_TYPE(ref_mask_in.scalar_type() == at::kBool, "ref_mask must be a bool tensor, got ",
+                     describe(ref_mask_in));
+    TORCH_CHECK_VALUE(ref_mask_in.sizes() == ref.sizes(), "ref_mask must have ref_rewards' shape ", ref.sizes(),
+                      ", got ", describe(ref_mask_in));
     mask = ref_mask_in.contiguous();
   }
   auto f32 = rewards.options().dtype(at::kFloat);

@@ -28,6 +28,10 @@ enum Status : int {
   kUnsupported = 4,   // a dtype or ISA this build does not provide
 };
 
+// The CUDA launchers return kOk, kBadArgument, or the cudaError_t of the launch offset by kCudaErrorBase,
+// so a CUDA error code never collides with a Status above.
+constexpr int kCudaErrorBase = 1000;
+
 inline const char* status_name(int status) {
   switch (status) {
     case kOk: return "ok";
@@ -35,7 +39,7 @@ inline const char* status_name(int status) {
     case kAllNegInfRow: return "row of all -inf logits with a label that is not ignored";
     case kBadArgument: return "bad argument";
     case kUnsupported: return "unsupported";
-    default: return "unknown status";
+    default: return status >= kCudaErrorBase ? "CUDA error (kCudaErrorBase + cudaError_t)" : "unknown status";
   }
 }
 

@@ -28,9 +28,9 @@
 // Pick the wrapper instantiation for the active ISA:  BOND_ISA_SELECT(isa, fwd_row, T, true, false) is
 // &fwd_row_avx512<T, true, false> (or _avx2 / _generic).  Variadic so template argument commas pass through.
 #if BOND_X86_DISPATCH
-#define BOND_ISA_SELECT(isa, name, ...)                                \
-  ((isa) == ::bond::cpu::Isa::kAvx512 ? &name##_avx512<__VA_ARGS__>    \
-   : (isa) == ::bond::cpu::Isa::kAvx2 ? &name##_avx2<__VA_ARGS__>      \
+#define BOND_ISA_SELECT(isa, name, ...)                             \
+  ((isa) == ::bond::cpu::Isa::kAvx512 ? &name##_avx512<__VA_ARGS__> \
+   : (isa) == ::bond::cpu::Isa::kAvx2 ? &name##_avx2<__VA_ARGS__>   \
                                       : &name##_generic<__VA_ARGS__>)
 #else
 #define BOND_ISA_SELECT(isa, name, ...) (&name##_generic<__VA_ARGS__>)

@@ -76,7 +76,8 @@ BOND_INLINE float tanh_nonneg(float a) {
   const float s = pow2i(n);
   const float num = (1.0f - s) - s * q;  // 1 - e^-2a
   const float den = (1.0f + s) + s * q;  // 1 + e^-2a
-  return a == a ? num / den : a;  // NaN in, NaN out
+  // NaN in, NaN out.
+  return a == a ? num / den : a;
 }
 
 // Copy the sign of `sign_of` onto the non-negative value `mag` (bit operation, vectorises).

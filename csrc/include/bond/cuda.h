@@ -1,13 +1,13 @@
-// CUDA launchers of the sequence-level BOND kernels: torch-free (raw pointers, sizes, a stream), each returns
-// kOk, kBadArgument, or kCudaErrorBase + the cudaError_t of the launch (bond_sequence.h).
-// Bound into bond_kernels._C.cuda by python/src/cuda_ops.cpp.
+// Public interface of the torch-free CUDA kernels (csrc/cuda/): the sequence-level BOND launchers.  Raw
+// pointers, sizes and a stream in; each returns kOk, kBadArgument, or kCudaErrorBase + the cudaError_t of the
+// launch (common.h).  Defined in csrc/cuda/*.cu; python/src/cuda_ops.cpp wraps them for torch.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
-#include "../cpu/bond_sequence.h"
+#include "bond/bond_sequence.h"
 
 namespace bond {
 namespace cuda {
@@ -21,7 +21,7 @@ int reward_quantiles(const float* rewards, const float* ref_rewards, const bool*
 // Bytes of device workspace bond_sequence needs for these sizes (per-block partial sums and a counter).
 int64_t bond_sequence_workspace_bytes(int64_t B, int64_t m, int64_t k);
 
-// The whole sequence-level BOND math (bond_sequence.h) in one kernel launch (plus a 4-byte memset of the
+// The whole sequence-level BOND math (bond/bond_sequence.h) in one kernel launch (plus a 4-byte memset of the
 // block counter when it needs more than one block).  `workspace`: bond_sequence_workspace_bytes(...) bytes,
 // 8-byte aligned, contents irrelevant.
 int bond_sequence(const BondSequenceArgs& args, void* workspace, cudaStream_t stream);
