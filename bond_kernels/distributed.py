@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
+from . import _backend
+from .ops.linear_engine import KERNEL_IGNORE, local_backward, local_forward, local_labels, make_kept
 from .ops.linear_token_logprobs import saved_tensor_hooks_active
 from .ops.token_logprobs import full_lse
 
@@ -289,16 +291,6 @@ def allreduce_stats(lse_l, s_l, target_l, group):
     return lse, s, stacked[1]
 
 
-def _kernels_for(name):
-    from .ops.linear_token_logprobs import token_kernels
-
-    if name == "triton":
-        from .ops.triton.linear_token_logprobs import triton_tile_kernels
-
-        return triton_tile_kernels()
-    return token_kernels(name)
-
-
 # --------------------------------------------------------------------------------------------------------
 # token_logprobs / sequence_logprobs on vocabulary-sharded logits
 # --------------------------------------------------------------------------------------------------------
@@ -308,11 +300,8 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
         v = logits.shape[-1]
         rows = logits.reshape(-1, v)
         y = labels.reshape(-1).to(torch.int64)
-        keep = y != ignore_index
-        rel = y - info.offset
-        inside = keep & (rel >= 0) & (rel < v)
-        loc = torch.where(inside, rel, torch.where(keep, torch.zeros_like(rel), torch.full_like(rel, -1)))
-        logp_l, lse_l, ent_l = tk.fwd(rows, loc, temperature, softcap, -1, want_ent)
+        loc, inside, keep = local_labels(y, ignore_index, info.offset, v)
+        logp_l, lse_l, ent_l = tk.fwd(rows, loc, temperature, softcap, KERNEL_IGNORE, want_ent)
         lse_l = full_lse(lse_l, temperature, softcap)  # shards combine whole log-sum-exps
         sd = lse_l.dtype
         zero = torch.zeros((), dtype=sd, device=lse_l.device)
@@ -339,7 +328,7 @@ class _VocabParallelTokenLogprobs(torch.autograd.Function):
             ent_arg = ent
         else:
             ge = ent_arg = lse.new_empty(0)
-        d = tk.bwd(rows, loc, lse, ent_arg, g, ge, temperature, softcap, -1, bool(inplace))
+        d = tk.bwd(rows, loc, lse, ent_arg, g, ge, temperature, softcap, KERNEL_IGNORE, bool(inplace))
         tk.fixup(d, x0, out, lse, ent_arg, g, ge, temperature, softcap)
         return d.view(logits.shape), None, None, None, None, None, None, None, None, None
 
@@ -395,7 +384,7 @@ def token_logprobs(
     )
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    tk = _kernels_for(name)
+    tk = _backend.impl("linear_token_logprobs", name).tiles  # the per-tile kernels fit a vocabulary shard
     logp, ent = _VocabParallelTokenLogprobs.apply(
         logits,
         labels,
@@ -454,17 +443,6 @@ def sequence_logprobs(
 # --------------------------------------------------------------------------------------------------------
 # linear_token_logprobs with the output projection sharded over the vocabulary
 # --------------------------------------------------------------------------------------------------------
-def _plan_for(name, n, v, h, dtype):
-    from .ops.linear_token_logprobs import cpu_plan
-
-    if name == "triton":
-        from .ops.triton.linear_token_logprobs import gpu_plan
-
-        return gpu_plan(n, v, h, dtype)
-    # cpu, and torch (torch per-tile kernels with the CPU tile budget, in fp32 or fp64)
-    return cpu_plan(n, v, h, dtype)
-
-
 class _VocabParallelLinear(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -482,10 +460,11 @@ class _VocabParallelLinear(torch.autograd.Function):
         group,
         keep,
     ):
-        from .ops.linear_token_logprobs import local_forward, make_kept
-
-        tk = _kernels_for(name)
-        plan = _plan_for(name, hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
+        # the backend's engine launchers: cpu and torch tile with the CPU budget (fp32 or fp64), triton with
+        # the GPU one
+        engine = _backend.impl("linear_token_logprobs", name)
+        tk = engine.tiles
+        plan = engine.plan(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
         # This rank's grad_weight buffer keeps its last tiles' logits (recompute="auto"): a local choice,
         # nothing about the exchange changes.
         kept = make_kept(hidden.shape[0], weight, plan) if keep and ctx.needs_input_grad[1] else None
@@ -521,8 +500,6 @@ class _VocabParallelLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # no grad mode inside: create_graph=True must not record the engine's out= matmuls
     def backward(ctx, grad_logp, grad_ent):
-        from .ops.linear_token_logprobs import local_backward
-
         hidden, weight, bias, labels, lse, ent = ctx.saved_tensors
         info, temperature, softcap, ignore_index, want_ent, tk, plan, group = ctx.config
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
