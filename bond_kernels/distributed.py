@@ -384,7 +384,8 @@ def token_logprobs(
     )
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    tk = _backend.impl("linear_token_logprobs", name).tiles  # the per-tile kernels fit a vocabulary shard
+    # the linear head's per-tile kernels (token fwd/bwd and the column-0 fix-up) take the shard as one tile
+    tk = _backend.impl("linear_token_logprobs", name).tiles
     logp, ent = _VocabParallelTokenLogprobs.apply(
         logits,
         labels,
