@@ -243,7 +243,9 @@ def measure(provider, tflops_peak, n=N, h=H, v=V):
             hs, ys = hid[:ERR_ROWS].detach(), y[:ERR_ROWS]
             got = per_token(hs, w.detach(), ys).double()
             kw = dict(temperature=0.9, softcap=30.0) if "+" in provider else {}
-            from bond_kernels.ops.linear_token_logprobs import linear_token_logprobs_reference
+            from bond_kernels.reference.linear_token_logprobs import (
+                linear_token_logprobs as linear_token_logprobs_reference,
+            )
 
             want = linear_token_logprobs_reference(hs.double(), w.detach().double(), ys, **kw)
             err = f"{(got - want).abs().max().item():.2e}"

@@ -393,7 +393,7 @@ def linear_token_logprobs(
     hidden: (..., H) float; weight: (V, H) of hidden's dtype (an ``nn.Linear``/``lm_head`` weight); bias: (V,)
     or None; labels: (...) int64.  Returns ``logp`` (...) fp32 [and ``entropy`` (...) fp32]; differentiable
     with respect to hidden, weight and bias.  The logits are visited in tiles (bounded memory; see
-    ``bond_kernels/ops/linear_token_logprobs.py``).  Spec: ``ops.linear_token_logprobs.linear_token_logprobs_reference``.
+    ``bond_kernels/ops/linear_engine.py``).  Spec: :func:`bond_kernels.reference.linear_token_logprobs`.
 
     process_group: ``weight`` (and ``bias``) hold this rank's contiguous slice of the vocabulary (tensor
         parallel), the same number of rows on every rank; hidden and labels (global ids) are the same on every rank.  See
@@ -443,7 +443,7 @@ def linear_token_logprobs(
     from .ops import linear_token_logprobs as lin
 
     if name == "torch":
-        out = lin.linear_token_logprobs_reference(
+        out = ref.linear_token_logprobs(
             hidden,
             weight,
             labels,

@@ -9,7 +9,11 @@ import torch
 
 import bond_kernels as bk
 from bond_kernels import _backend
-from bond_kernels.ops import linear_token_logprobs as lin
+from bond_kernels.ops import linear_engine as eng
+from bond_kernels.ops import linear_plan as plans
+from bond_kernels.reference.linear_token_logprobs import (
+    linear_token_logprobs as linear_token_logprobs_reference,
+)
 
 # (leading shape, H, V, tile override): why each is here.  Tile "" is the automatic plan; "5,7" gives row
 # blocks and a partial last vocabulary tile; "64,1" one-column tiles (every label in another tile).
@@ -54,7 +58,7 @@ def _run(fn, hid, w, b, y, g, ge, **kw):
 def _reference64(hid, w, b, y, g, ge, **kw):
     to64 = lambda t: None if t is None else t.double()
     return _run(
-        lin.linear_token_logprobs_reference, to64(hid), to64(w), to64(b), y, g.double(), ge.double(), **kw
+        linear_token_logprobs_reference, to64(hid), to64(w), to64(b), y, g.double(), ge.double(), **kw
     )
 
 
@@ -92,15 +96,15 @@ def test_engine_with_torch_tile_kernels_fp64(monkeypatch):
         torch.randn(29, generator=gen, dtype=torch.float64),
     )
     want_lp, want_ent, want = _reference64(hid, w, b, y, g, ge, temperature=1.3, softcap=2.0)
-    tk = lin.token_kernels("torch")
+    tk = eng.TORCH.tiles
     # (29, 10): one row block, so the forward keeps tiles 7, 8, 9 (29·(97 − 70) ≤ 70·12) in a Kept buffer
     kept_first = {(29, 97): None, (4, 10): None, (7, 1): None, (29, 10): 7}
     for (rows, vocab), first in kept_first.items():
-        plan = lin.Plan(rows, vocab, torch.float64)
-        kept = lin.make_kept(29, w, plan)
+        plan = plans.Plan(rows, vocab, torch.float64)
+        kept = eng.make_kept(29, w, plan)
         assert (kept and kept.first) == first
-        lp, lse, ent = lin.engine_forward(hid, w, b, y, 1.3, 2.0, -100, True, tk, plan, kept)
-        grads = lin.local_backward(
+        lp, lse, ent = eng.engine_forward(hid, w, b, y, 1.3, 2.0, -100, True, tk, plan, kept)
+        grads = eng.local_backward(
             hid,
             w,
             b,
@@ -194,7 +198,7 @@ def test_frozen_weight_and_noncontiguous_hidden(monkeypatch):
     lp = bk.linear_token_logprobs(hid[:, :-1], w, y, backend="cpu")  # w does not require grad
     (gh,) = torch.autograd.grad((lp * g).sum(), hid)
     hid64 = base.double().requires_grad_(True)
-    want = lin.linear_token_logprobs_reference(hid64[:, :-1], w.double(), y)
+    want = linear_token_logprobs_reference(hid64[:, :-1], w.double(), y)
     (wgh,) = torch.autograd.grad((want * g.double()).sum(), hid64)
     torch.testing.assert_close(lp, want.float(), **TOL[torch.float32])
     torch.testing.assert_close(gh.double(), wgh, **TOL[torch.float32])
@@ -209,7 +213,7 @@ def test_out_of_range_label_raises_on_cpu(bad):
     for backend in ("cpu", "auto", "torch"):
         with pytest.raises(ValueError, match=rf"labels must lie in \[0, 9\).*got {bad}"):
             bk.linear_token_logprobs(hid, w, y, backend=backend)
-    lp, _, _, _ = lin.cpu_linear_token_logprobs_fwd(hid, w, None, y, 1.0, 0.0, -100, False)
+    lp, _, _, _ = eng.CPU.fwd(hid, w, None, y, 1.0, 0.0, -100, False)
     assert torch.isnan(lp[2]) and torch.isfinite(lp[[0, 1, 3, 4]]).all()
 
 
@@ -235,23 +239,23 @@ def test_auto_and_torch_backends_agree():
 
 def test_cpu_plan_bounds_the_tile():
     """The CPU plan at the benchmark shape: a tile of at most 64 MiB of fp32 logits (and weight slice)."""
-    plan = lin.cpu_plan(8192, 128256, 4096, torch.bfloat16)
-    assert plan.rows * plan.vocab * 4 <= lin.CPU_TILE_BYTES
-    assert plan.vocab * 4096 * 4 <= lin.CPU_TILE_BYTES
-    assert plan.rows <= lin.CPU_MAX_ROWS and plan.compute_dtype == torch.float32
+    plan = plans.cpu_plan(8192, 128256, 4096, torch.bfloat16)
+    assert plan.rows * plan.vocab * 4 <= plans.CPU_TILE_BYTES
+    assert plan.vocab * 4096 * 4 <= plans.CPU_TILE_BYTES
+    assert plan.rows <= plans.CPU_MAX_ROWS and plan.compute_dtype == torch.float32
 
 
 def test_tiles_never_exceed_the_plan(monkeypatch):
     seen = []
-    real = lin._tile_logits
+    real = eng._tile_logits
 
     def spy(h_rows, weight, bias, v0, v1, plan, out=None):
         x = real(h_rows, weight, bias, v0, v1, plan, out=out)
         seen.append(x.numel())
         return x
 
-    monkeypatch.setattr(lin, "_tile_logits", spy)
-    monkeypatch.setattr(lin, "CPU_TILE_BYTES", 4 * 64)  # 64 fp32 elements per tile
+    monkeypatch.setattr(eng, "_tile_logits", spy)
+    monkeypatch.setattr(plans, "CPU_TILE_BYTES", 4 * 64)  # 64 fp32 elements per tile
     hid, w = torch.randn(40, 8, requires_grad=True), torch.randn(50, 8)
     y = torch.randint(0, 50, (40,))
     lp = bk.linear_token_logprobs(hid, w, y, backend="cpu")
@@ -338,15 +342,15 @@ def test_torch_compile_fullgraph():
 
 def test_accumulate_without_fp32_output_matmul(monkeypatch):
     """The fallback of the fp32 grad_hidden accumulation (bf16 tiles, no out_dtype matmul): row chunks."""
-    monkeypatch.setattr(lin, "_PRODUCT_ROWS", 3)
+    monkeypatch.setattr(eng, "_PRODUCT_ROWS", 3)
     gen = torch.Generator().manual_seed(6)
     a = torch.randn(10, 7, generator=gen).to(torch.bfloat16)
     b = torch.randn(7, 5, generator=gen).to(torch.bfloat16)
     dst = torch.full((10, 5), float("nan"))
-    lin._accumulate(dst, a, b, True)
+    eng._accumulate(dst, a, b, True)
     want = a.float() @ b.float()
     torch.testing.assert_close(dst, want, rtol=1e-2, atol=1e-2)
-    lin._accumulate(dst, a, b, False)
+    eng._accumulate(dst, a, b, False)
     torch.testing.assert_close(dst, 2 * want, rtol=1e-2, atol=2e-2)
 
 
@@ -357,8 +361,8 @@ def test_accumulate_without_fp32_output_matmul(monkeypatch):
 def test_kept_layout_never_overlaps(n, v, h, vocab):
     """The stored logits [0, n·(V − c)) and the kept tiles' grad_weight rows [c·H, V·H) are disjoint, and the
     first kept tile is the earliest one for which that holds (no tile that could be kept is recomputed)."""
-    plan = lin.Plan(n, vocab, torch.float32)
-    kept = lin.make_kept(n, torch.empty(v, h), plan)
+    plan = plans.Plan(n, vocab, torch.float32)
+    kept = eng.make_kept(n, torch.empty(v, h), plan)
     k_tiles = -(-v // vocab)
     fits = [n * (v - k * vocab) <= k * vocab * h for k in range(k_tiles)]
     first = fits.index(True) if any(fits) else k_tiles
@@ -377,22 +381,22 @@ def test_kept_layout_never_overlaps(n, v, h, vocab):
 
 def test_make_kept_declines():
     w = torch.empty(100, 8)
-    assert lin.make_kept(9, w, lin.Plan(8, 10, torch.float32)) is None  # two row blocks
-    assert lin.make_kept(8, w, lin.Plan(8, 10, torch.float64)) is None  # tiles in another dtype
-    assert lin.make_kept(8, w, lin.Plan(8, 100, torch.float32)) is None  # one tile: it cannot be kept
-    assert lin.make_kept(0, w, lin.Plan(8, 10, torch.float32)) is None
+    assert eng.make_kept(9, w, plans.Plan(8, 10, torch.float32)) is None  # two row blocks
+    assert eng.make_kept(8, w, plans.Plan(8, 10, torch.float64)) is None  # tiles in another dtype
+    assert eng.make_kept(8, w, plans.Plan(8, 100, torch.float32)) is None  # one tile: it cannot be kept
+    assert eng.make_kept(0, w, plans.Plan(8, 10, torch.float32)) is None
 
 
 def _count_recomputes(monkeypatch):
     """Counts tile matmuls: "kept" wrote into the Kept buffer, "plain" into a fresh tile."""
     calls = {"plain": 0, "kept": 0}
-    real = lin._tile_logits
+    real = eng._tile_logits
 
     def spy(h_rows, weight, bias, v0, v1, plan, out=None):
         calls["kept" if out is not None else "plain"] += 1
         return real(h_rows, weight, bias, v0, v1, plan, out=out)
 
-    monkeypatch.setattr(lin, "_tile_logits", spy)
+    monkeypatch.setattr(eng, "_tile_logits", spy)
     return calls
 
 
@@ -409,7 +413,7 @@ def test_auto_keeps_tiles_and_matches(bias, tile, monkeypatch):
     auto = _run(bk.linear_token_logprobs, hid, w, b, y, g, ge, **kw)
     vocab = int(tile.split(",")[1])
     k_tiles = -(-211 // vocab)
-    first = lin.make_kept(33, w, lin.Plan(33, vocab, torch.float32)).first
+    first = eng.make_kept(33, w, plans.Plan(33, vocab, torch.float32)).first
     assert calls["kept"] == k_tiles - first > 0  # the forward wrote the kept tiles into the buffer
     # forward: the `first` tiles that are not kept; backward: only those again (K + `first` without keeping)
     assert calls["plain"] == 2 * first
@@ -433,7 +437,7 @@ def test_auto_hidden_grad_only_and_retained_graph(monkeypatch):
     (gh1,) = torch.autograd.grad(lp, hl, g, retain_graph=True)
     gh2, gw2 = torch.autograd.grad(lp, (hl, wl), g * 0.5 + 1)
     hd, wd = hid.double().requires_grad_(True), w.double().requires_grad_(True)
-    ref = lin.linear_token_logprobs_reference(hd, wd, y)
+    ref = linear_token_logprobs_reference(hd, wd, y)
     (rh1,) = torch.autograd.grad(ref, hd, g.double(), retain_graph=True)
     rh2, rw2 = torch.autograd.grad(ref, (hd, wd), g.double() * 0.5 + 1)
     for a, e in ((gh1, rh1), (gh2, rh2), (gw2, rw2)):
@@ -528,22 +532,22 @@ def test_plan_aligns_a_tile_boundary_to_the_kept_region():
     """The automatic plan shrinks (never grows) the tile so that the kept region starts on a tile boundary:
     at the CPU benchmark shape 10664 of the 10666 columns that may be kept, where 8192-column tiles kept
     7424; and over many shapes it never keeps less than the unaligned tile would."""
-    plan = lin.cpu_plan(2048, 32000, 1024, torch.float32)
-    kept = lin.make_kept(2048, torch.empty(32000, 1024, device="meta"), plan)
+    plan = plans.cpu_plan(2048, 32000, 1024, torch.float32)
+    kept = eng.make_kept(2048, torch.empty(32000, 1024, device="meta"), plan)
     assert plan.vocab <= 8192 and 32000 - kept.first * plan.vocab == 10664
-    assert lin._align_to_kept(0, 100, 8, 1, 10, 1) == 10  # no rows: nothing to align (no division by zero)
-    assert lin._align_to_kept(9, 100, 8, 4, 10, 1) == 10  # several row blocks keep nothing
+    assert plans._align_to_kept(0, 100, 8, 1, 10, 1) == 10  # no rows: nothing to align (no division by zero)
+    assert plans._align_to_kept(9, 100, 8, 4, 10, 1) == 10  # several row blocks keep nothing
     gen = torch.Generator().manual_seed(7)
     for _ in range(300):
         n, v, h = (int(torch.randint(1, hi, (1,), generator=gen)) for hi in (600, 5000, 300))
         budget = int(torch.randint(1, 4 * v, (1,), generator=gen))
         mult = int(torch.randint(1, 64, (1,), generator=gen))
         base = max(mult, min(budget, v) // mult * mult)
-        aligned = lin._align_to_kept(n, v, h, n, base, mult)
+        aligned = plans._align_to_kept(n, v, h, n, base, mult)
         assert aligned <= base
         assert _kept_cols(n, v, h, aligned) >= _kept_cols(n, v, h, base), (n, v, h, base, aligned)
 
 
 def _kept_cols(n, v, h, vocab):
-    k = lin.make_kept(n, torch.empty(v, h, device="meta"), lin.Plan(n, min(vocab, v), torch.float32))
+    k = eng.make_kept(n, torch.empty(v, h, device="meta"), plans.Plan(n, min(vocab, v), torch.float32))
     return 0 if k is None else v - k.first * min(vocab, v)

@@ -165,17 +165,17 @@ def test_never_forms_full_logits(monkeypatch):
     one row, and never again for that model; with verify=False never.  No tile exceeds the plan."""
     monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", "4,32")
     torch.manual_seed(0)
-    from bond_kernels.ops import linear_token_logprobs as lin
+    from bond_kernels.ops import linear_engine as eng
 
     seen = []
-    real = lin._tile_logits
+    real = eng._tile_logits
 
     def spy(h_rows, weight, bias, v0, v1, plan, out=None):
         x = real(h_rows, weight, bias, v0, v1, plan, out=out)
         seen.append(tuple(x.shape))
         return x
 
-    monkeypatch.setattr(lin, "_tile_logits", spy)
+    monkeypatch.setattr(eng, "_tile_logits", spy)
     forwards = []
     real_forward = transformers.Qwen2ForCausalLM.forward
 

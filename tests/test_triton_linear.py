@@ -14,7 +14,10 @@ import torch
 import torch.distributed as dist
 
 import bond_kernels as bk
-from bond_kernels.ops import linear_token_logprobs as lin
+from bond_kernels.reference.launchers import token_logprobs_fixup_column0
+from bond_kernels.reference.linear_token_logprobs import (
+    linear_token_logprobs as linear_token_logprobs_reference,
+)
 
 pytestmark = [pytest.mark.interpret, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
@@ -64,9 +67,7 @@ def test_triton_path_matches_reference(n, h, v, tile, temperature, softcap, bias
     kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index)
     got = _grads(bk.linear_token_logprobs, hid, w, b, y, g, ge, backend="triton", **kw)
     d64 = lambda t: None if t is None else t.double()
-    want = _grads(
-        lin.linear_token_logprobs_reference, d64(hid), d64(w), d64(b), y, g.double(), ge.double(), **kw
-    )
+    want = _grads(linear_token_logprobs_reference, d64(hid), d64(w), d64(b), y, g.double(), ge.double(), **kw)
     names = ["logp", "entropy", "grad hidden", "grad weight", "grad bias"]
     for name, a, e in zip(names, got, want):
         torch.testing.assert_close(a.double(), e, **TOL, msg=lambda m, name=name: f"{name}: {m}")
@@ -89,7 +90,7 @@ def test_fixup_kernel_matches_torch(dtype, softcap, with_entropy):
     g = torch.randn(n, generator=gen)
     ent = torch.rand(n, generator=gen) * 3 if with_entropy else torch.empty(0)
     ge = torch.randn(n, generator=gen) if with_entropy else torch.empty(0)
-    lin.fixup_column0(d_a, x0, out, lse, ent, g, ge, 0.8, softcap)
+    token_logprobs_fixup_column0(d_a, x0, out, lse, ent, g, ge, 0.8, softcap)
     fixup_column0_triton(d_b, x0, out, lse, ent, g, ge, 0.8, softcap)
     assert torch.equal(d_b[:, 1:], d_a[:, 1:])  # only column 0 is touched
     assert torch.equal(d_b[~out, 0], d_a[~out, 0])  # and only where asked
@@ -100,7 +101,7 @@ def test_fixup_kernel_matches_torch(dtype, softcap, with_entropy):
 
 def test_gpu_plan_at_the_benchmark_shape():
     """N = 8192, H = 4096, V = 128256 bf16: one row block, 4096-column tiles (a 64 MiB bf16 tile)."""
-    from bond_kernels.ops.triton.linear_token_logprobs import GPU_TILE_BYTES, gpu_plan
+    from bond_kernels.ops.linear_plan import GPU_TILE_BYTES, gpu_plan
 
     plan = gpu_plan(8192, 128256, 4096, torch.bfloat16)
     assert (plan.rows, plan.vocab, plan.compute_dtype) == (8192, 4096, torch.bfloat16)

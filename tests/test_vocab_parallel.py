@@ -20,7 +20,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import bond_kernels as bk
-from bond_kernels.ops.linear_token_logprobs import linear_token_logprobs_reference
+from bond_kernels.reference.linear_token_logprobs import (
+    linear_token_logprobs as linear_token_logprobs_reference,
+)
 
 # Equal shards of odd sizes (38 = 2 x 19, 36 = 4 x 9): no offset is a multiple of a power of two.
 SHARDS = {2: (19, 19), 4: (9, 9, 9, 9)}

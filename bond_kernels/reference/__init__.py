@@ -6,6 +6,7 @@ Every function computes in fp32 (fp64 when given fp64) and states its math in it
 from .anchor import ema_update
 from .bon import best_of_n_indices, bon_log_prob, log_c_n
 from .jeffreys import token_jeffreys
+from .linear_token_logprobs import linear_token_logprobs
 from .losses import BondOutput, JBondOutput, bond_loss, jbond_loss
 from .quantiles import reward_quantiles
 from .token_logprobs import sequence_logprobs, token_logprobs
@@ -18,6 +19,7 @@ __all__ = [
     "bond_loss",
     "ema_update",
     "jbond_loss",
+    "linear_token_logprobs",
     "log_c_n",
     "reward_quantiles",
     "sequence_logprobs",
