@@ -58,7 +58,7 @@ PERSISTENT = ("token fwd+bwd 2-sweep",)
 # Bytes a pipelined sweep keeps in flight per SM: programs × (stages − 1) blocks ahead × block bytes (two
 # rows for the Jeffreys kernels).  Little's law: 4.8 TB/s (H200) × ~0.7 us of latency / 132 SMs ≈ 25 KB.
 INFLIGHT_FLOOR_KB = 32
-_ROWS_READ = {"jeffreys fwd": 2, "jeffreys bwd": 2}
+_ROWS_READ = {"jeffreys fwd": 2, "jeffreys bwd": 2, "distill tile fold": 2}
 # sm_90 limits (CUDA occupancy calculator, compute capability 9.0).
 SM90 = dict(warps=64, blocks=32, regs=65536, reg_unit=256, smem=228 * 1024, smem_reserved=1024)
 
@@ -198,9 +198,16 @@ def compile_all():
     triton.knobs.compilation.always_compile = True
     triton.knobs.nvidia.dump_ptxas_log = True
     # import_module: the package re-exports functions under some of these module names
-    _config, lt, rq, tj, tk = (
+    _config, lt, rq, tj, tk, lj = (
         importlib.import_module(f"bond_kernels.ops.triton.{m}")
-        for m in ("_config", "linear_token_logprobs", "reward_quantiles", "token_jeffreys", "token_logprobs")
+        for m in (
+            "_config",
+            "linear_token_logprobs",
+            "reward_quantiles",
+            "token_jeffreys",
+            "token_logprobs",
+            "linear_token_jeffreys",
+        )
     )
 
     rec = Recorder()
@@ -211,6 +218,7 @@ def compile_all():
         ("token fwd+bwd 2-sweep", tk._FWD_BWD_2),
         ("jeffreys fwd", tj._token_jeffreys_fwd_kernel),
         ("jeffreys bwd", tj._token_jeffreys_bwd_kernel),
+        ("distill tile fold", lj._jeffreys_tile_fold_kernel),
     ):
         rec.wrap(name, fn, streaming=True)
     rec.wrap("quantiles", rq._reward_quantiles_kernel, streaming=False)
@@ -255,6 +263,15 @@ def compile_all():
                     for ent, cap in ((False, None), (True, 30.0)):
                         g_ent = f if ent else None
                         lt.fixup_column0_triton(d, f, _meta(N, dtype=torch.bool), f, f, f, g_ent, 1.0, cap)
+            # linear_token_jeffreys' forward fold: one 64 MiB fp32-equivalent tile (N = 8192, C = 2048) of the
+            # two heads' matmul outputs, with and without softcaps, with and without the cross terms
+            for dtype in DTYPES:
+                with rec.at(f"distill tile N={N} C=2048", dtype):
+                    st = _meta(7, N)
+                    xs, xt = _meta(N, 2048, dtype=dtype), _meta(N, 2048, dtype=dtype)
+                    for caps in ((0.0, 0.0), (30.0, 50.0)):
+                        for cross in (True, False):
+                            lj.jeffreys_tile_fold(st, xs, xt, 1.0, caps[0], caps[1], cross)
             with rec.at("B=1024 n=16 k=64", torch.float32):
                 for mode in (0, 1, 2):
                     for mask in (_meta(0, dtype=torch.bool), _meta(1024, 64, dtype=torch.bool)):

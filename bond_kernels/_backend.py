@@ -49,12 +49,12 @@ _REGISTRY = {
         "cpu": "_C.cpu",
         "torch": "bond_kernels.reference.launchers",
     },
-    # The tiled student-teacher divergence runs its matmuls in torch on every backend; the backend names
-    # the per-tile Jeffreys gradient kernel (token_jeffreys_bwd of that backend's token_jeffreys).
+    # The tiled student-teacher divergence: its matmuls run in torch on every backend; the backend gives the
+    # per-tile fold of the forward's statistics and the tile's Jeffreys gradient (ops/linear_token_jeffreys.py).
     "linear_token_jeffreys": {
-        "triton": "bond_kernels.ops.triton.token_jeffreys",
-        "cpu": "_C.cpu",
-        "torch": "bond_kernels.reference.launchers",
+        "triton": "bond_kernels.ops.linear_token_jeffreys:TRITON",
+        "cpu": "bond_kernels.ops.linear_token_jeffreys:CPU",
+        "torch": "bond_kernels.ops.linear_token_jeffreys:TORCH",
     },
 }
 

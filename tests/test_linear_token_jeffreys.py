@@ -313,3 +313,43 @@ def test_student_entropy_from_the_same_pass(divergence, beta):
         return_entropy=True,
     )
     torch.testing.assert_close(e64, r_ent, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.interpret
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter evaluates both sides of a where
+@pytest.mark.parametrize("with_cross", [True, False], ids=["cross", "lse-only"])
+@pytest.mark.parametrize(
+    "temperature,cap_s,cap_t",
+    [(1.0, 0.0, 0.0), (0.7, 5.0, 30.0), (1.3, 0.0, 8.0)],
+    ids=["plain", "caps", "t-cap"],
+)
+def test_triton_tile_fold_matches_the_torch_fold(monkeypatch, with_cross, temperature, cap_s, cap_t):
+    # The fused per-tile fold (one Triton kernel) against the torch fold it replaces, over three tiles of
+    # different widths with 64-column blocks (ragged last block), -inf entries and maxes that grow along the
+    # vocabulary (the running sums are rescaled).
+    from bond_kernels.ops.triton import linear_token_jeffreys as fold_mod
+
+    monkeypatch.setattr(fold_mod, "MAX_BLOCK", 64)
+    n, h, widths = 7, 5, (150, 64, 91)
+    v = sum(widths)
+    hs, ws = torch.randn(n, h), torch.randn(v, h) * 2
+    ht, wt = torch.randn(n, h + 3), torch.randn(v, h + 3) * 2
+    # ramps: the maxes grow from block to block, so every block rescales the running sums
+    bs, bt = torch.randn(v) + torch.linspace(0, 2, v), torch.randn(v) * 0.5 + torch.linspace(0, 3, v)
+    # words masked in both heads (-inf without a softcap; a softcap makes them -cap): the cross terms stay
+    # finite (a word masked in one head only makes them +inf, which would compare equal whatever the sums)
+    bs[[3, 170, 200]] = bt[[3, 170, 200]] = float("-inf")
+    student = engine.Head(hs, ws, bs, cap_s, temperature)
+    teacher = engine.Head(ht, wt, bt, cap_t, temperature)
+    student.hidden[2] = 0.0  # row 2: its logits are the bias alone
+    want, got = engine._new_state(n, hs.device), engine._new_state(n, hs.device)
+    c0 = 0
+    for w in widths:
+        engine.torch_tile_fold(want, student, teacher, c0, c0 + w, with_cross)
+        engine.triton_tile_fold(got, student, teacher, c0, c0 + w, with_cross)
+        c0 += w
+    rows = [0, 1, 2, 4, 5] + ([3, 6] if with_cross else [])
+    torch.testing.assert_close(got[rows], want[rows], rtol=2e-5, atol=2e-5)
+    # and the statistics they give: lse and entropy of the student, lse of the teacher
+    for st in (got, want):
+        assert torch.isfinite(st[1]).all() and (st[1] > 0).all()

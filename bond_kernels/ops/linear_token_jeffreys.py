@@ -10,14 +10,17 @@ pass.  Per row and tile it folds online statistics of both distributions: the ru
 sums ``Σ e^{z−m_s}`` and ``Σ e^{a−m_t}`` and the cross terms ``Σ e^{z−m_s}·(z−a)`` and ``Σ e^{a−m_t}·(a−z)``,
 rescaled when a max grows; at the end ``KL(s‖t) = Σ s·(z−a) − (lse_s − lse_t)`` and symmetrically.
 ``divergence="gjsd"`` with 0 < β < 1 needs ``log m = logaddexp(log s + log(1−β), log t + log β)`` per entry,
-so it takes two passes: the log-sum-exps first, then the divergence (the matmuls run twice).
+so it takes two passes: the log-sum-exps first, then the divergence (the matmuls run twice).  The fold of
+one tile is the backend's (:class:`TileOps`, through the registry): on ``triton`` one kernel reads the two
+matmul outputs once and updates the (7, N) state in place (``ops/triton/linear_token_jeffreys.py``); ``cpu``
+and ``torch`` fold with torch ops (about ten elementwise passes over fp32 tiles).
 
 Backward: the tiles are recomputed and the per-entry gradient ``dz`` (reference docstring) becomes
 ``dx = g·dz/T·(1 − tanh²)`` (the last factor with a softcap), then ``grad_h += dx·W_s[c]``,
 ``grad_W_s[c] = dxᵀ·h_s`` (each tile of grad_W written once) and ``grad_b_s[c] = Σ_rows dx``.  With the
 ``cpu`` or ``triton`` backend the Jeffreys ``dz`` of a tile is one fused kernel (the ``token_jeffreys``
-backward, which takes the full rows' statistics and so works on any column slice); ``torch`` computes it
-with torch ops.
+backward, which takes the full rows' statistics and so works on any column slice); ``torch`` runs the same
+contract in torch (``reference/launchers.py``).
 
 Memory beyond the inputs and gradients: two fp32 (N, C) tiles and a few temporaries of that size, with C
 chosen so that one tile is ``tile_bytes`` (64 MiB on CUDA, 16 MiB on CPU), plus O(N) statistics.  Ignored rows
@@ -60,11 +63,15 @@ class Head:
         self.weight, self.bias = weight, bias
         self.dt, self.softcap, self.temperature = dt, softcap, temperature
 
-    def raw(self, c0, c1):
+    def matmul(self, c0, c1):
+        """The raw logits h·Wᵀ + b of columns [c0, c1) in the matmul dtype (N, C)."""
         w = self.weight[c0:c1].to(self.dt)
         if self.bias is None:
-            return (self.hidden @ w.T).float()
-        return torch.addmm(self.bias[c0:c1].to(self.dt), self.hidden, w.T).float()
+            return self.hidden @ w.T
+        return torch.addmm(self.bias[c0:c1].to(self.dt), self.hidden, w.T)
+
+    def raw(self, c0, c1):
+        return self.matmul(c0, c1).float()
 
     def capped(self, x):
         """(cap(x), tanh(x/c) or None)."""
@@ -144,22 +151,74 @@ def _merge(states, group):
     return out
 
 
-def jeffreys_stats(student: Head, teacher: Head, n, vocab, cols, group=None):
-    """One pass: (lse_s, lse_t, KL(s‖t), KL(t‖s), H(s)), fp32 (N,) each (over every rank's vocabulary)."""
-    dev = student.hidden.device
-    st_s, st_t = _init(n, dev), _init(n, dev)
-    c_s = torch.zeros(n, device=dev)
-    c_t = torch.zeros(n, device=dev)
-    for c0, c1 in _tiles(vocab, cols):
-        z, _ = student.logits(c0, c1)
-        a, _ = teacher.logits(c0, c1)
-        st_s, e_s, alpha_s = _fold(st_s, z)
-        st_t, e_t, alpha_t = _fold(st_t, a, entropy=False)
+def _new_state(n, device):
+    """The running statistics of both rows, (7, N) fp32: m_s, s_s, a_s, c_s, m_t, s_t, c_t (see ``_fold``
+    and the Triton fold's docstring; the maxes start at −inf, the sums at 0)."""
+    state = torch.zeros(7, n, device=device)
+    state[0] = state[4] = -math.inf
+    return state
+
+
+def torch_tile_fold(state, student: "Head", teacher: "Head", c0, c1, with_cross):
+    """Fold columns [c0, c1) of both models into ``state`` in place, with torch ops (cpu and torch)."""
+    z, _ = student.logits(c0, c1)
+    a, _ = teacher.logits(c0, c1)
+    (m_s, s_s, a_s), e_s, alpha_s = _fold((state[0], state[1], state[2]), z)
+    (m_t, s_t, _), e_t, alpha_t = _fold((state[4], state[5], state[2]), a, entropy=False)
+    if with_cross:
         d = z - a
-        c_s = c_s * alpha_s + _cross(e_s, d)
-        c_t = c_t * alpha_t - _cross(e_t, d)
+        state[3] = state[3] * alpha_s + _cross(e_s, d)
+        state[6] = state[6] * alpha_t - _cross(e_t, d)
+    state[0], state[1], state[2], state[4], state[5] = m_s, s_s, a_s, m_t, s_t
+
+
+def triton_tile_fold(state, student: "Head", teacher: "Head", c0, c1, with_cross):
+    """The same fold as one Triton kernel over the two matmul outputs (``ops/triton/linear_token_jeffreys.py``)."""
+    from .triton.linear_token_jeffreys import jeffreys_tile_fold
+
+    xs, xt = student.matmul(c0, c1), teacher.matmul(c0, c1)
+    jeffreys_tile_fold(state, xs, xt, student.temperature, student.softcap, teacher.softcap, with_cross)
+
+
+class TileOps:
+    """What one backend gives the tiled divergence: ``fold`` (the forward's per-tile statistics) and
+    ``token_jeffreys_bwd`` (the Jeffreys gradient of a tile, the token_jeffreys launcher of that backend).
+    The registry (``_backend.impl("linear_token_jeffreys", name)``) hands these out."""
+
+    def __init__(self, backend, fold):
+        self.backend, self.fold = backend, fold
+
+    def token_jeffreys_bwd(self, *args):
+        return _backend.impl("token_jeffreys", self.backend).token_jeffreys_bwd(*args)
+
+
+CPU = TileOps("cpu", torch_tile_fold)
+TORCH = TileOps("torch", torch_tile_fold)
+TRITON = TileOps("triton", triton_tile_fold)
+
+
+def _merged(state, group):
+    """``state`` after combining every rank's (identity without a group): the student's (m, s, a, c) and the
+    teacher's (m, s, c)."""
+    if group is None:
+        return state
+    (m_s, s_s, a_s, c_s), (m_t, s_t, _, c_t) = _merge(
+        [
+            (state[0], state[1], state[2], state[3]),
+            (state[4], state[5], torch.zeros_like(state[5]), state[6]),
+        ],
+        group,
+    )
+    return torch.stack([m_s, s_s, a_s, c_s, m_t, s_t, c_t])
+
+
+def jeffreys_stats(student: Head, teacher: Head, n, vocab, cols, tiles, group=None):
+    """One pass: (lse_s, lse_t, KL(s‖t), KL(t‖s), H(s)), fp32 (N,) each (over every rank's vocabulary)."""
+    state = _new_state(n, student.hidden.device)
+    for c0, c1 in _tiles(vocab, cols):
+        tiles.fold(state, student, teacher, c0, c1, True)
     # the cross sums are relative to their distribution's max, so they merge like the sums
-    (m_s, s_s, a_s, c_s), (m_t, s_t, a_t, c_t) = _merge([(*st_s, c_s), (*st_t, c_t)], group)
+    m_s, s_s, a_s, c_s, m_t, s_t, c_t = _merged(state, group).unbind(0)
     log_s, log_t = torch.log(s_s), torch.log(s_t)
     # Δ = lse_s − lse_t from the maxes and the log-sums apart: each lse may be large while Δ is small.
     delta = (m_s - m_t) + (log_s - log_t)
@@ -167,16 +226,14 @@ def jeffreys_stats(student: Head, teacher: Head, n, vocab, cols, group=None):
     return m_s + log_s, m_t + log_t, c_s / s_s - delta, c_t / s_t + delta, ent
 
 
-def lse_pass(student: Head, teacher: Head, n, vocab, cols, group=None):
+def lse_pass(student: Head, teacher: Head, n, vocab, cols, tiles, group=None):
     """(lse_s, lse_t, H(s)), fp32 (N,) each."""
-    dev = student.hidden.device
-    st_s, st_t = _init(n, dev), _init(n, dev)
+    state = _new_state(n, student.hidden.device)
     for c0, c1 in _tiles(vocab, cols):
-        st_s, _, _ = _fold(st_s, student.logits(c0, c1)[0])
-        st_t, _, _ = _fold(st_t, teacher.logits(c0, c1)[0], entropy=False)
-    st_s, st_t = _merge([st_s, st_t], group)
-    lse_s, ent = _lse_entropy(st_s)
-    return lse_s, st_t[0] + torch.log(st_t[1]), ent
+        tiles.fold(state, student, teacher, c0, c1, False)
+    m_s, s_s, a_s, _, m_t, s_t, _ = _merged(state, group).unbind(0)
+    lse_s, ent = _lse_entropy((m_s, s_s, a_s))
+    return lse_s, m_t + torch.log(s_t), ent
 
 
 def _plogp(p, logp, logq):
@@ -206,15 +263,13 @@ def gjsd_pass(student: Head, teacher: Head, lse_s, lse_t, beta, n, vocab, cols, 
     return beta * kl_tm + (1.0 - beta) * kl_sm, kl_sm
 
 
-def _dz_jeffreys(xs, xt, lse_s, lse_t, kl_st, beta, coef, backend, temperature):
+def _dz_jeffreys(xs, xt, lse_s, lse_t, kl_st, beta, coef, tiles, temperature):
     """Gradient of Σ coef·D (Jeffreys) with respect to the capped student logits ``xs`` (N, C) fp32, from the
     capped tiles of both models and the full rows' statistics (so any column slice is exact)."""
     # One fused kernel on cpu and triton (the token_jeffreys backward, which divides by T itself); the same
     # contract in torch for the torch backend (reference/launchers.py).
     empty = torch.empty(0, dtype=torch.bool, device=xs.device)
-    return _backend.impl("linear_token_jeffreys", backend).token_jeffreys_bwd(
-        xs, xt, lse_s, lse_t, kl_st, coef, beta, temperature, empty
-    )
+    return tiles.token_jeffreys_bwd(xs, xt, lse_s, lse_t, kl_st, coef, beta, temperature, empty)
 
 
 def _dz_gjsd(xs, xt, lse_s, lse_t, kl_sm, beta, coef, temperature):
@@ -254,13 +309,14 @@ class LinearTokenJeffreys(torch.autograd.Function):
         n, vocab = h_s.shape[0], w_s.shape[0]
         student = Head(h_s, w_s, b_s, cap_s, temperature)
         teacher = Head(h_t, w_t, b_t, cap_t, temperature)
+        tiles = _backend.impl("linear_token_jeffreys", backend)
         mode = divergence if (divergence == "jeffreys" or 0.0 < beta < 1.0) else "kl"
         if mode == "gjsd":
-            lse_s, lse_t, ent = lse_pass(student, teacher, n, vocab, cols, group)
+            lse_s, lse_t, ent = lse_pass(student, teacher, n, vocab, cols, tiles, group)
             div, aux = gjsd_pass(student, teacher, lse_s, lse_t, beta, n, vocab, cols, group)
             jeffreys_beta = None
         else:
-            lse_s, lse_t, kl_st, kl_ts, ent = jeffreys_stats(student, teacher, n, vocab, cols, group)
+            lse_s, lse_t, kl_st, kl_ts, ent = jeffreys_stats(student, teacher, n, vocab, cols, tiles, group)
             # "kl": TRL's β = 0 is KL(t‖s), β = 1 is KL(s‖t): Jeffreys with β 0 and 1.
             jeffreys_beta = beta if mode == "jeffreys" else (1.0 if beta == 1.0 else 0.0)
             div, aux = jeffreys_beta * kl_st + (1.0 - jeffreys_beta) * kl_ts, kl_st
@@ -286,13 +342,14 @@ class LinearTokenJeffreys(torch.autograd.Function):
         grad_h = torch.zeros(h_s.shape, dtype=torch.float32, device=h_s.device) if need_h else None
         grad_w = torch.empty_like(w_s) if need_w else None
         grad_b = torch.empty_like(b_s) if (need_b and b_s is not None) else None
+        tiles = _backend.impl("linear_token_jeffreys", backend)
         for c0, c1 in _tiles(vocab, cols):
             xs, tanh = student.capped(student.raw(c0, c1))
             xt, _ = teacher.capped(teacher.raw(c0, c1))
             if mode == "gjsd":
                 dx = _dz_gjsd(xs, xt, lse_s, lse_t, aux, beta, coef, temperature)
             else:
-                dx = _dz_jeffreys(xs, xt, lse_s, lse_t, aux, jeffreys_beta, coef, backend, temperature)
+                dx = _dz_jeffreys(xs, xt, lse_s, lse_t, aux, jeffreys_beta, coef, tiles, temperature)
             if tanh is not None:
                 dx = dx * (1.0 - tanh * tanh)
             dx = torch.where(keep[:, None], dx, torch.zeros((), device=dx.device))
