@@ -58,7 +58,7 @@ PERSISTENT = ("token fwd+bwd 2-sweep",)
 # Bytes a pipelined sweep keeps in flight per SM: programs × (stages − 1) blocks ahead × block bytes (two
 # rows for the Jeffreys kernels).  Little's law: 4.8 TB/s (H200) × ~0.7 us of latency / 132 SMs ≈ 25 KB.
 INFLIGHT_FLOOR_KB = 32
-_ROWS_READ = {"jeffreys fwd": 2, "jeffreys bwd": 2, "distill tile fold": 2}
+_ROWS_READ = {"jeffreys fwd": 2, "jeffreys bwd": 2, "distill tile fold": 2, "distill tile grad": 2}
 # sm_90 limits (CUDA occupancy calculator, compute capability 9.0).
 SM90 = dict(warps=64, blocks=32, regs=65536, reg_unit=256, smem=228 * 1024, smem_reserved=1024)
 
@@ -219,6 +219,7 @@ def compile_all():
         ("jeffreys fwd", tj._token_jeffreys_fwd_kernel),
         ("jeffreys bwd", tj._token_jeffreys_bwd_kernel),
         ("distill tile fold", lj._jeffreys_tile_fold_kernel),
+        ("distill tile grad", lj._jeffreys_tile_grad_kernel),
     ):
         rec.wrap(name, fn, streaming=True)
     rec.wrap("quantiles", rq._reward_quantiles_kernel, streaming=False)
@@ -269,9 +270,14 @@ def compile_all():
                 with rec.at(f"distill tile N={N} C=2048", dtype):
                     st = _meta(7, N)
                     xs, xt = _meta(N, 2048, dtype=dtype), _meta(N, 2048, dtype=dtype)
+                    f32 = _meta(N)
                     for caps in ((0.0, 0.0), (30.0, 50.0)):
                         for cross in (True, False):
                             lj.jeffreys_tile_fold(st, xs, xt, 1.0, caps[0], caps[1], cross)
+                        for gjsd in (False, True):
+                            lj.jeffreys_tile_grad(
+                                xs, xt, f32, f32, f32, f32, 1.0, caps[0], caps[1], 0.5, gjsd
+                            )
             with rec.at("B=1024 n=16 k=64", torch.float32):
                 for mode in (0, 1, 2):
                     for mask in (_meta(0, dtype=torch.bool), _meta(1024, 64, dtype=torch.bool)):

@@ -353,3 +353,41 @@ def test_triton_tile_fold_matches_the_torch_fold(monkeypatch, with_cross, temper
     # and the statistics they give: lse and entropy of the student, lse of the teacher
     for st in (got, want):
         assert torch.isfinite(st[1]).all() and (st[1] > 0).all()
+
+
+@pytest.mark.interpret
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter evaluates both sides of a where
+@pytest.mark.parametrize("mode,beta", [("jeffreys", 0.3), ("jeffreys", 0.0), ("kl", 1.0), ("gjsd", 0.4)])
+@pytest.mark.parametrize(
+    "temperature,cap_s,cap_t", [(1.0, 0.0, 0.0), (0.7, 5.0, 30.0)], ids=["plain", "caps"]
+)
+def test_triton_tile_grad_matches_the_torch_gradient(monkeypatch, mode, beta, temperature, cap_s, cap_t):
+    # The fused per-tile gradient (one Triton kernel from the two raw tiles) against the torch path it
+    # replaces, on a column slice of the rows (the statistics are the full rows'), 64-column blocks, an
+    # ignored row holding NaN (it must give exact zeros), random upstream coefficients.
+    from bond_kernels.ops.triton import linear_token_jeffreys as fold_mod
+
+    monkeypatch.setattr(fold_mod, "GRAD_MAX_BLOCK", 64)
+    n, h, v = 6, 5, 300
+    student = engine.Head(torch.randn(n, h), torch.randn(v, h) * 2, torch.randn(v), cap_s, temperature)
+    teacher = engine.Head(
+        torch.randn(n, h + 2), torch.randn(v, h + 2) * 2, torch.randn(v), cap_t, temperature
+    )
+    state = engine._new_state(n, torch.device("cpu"))
+    engine.torch_tile_fold(state, student, teacher, 0, v, True)
+    lse_s = state[0] + torch.log(state[1])
+    lse_t = state[4] + torch.log(state[5])
+    if mode == "gjsd":
+        _, aux = engine.gjsd_pass(student, teacher, lse_s, lse_t, beta, n, v, 128)
+    else:
+        aux = engine.jeffreys_stats(student, teacher, n, v, 128, engine.TORCH)[2]
+    keep = torch.tensor([True, True, False, True, True, True])
+    coef = torch.where(keep, torch.randn(n), torch.zeros(()))
+    student.hidden[2] = float("nan")  # the ignored row
+    grad = engine._TileGrad(mode, beta, lse_s, lse_t, aux, coef, keep, torch.empty(0, dtype=torch.bool))
+    c0, c1 = 37, 251  # a slice: the statistics are the whole rows'
+    want = engine.torch_tile_grad(engine.TORCH, student, teacher, c0, c1, grad)
+    got = engine.triton_tile_grad(engine.TRITON, student, teacher, c0, c1, grad)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+    assert want.abs().max() > 1e-3  # the comparison is not of zeros
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())

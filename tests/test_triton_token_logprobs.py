@@ -424,9 +424,15 @@ def test_every_launch_pins_fp_fusion(monkeypatch):
     import importlib
 
     # import_module: the package re-exports functions under some of these module names
-    lt, rq, tj, tk = (
+    lt, rq, tj, tk, lj = (
         importlib.import_module(f"bond_kernels.ops.triton.{m}")
-        for m in ("linear_token_logprobs", "reward_quantiles", "token_jeffreys", "token_logprobs")
+        for m in (
+            "linear_token_logprobs",
+            "reward_quantiles",
+            "token_jeffreys",
+            "token_logprobs",
+            "linear_token_jeffreys",
+        )
     )
 
     kernels = {
@@ -438,6 +444,8 @@ def test_every_launch_pins_fp_fusion(monkeypatch):
         "jeffreys_bwd": tj._token_jeffreys_bwd_kernel,
         "quantiles": rq._reward_quantiles_kernel,
         "fixup": lt._linear_fixup_kernel,
+        "distill_fold": lj._jeffreys_tile_fold_kernel,
+        "distill_grad": lj._jeffreys_tile_grad_kernel,
     }
     seen = {}
     for name, kernel in kernels.items():
@@ -463,4 +471,8 @@ def test_every_launch_pins_fp_fusion(monkeypatch):
     rq.reward_quantiles(torch.randn(2, 3, generator=gen), torch.randn(2, 5, generator=gen), no_ignore, 1, 0.0)
     d = torch.randn(3, 4, generator=gen)
     lt.fixup_column0_triton(d, x[:, 0], torch.ones(3, dtype=torch.bool), lse, ent, g, g, 1.0, None)
+    state = torch.zeros(7, 3)
+    state[0] = state[4] = float("-inf")
+    lj.jeffreys_tile_fold(state, x, a, 1.0, 0.0, 0.0, True)
+    lj.jeffreys_tile_grad(x, a, g, g, g, g, 1.0, 0.0, 0.0, 0.5, False)
     assert seen == {name: True for name in kernels}, seen

@@ -29,6 +29,7 @@ an ignored row's hidden state does not leak into the weight gradient).
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -180,21 +181,59 @@ def triton_tile_fold(state, student: "Head", teacher: "Head", c0, c1, with_cross
     jeffreys_tile_fold(state, xs, xt, student.temperature, student.softcap, teacher.softcap, with_cross)
 
 
+def torch_tile_grad(tiles, student, teacher, c0, c1, grad):
+    """The student's gradient on columns [c0, c1) in the matmul dtype: torch ops, with the backend's
+    token_jeffreys backward for the Jeffreys ``dz`` (cpu: one C++ kernel)."""
+    xs, tanh = student.capped(student.raw(c0, c1))
+    xt, _ = teacher.capped(teacher.raw(c0, c1))
+    if grad.mode == "gjsd":
+        dx = _dz_gjsd(xs, xt, grad.lse_s, grad.lse_t, grad.aux, grad.beta, grad.coef, student.temperature)
+    else:
+        dx = tiles.token_jeffreys_bwd(
+            xs, xt, grad.lse_s, grad.lse_t, grad.aux, grad.coef, grad.beta, student.temperature, grad.no_mask
+        )
+    if tanh is not None:
+        dx = dx * (1.0 - tanh * tanh)
+    return torch.where(grad.keep[:, None], dx, torch.zeros((), device=dx.device)).to(student.dt)
+
+
+def triton_tile_grad(tiles, student, teacher, c0, c1, grad):
+    """The same gradient as one Triton kernel over the two matmul outputs."""
+    from .triton.linear_token_jeffreys import jeffreys_tile_grad
+
+    return jeffreys_tile_grad(
+        student.matmul(c0, c1),
+        teacher.matmul(c0, c1),
+        grad.lse_s,
+        grad.lse_t,
+        grad.aux,
+        grad.coef,
+        student.temperature,
+        student.softcap,
+        teacher.softcap,
+        grad.beta,
+        grad.mode == "gjsd",
+    )
+
+
 class TileOps:
     """What one backend gives the tiled divergence: ``fold`` (the forward's per-tile statistics) and
-    ``token_jeffreys_bwd`` (the Jeffreys gradient of a tile, the token_jeffreys launcher of that backend).
-    The registry (``_backend.impl("linear_token_jeffreys", name)``) hands these out."""
+    ``grad`` (the student's gradient of one tile).  The registry (``_backend.impl("linear_token_jeffreys",
+    name)``) hands these out."""
 
-    def __init__(self, backend, fold):
-        self.backend, self.fold = backend, fold
+    def __init__(self, backend, fold, grad):
+        self.backend, self.fold, self._grad = backend, fold, grad
 
     def token_jeffreys_bwd(self, *args):
         return _backend.impl("token_jeffreys", self.backend).token_jeffreys_bwd(*args)
 
+    def grad(self, student, teacher, c0, c1, grad):
+        return self._grad(self, student, teacher, c0, c1, grad)
 
-CPU = TileOps("cpu", torch_tile_fold)
-TORCH = TileOps("torch", torch_tile_fold)
-TRITON = TileOps("triton", triton_tile_fold)
+
+CPU = TileOps("cpu", torch_tile_fold, torch_tile_grad)
+TORCH = TileOps("torch", torch_tile_fold, torch_tile_grad)
+TRITON = TileOps("triton", triton_tile_fold, triton_tile_grad)
 
 
 def _merged(state, group):
@@ -263,15 +302,6 @@ def gjsd_pass(student: Head, teacher: Head, lse_s, lse_t, beta, n, vocab, cols, 
     return beta * kl_tm + (1.0 - beta) * kl_sm, kl_sm
 
 
-def _dz_jeffreys(xs, xt, lse_s, lse_t, kl_st, beta, coef, tiles, temperature):
-    """Gradient of Σ coef·D (Jeffreys) with respect to the capped student logits ``xs`` (N, C) fp32, from the
-    capped tiles of both models and the full rows' statistics (so any column slice is exact)."""
-    # One fused kernel on cpu and triton (the token_jeffreys backward, which divides by T itself); the same
-    # contract in torch for the torch backend (reference/launchers.py).
-    empty = torch.empty(0, dtype=torch.bool, device=xs.device)
-    return tiles.token_jeffreys_bwd(xs, xt, lse_s, lse_t, kl_st, coef, beta, temperature, empty)
-
-
 def _dz_gjsd(xs, xt, lse_s, lse_t, kl_sm, beta, coef, temperature):
     """Gradient of Σ coef·D (generalised JSD, 0 < β < 1) with respect to the capped student logits."""
     log_s = xs / temperature - lse_s[:, None]
@@ -281,6 +311,21 @@ def _dz_gjsd(xs, xt, lse_s, lse_t, kl_sm, beta, coef, temperature):
     zero = torch.zeros((), device=xs.device)
     dz = (1.0 - beta) * torch.where(s > 0, s * (log_s - log_m - kl_sm[:, None]), zero)
     return dz * (coef / temperature)[:, None]
+
+
+class _TileGrad(NamedTuple):
+    """What a tile's gradient needs besides the tiles: the mode ("jeffreys", "kl" or "gjsd"), its β, the
+    rows' statistics (aux: KL(s‖t), or KL(s‖m) for "gjsd"), coef = the upstream gradient (0 on ignored
+    rows), keep, and an empty mask for the token_jeffreys launcher."""
+
+    mode: str
+    beta: float
+    lse_s: torch.Tensor
+    lse_t: torch.Tensor
+    aux: torch.Tensor
+    coef: torch.Tensor
+    keep: torch.Tensor
+    no_mask: torch.Tensor
 
 
 class LinearTokenJeffreys(torch.autograd.Function):
@@ -343,19 +388,20 @@ class LinearTokenJeffreys(torch.autograd.Function):
         grad_w = torch.empty_like(w_s) if need_w else None
         grad_b = torch.empty_like(b_s) if (need_b and b_s is not None) else None
         tiles = _backend.impl("linear_token_jeffreys", backend)
+        grad = _TileGrad(
+            mode,
+            beta if mode == "gjsd" else jeffreys_beta,
+            lse_s,
+            lse_t,
+            aux,
+            coef,
+            keep,
+            torch.empty(0, dtype=torch.bool, device=h_s.device),
+        )
         for c0, c1 in _tiles(vocab, cols):
-            xs, tanh = student.capped(student.raw(c0, c1))
-            xt, _ = teacher.capped(teacher.raw(c0, c1))
-            if mode == "gjsd":
-                dx = _dz_gjsd(xs, xt, lse_s, lse_t, aux, beta, coef, temperature)
-            else:
-                dx = _dz_jeffreys(xs, xt, lse_s, lse_t, aux, jeffreys_beta, coef, tiles, temperature)
-            if tanh is not None:
-                dx = dx * (1.0 - tanh * tanh)
-            dx = torch.where(keep[:, None], dx, torch.zeros((), device=dx.device))
+            dx = tiles.grad(student, teacher, c0, c1, grad)  # (N, C) in the matmul dtype
             if grad_b is not None:
-                grad_b[c0:c1] = dx.sum(0).to(b_s.dtype)
-            dx = dx.to(student.dt)
+                grad_b[c0:c1] = dx.sum(0, dtype=torch.float32).to(b_s.dtype)
             if grad_h is not None:
                 grad_h += dx @ w_s[c0:c1].to(student.dt)
             if grad_w is not None:

@@ -1,5 +1,6 @@
-"""Triton kernel of the tiled student-teacher divergence: one vocabulary tile folded into the running row
-statistics in one read (the forward of ``ops/linear_token_jeffreys.py``; its math is there).
+"""Triton kernels of the tiled student-teacher divergence (``ops/linear_token_jeffreys.py``, whose docstring
+has the math): the forward's fold of one vocabulary tile into the running row statistics, and the backward's
+gradient of one tile, each in one read of the two heads' matmul outputs.
 
 Per row and tile, with ``z = cap_s(x)/T`` (student) and ``a = cap_t(y)/T`` (teacher) computed from the raw
 matmul outputs ``x``, ``y`` in the kernel, the running state (fp32, updated in place) is::
@@ -13,11 +14,18 @@ the division, two exps, the cross products, the sums), ~20 tile-sized reads and 
 the two bf16 tiles here (4·C bytes a row).  At N = 8192 and C = 2048 that is 1.3 GB against 67 MB of memory
 traffic per tile, next to a 0.27 TFLOP pair of matmuls (by analysis: no GPU has run it yet).
 
+The backward kernel turns the two raw tiles and the rows' statistics into the student's tile gradient
+``dx = coef·dz/T·(1 − tanh²(x/c))`` in the matmul dtype (read 2, write 1 tile), where torch took the cap
+twice, the exponentials, the products, the mask and the cast as separate fp32 passes.
+
 One program per row, a loop over the tile's columns in blocks: a scalar running max per distribution, per-
 lane sums, merged with the incoming state at the end (``where`` guards keep −inf maxes and empty sums NaN-
 free, as the torch fold's).  ``-inf`` entries contribute nothing: products are ``where(e > 0, e·d, 0)``.
 """
 
+import math
+
+import torch
 import triton
 import triton.language as tl
 
@@ -161,3 +169,128 @@ def jeffreys_tile_fold(state, xs, xt, temperature, cap_s, cap_t, with_cross):
         num_warps=_config.num_warps(block),
         **_config.LAUNCH_OPTIONS,
     )
+
+
+# The gradient keeps no accumulators: 4096 columns a block, as the token_jeffreys backward (35-59 registers
+# at 8 warps there).
+GRAD_MAX_BLOCK = 4096
+
+
+@triton.jit
+def _jeffreys_tile_grad_kernel(
+    # pointers
+    xs_ptr,
+    xt_ptr,
+    lse_s_ptr,
+    lse_t_ptr,
+    kl_ptr,
+    coef_ptr,
+    dx_ptr,
+    # sizes and strides
+    N,
+    C,
+    stride_s,
+    stride_t,
+    stride_d,
+    # scalars
+    inv_t,
+    cap_s,
+    inv_cap_s,
+    cap_t,
+    inv_cap_t,
+    beta,
+    log_w_s,
+    log_w_t,
+    # constexpr
+    HAS_CAP_S: tl.constexpr,
+    HAS_CAP_T: tl.constexpr,
+    GJSD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    xs_row = xs_ptr + row * stride_s
+    xt_row = xt_ptr + row * stride_t
+    d_row = dx_ptr + row * stride_d
+    # coef is 0 on ignored rows: they read nothing (a NaN in an ignored row's hidden state stays out) and
+    # store 0
+    g = tl.load(coef_ptr + row) * inv_t
+    limit = tl.where(g != 0.0, C, 0)
+    lse_s = tl.load(lse_s_ptr + row)
+    lse_t = tl.load(lse_t_ptr + row)
+    kl = tl.load(kl_ptr + row)
+    cols = tl.arange(0, BLOCK)
+    for start in tl.range(0, C, BLOCK, num_stages=NUM_STAGES):
+        offs = start + cols
+        live = offs < limit
+        x = tl.load(xs_row + offs, mask=live, other=0.0).to(tl.float32)
+        y = tl.load(xt_row + offs, mask=live, other=0.0).to(tl.float32)
+        if HAS_CAP_S:
+            t = _tanh(x * inv_cap_s, False)
+            x = cap_s * t
+        if HAS_CAP_T:
+            y = cap_t * _tanh(y * inv_cap_t, False)
+        log_s = x * inv_t - lse_s
+        log_t = y * inv_t - lse_t
+        s = tl.exp(log_s)
+        if GJSD:
+            # log m = logaddexp(log s + log(1−β), log t + log β); dD/dz = (1−β)·s·(log s − log m − KL(s‖m))
+            u = log_s + log_w_s
+            w = log_t + log_w_t
+            hi = tl.maximum(u, w)
+            log_m = hi + tl.log(1.0 + tl.exp(tl.minimum(u, w) - hi))
+            dz = (1.0 - beta) * tl.where(s > 0, s * (log_s - log_m - kl), 0.0)
+        else:
+            # Jeffreys: β·s·(log s − log t − KL(s‖t)) + (1−β)·(s − t); a zero weight drops its term
+            dz = tl.where(beta > 0.0, beta * tl.where(s > 0, s * (log_s - log_t - kl), 0.0), 0.0)
+            dz += tl.where(beta < 1.0, (1.0 - beta) * (s - tl.exp(log_t)), 0.0)
+        dx = dz * g
+        if HAS_CAP_S:
+            dx = dx * (1.0 - t * t)
+        tl.store(d_row + offs, tl.where(live, dx, 0.0).to(dx_ptr.dtype.element_ty), mask=offs < C)
+
+
+def jeffreys_tile_grad(xs, xt, lse_s, lse_t, kl, coef, temperature, cap_s, cap_t, beta, gjsd):
+    """d(Σ coef·D)/d(student's raw tile logits), (N, C) in xs' dtype, from the two raw tiles.
+
+    xs, xt: (N, C) raw logits of the student's and the teacher's tile (last stride 1); lse_s, lse_t (N,) fp32
+    whole log-sum-exps of the full rows; kl (N,) fp32 KL(s‖t) (Jeffreys) or KL(s‖m) (``gjsd``); coef (N,)
+    fp32, 0 on ignored rows (which give 0); beta the Jeffreys weight or the generalised JSD's β.
+    """
+    n, c = xs.shape
+    dx = torch.empty_like(xs)
+    if n == 0 or c == 0:
+        return dx
+    block = _config.block_size(c, GRAD_MAX_BLOCK)
+    log_w_s = math.log1p(-beta) if gjsd else 0.0
+    log_w_t = math.log(beta) if gjsd else 0.0
+    _jeffreys_tile_grad_kernel[(n,)](
+        xs,
+        xt,
+        lse_s,
+        lse_t,
+        kl,
+        coef,
+        dx,
+        n,
+        c,
+        xs.stride(0),
+        xt.stride(0),
+        dx.stride(0),
+        1.0 / temperature,
+        float(cap_s),
+        1.0 / cap_s if cap_s else 0.0,
+        float(cap_t),
+        1.0 / cap_t if cap_t else 0.0,
+        float(beta),
+        log_w_s,
+        log_w_t,
+        HAS_CAP_S=bool(cap_s),
+        HAS_CAP_T=bool(cap_t),
+        GJSD=bool(gjsd),
+        BLOCK=block,
+        NUM_STAGES=_config.num_stages(),
+        num_warps=_config.num_warps(block),
+        **_config.LAUNCH_OPTIONS,
+    )
+    return dx
