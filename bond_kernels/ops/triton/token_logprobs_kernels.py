@@ -202,7 +202,7 @@ def _token_logprobs_fwd_kernel(
         return
     row_ptr = logits_ptr + _row_start(row, T, stride_b, stride_t)
     offs = tl.arange(0, BLOCK)
-    v_full = V - V % BLOCK
+    v_full = tl.multiple_of(V - V % BLOCK, BLOCK)  # triton 3.6 vectorises the tail only with this hint
 
     m_x = tl.full((), float("-inf"), tl.float32)
     m_v, t0 = _capped(m_x, softcap, inv_softcap, HAS_SOFTCAP, FAST_TANH)
@@ -297,7 +297,7 @@ def _token_logprobs_bwd_kernel(
         return
     row_ptr = logits_ptr + _row_start(row, T, stride_b, stride_t)
     offs = tl.arange(0, BLOCK)
-    v_full = V - V % BLOCK
+    v_full = tl.multiple_of(V - V % BLOCK, BLOCK)  # triton 3.6 vectorises the tail only with this hint
     in_range = (label >= 0) & (label < V)
     g = tl.where(in_range, tl.load(grad_logp_ptr + row), float("nan"))  # bad label → NaN row
     label32 = tl.where(in_range, label, -1).to(tl.int32)  # V < 2^31: the in-range label fits

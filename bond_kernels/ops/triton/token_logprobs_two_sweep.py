@@ -54,7 +54,7 @@ def _token_logprobs_fwd_bwd_two_sweep_kernel(
     # (_config.two_sweep_programs: rows in flight × row bytes ≤ a share of L2); sweep 1 marks its lines
     # evict-last, sweep 2 and the gradient stores evict-first, so the gradient does not push the rows out.
     offs = tl.arange(0, BLOCK)
-    v_full = V - V % BLOCK
+    v_full = tl.multiple_of(V - V % BLOCK, BLOCK)  # triton 3.6 vectorises the tail only with this hint
     for r in range(tl.program_id(0), N, tl.num_programs(0)):
         row = tl.cast(r, tl.int64)  # int64: row·stride reaches 16384 × 262144 > 2^31 (r may be a Python int)
         label = tl.load(labels_ptr + row).to(tl.int64)
