@@ -94,6 +94,8 @@ def test_every_variant_compiles_for_sm90_within_budget(tmp_path):
         "jeffreys bwd",
         "quantiles",
         "linear fix-up",
+        "distill tile fold",
+        "distill tile grad",
     }, kernels
     assert len(rows) >= 70, len(rows)
     # the softcap's tanh: MUFU.TANH with FAST_TANH=1, none in the exp2 formula (the MUFU column)
