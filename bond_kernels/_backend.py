@@ -5,8 +5,13 @@ CUDA tensors get ``triton`` (else ``cuda``, else ``torch``); CPU tensors get ``c
 it has to fall back it says so once through ``logging``.  An explicit backend that cannot serve the call
 raises ``RuntimeError`` with the reason.  Where an op has two GPU kernels (``MEASURED``), ``auto`` times
 both on the first call of each shape bucket and keeps the faster (``measured``).
+
+Three parts: the registry (``_REGISTRY``, ``impl``: which object implements an op on a backend, the only
+such map in the package), the policy (``resolve`` and ``choose``: which backend serves a call, decided here
+once, including fp64 inputs and the environment variable), and ``measured`` (the timed choice).
 """
 
+import importlib
 import importlib.util
 import logging
 import os
