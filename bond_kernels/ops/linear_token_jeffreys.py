@@ -12,8 +12,9 @@ rescaled when a max grows; at the end ``KL(s‖t) = Σ s·(z−a) − (lse_s −
 ``divergence="gjsd"`` with 0 < β < 1 needs ``log m = logaddexp(log s + log(1−β), log t + log β)`` per entry,
 so it takes two passes: the log-sum-exps first, then the divergence (the matmuls run twice).  The fold of
 one tile is the backend's (:class:`TileOps`, through the registry): on ``triton`` one kernel reads the two
-matmul outputs once and updates the (7, N) state in place (``ops/triton/linear_token_jeffreys.py``); ``cpu``
-and ``torch`` fold with torch ops (about ten elementwise passes over fp32 tiles).
+matmul outputs once and updates the (7, N) state in place (``ops/triton/linear_token_jeffreys.py``); on
+``cpu`` one C++ kernel does the same over the fp32 tiles (``csrc/cpu/linear_token_jeffreys.cpp``); ``torch``
+folds with torch ops (about ten elementwise passes over fp32 tiles).
 
 Backward: the tiles are recomputed and the per-entry gradient ``dz`` (reference docstring) becomes
 ``dx = g·dz/T·(1 − tanh²)`` (the last factor with a softcap), then ``grad_h += dx·W_s[c]``,
@@ -173,6 +174,19 @@ def torch_tile_fold(state, student: "Head", teacher: "Head", c0, c1, with_cross)
     state[0], state[1], state[2], state[4], state[5] = m_s, s_s, a_s, m_t, s_t
 
 
+def cpu_tile_fold(state, student: "Head", teacher: "Head", c0, c1, with_cross):
+    """The same fold as one C++ kernel over the two fp32 matmul outputs (``csrc/cpu/linear_token_jeffreys.cpp``,
+    through the registry's ``_C.cpu``): two reads of each tile row instead of ~ten torch passes.
+
+    The softcaps are applied here with torch's tanh (one pass per capped head), not by the kernel's: the
+    backward (``torch_tile_grad``) recomputes the capped logits with torch, and the statistics must come from
+    the same logits bit for bit (a point mass, V = 1, must give exactly p = 1 and a zero gradient)."""
+    xs, _ = student.capped(student.matmul(c0, c1))
+    xt, _ = teacher.capped(teacher.matmul(c0, c1))
+    kernels = _backend.impl("token_jeffreys", "cpu")
+    kernels.linear_jeffreys_tile_fold(state, xs, xt, student.temperature, 0.0, 0.0, with_cross)
+
+
 def triton_tile_fold(state, student: "Head", teacher: "Head", c0, c1, with_cross):
     """The same fold as one Triton kernel over the two matmul outputs (``ops/triton/linear_token_jeffreys.py``)."""
     from .triton.linear_token_jeffreys import jeffreys_tile_fold
@@ -231,7 +245,7 @@ class TileOps:
         return self._grad(self, student, teacher, c0, c1, grad)
 
 
-CPU = TileOps("cpu", torch_tile_fold, torch_tile_grad)
+CPU = TileOps("cpu", cpu_tile_fold, torch_tile_grad)
 TORCH = TileOps("torch", torch_tile_fold, torch_tile_grad)
 TRITON = TileOps("triton", triton_tile_fold, triton_tile_grad)
 

@@ -1,7 +1,7 @@
 // Every launcher module.cpp binds, declared with ATen types only: the launcher files skip the pybind11 and
 // torch/extension.h headers (~15 s of compile time each).  The CPU ones are defined in token_logprobs.cpp,
-// token_jeffreys.cpp, reward_quantiles.cpp and bond_sequence.cpp; the CUDA ones (BOND_WITH_CUDA builds
-// only) in cuda_ops.cpp.
+// token_jeffreys.cpp, linear_token_jeffreys.cpp, reward_quantiles.cpp and bond_sequence.cpp; the CUDA ones
+// (BOND_WITH_CUDA builds only) in cuda_ops.cpp.
 #pragma once
 
 #include <cstdint>
@@ -31,6 +31,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_jeffreys_fwd(co
 at::Tensor token_jeffreys_bwd(const at::Tensor& policy, const at::Tensor& anchor, const at::Tensor& lse_p,
                               const at::Tensor& lse_q, const at::Tensor& kl_pq, const at::Tensor& grad_div, double beta,
                               double temperature, const at::Tensor& ignore_mask);
+
+// Folds one vocabulary tile of both heads' raw fp32 logits (N, C) into the (7, N) fp32 state, in place.
+void linear_jeffreys_tile_fold(at::Tensor& state, const at::Tensor& student, const at::Tensor& teacher,
+                               double temperature, double cap_s, double cap_t, bool with_cross);
 
 std::tuple<at::Tensor, at::Tensor> reward_quantiles(const at::Tensor& rewards, const at::Tensor& ref_rewards,
                                                     const at::Tensor& ref_mask, int64_t mode, double eps);

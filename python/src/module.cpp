@@ -55,6 +55,9 @@ PYBIND11_MODULE(_C, m) {
   cpu.def("token_jeffreys_bwd", &bond_py::token_jeffreys_bwd, py::arg("policy"), py::arg("anchor"), py::arg("lse_p"),
           py::arg("lse_q"), py::arg("kl_pq"), py::arg("grad_div"), py::arg("beta"), py::arg("temperature"),
           py::arg("ignore_mask"), nogil, "-> d/dpolicy in the policy's dtype");
+  cpu.def("linear_jeffreys_tile_fold", &bond_py::linear_jeffreys_tile_fold, py::arg("state"), py::arg("student"),
+          py::arg("teacher"), py::arg("temperature"), py::arg("cap_s"), py::arg("cap_t"), py::arg("with_cross"), nogil,
+          "(state (7, N) fp32, student, teacher (N, C) fp32 raw tile logits, ...) -> None; state updated in place");
   cpu.def("reward_quantiles", &bond_py::reward_quantiles, py::arg("rewards"), py::arg("ref_rewards"),
           py::arg("ref_mask"), py::arg("mode"), py::arg("eps"), nogil, "-> (p_le, p_lt) fp32 (B, n)");
   cpu.def("_isa", &active_isa_name, "instruction set the CPU kernels use now");

@@ -12,6 +12,7 @@
 
 #include "bond/bond_sequence.h"
 #include "bond/common.h"
+#include "bond/linear_token_jeffreys.h"
 #include "bond/reward_quantiles.h"
 #include "bond/token_jeffreys.h"
 #include "bond/token_logprobs.h"
@@ -56,6 +57,9 @@ int token_logprobs_fwd_bwd(const TokenLogprobsFwdBwdParams& p);
 // token_jeffreys (bond/token_jeffreys.h).
 int token_jeffreys_fwd(const TokenJeffreysFwdParams& p);
 int token_jeffreys_bwd(const TokenJeffreysBwdParams& p);
+
+// The tiled divergence's fold of one vocabulary tile into its (7, N) row state (bond/linear_token_jeffreys.h).
+int linear_jeffreys_tile_fold(const JeffreysTileFoldParams& p);
 
 // reward_quantiles (bond/reward_quantiles.h).
 int reward_quantiles(const RewardQuantilesParams& p);
