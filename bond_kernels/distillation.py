@@ -13,8 +13,9 @@ from . import _validate as V
 DIVERGENCES = ("jeffreys", "gjsd")
 
 
-def _ignored(labels, ignore_index, ignore_mask, lead, device):
+def _ignored(labels, ignore_index, ignore_mask, hidden):
     """(N,) bool: True where the row counts (from labels != ignore_index and/or ~ignore_mask)."""
+    lead, device = tuple(hidden.shape[:-1]), hidden.device
     keep = torch.ones(lead, dtype=torch.bool, device=device)
     if labels is not None:
         V.tensor(labels, "labels")
@@ -25,16 +26,7 @@ def _ignored(labels, ignore_index, ignore_mask, lead, device):
         if labels.device != device:
             raise ValueError(f"labels must be on hidden's device {device}, got {V.describe(labels)}")
         keep = keep & (labels != V.integer(ignore_index, "ignore_index"))
-    if ignore_mask is not None:
-        V.tensor(ignore_mask, "ignore_mask")
-        if ignore_mask.dtype != torch.bool or tuple(ignore_mask.shape) != lead:
-            raise ValueError(
-                f"ignore_mask must be a bool tensor of shape {lead}, got {V.describe(ignore_mask)}"
-            )
-        if ignore_mask.device != device:
-            raise ValueError(
-                f"ignore_mask must be on hidden's device {device}, got {V.describe(ignore_mask)}"
-            )
+    if V.row_mask(ignore_mask, lead, hidden, what="hidden") is not None:
         keep = keep & ~ignore_mask
     return keep.reshape(-1)
 
@@ -113,7 +105,7 @@ def linear_token_jeffreys(
     beta = V.unit_interval(beta, "beta")
     temperature, cap_s = V.transform_scalars(temperature, softcap)
     cap_t = V.softcap_value(teacher_softcap, temperature)
-    keep = _ignored(labels, ignore_index, ignore_mask, lead, hidden.device)
+    keep = _ignored(labels, ignore_index, ignore_mask, hidden)
     if tile_bytes is not None and (
         isinstance(tile_bytes, bool) or not isinstance(tile_bytes, int) or tile_bytes < 1
     ):
@@ -124,10 +116,9 @@ def linear_token_jeffreys(
     # fp64 runs on the reference (in fp64), except across a process group, whose tiles compute in fp32.
     why = _backend.fp64_reason(hidden, teacher_hidden) if process_group is None else None
     name = _backend.choose("linear_token_jeffreys", backend, hidden.device, needs_reference=why)
-    fp64 = why is not None
     h_s = hidden.reshape(-1, hidden.shape[-1])
     h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    if name == "torch" and fp64 and process_group is None:
+    if why is not None:  # choose gave the reference (or raised)
         from .reference.linear_token_jeffreys import linear_token_jeffreys as reference
 
         div = reference(

@@ -362,8 +362,8 @@ def jbond_loss(
         anchor_rewards.detach().float().contiguous(),
         best_anchor_logp.detach().float().contiguous(),
         beta,
-        float(gamma),
-        float(penalty),
+        gamma,
+        penalty,
         bool(strict),
         name,
     )

@@ -10,16 +10,16 @@ Math in fp32, fp64 for fp64 inputs.
 
 import torch
 
+from .._validate import BASELINES, Smoothing
 from ._common import compute_dtype, transform_logits
 from .jeffreys import token_jeffreys
 from .losses import bond_loss, jbond_loss
 from .quantiles import reward_quantiles as _reward_quantiles
 from .token_logprobs import token_logprobs
 
-# The kernels' ``mode`` argument (``_validate.Smoothing``) and ``baseline`` argument (``_validate.Baseline``)
-# as the reference spells them.
-_SMOOTHING = {0: "none", 1: "self"}
-_BASELINE = {0: "loo", 1: "mean", 2: "none"}
+# The kernels' ``mode`` and ``baseline`` arguments as the reference spells them.
+_SMOOTHING = {Smoothing.NONE: "none", Smoothing.SELF: "self"}
+_BASELINE = {code: name for name, code in BASELINES.items()}
 
 
 def _zero(like: torch.Tensor) -> torch.Tensor:

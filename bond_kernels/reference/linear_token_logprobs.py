@@ -33,7 +33,7 @@ def linear_token_logprobs(
         x,
         labels,
         temperature=temperature,
-        softcap=softcap or None,
+        softcap=softcap,
         ignore_index=ignore_index,
         return_entropy=return_entropy,
     )
