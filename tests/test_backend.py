@@ -165,3 +165,82 @@ def test_reward_quantiles_auto_goes_through_the_measurement(monkeypatch):
     want = bk.reference.reward_quantiles(r, k, smoothing="self")
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert seen == [("reward_quantiles", (8, 4, 16, False))]
+
+
+@pytest.mark.skipif(not _backend.availability("cpu", "cpu")[0], reason="bond_kernels._C is not built")
+def test_torch_launchers_match_the_cpu_launchers():
+    # reference/launchers.py is every op's launcher contract in torch (the registry's "torch" entries):
+    # each launcher against the C++ one on the same random inputs (ignored rows, masks, every mode).
+    from bond_kernels.ops.token_logprobs import full_lse
+
+    t, c = (_backend.impl("token_logprobs", b) for b in ("torch", "cpu"))
+    x, y = torch.randn(6, 97) * 3, torch.randint(0, 97, (6,))
+    y[2] = -100
+    g, ge = torch.randn(6), torch.randn(6)
+    for temperature, softcap in ((1.0, 0.0), (0.7, 5.0)):
+        lp_t, lse_t, ent_t = t.token_logprobs_fwd(x, y, temperature, softcap, -100, True)
+        lp_c, lse_c, ent_c = c.token_logprobs_fwd(x, y, temperature, softcap, -100, True)
+        torch.testing.assert_close(lp_t, lp_c, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ent_t, ent_c, rtol=1e-5, atol=1e-5)
+        lse_c = torch.where(y != -100, full_lse(lse_c, temperature, softcap), torch.zeros(()))
+        torch.testing.assert_close(lse_t, lse_c, rtol=1e-5, atol=1e-5)
+        args = (lse_t, ent_t, g, ge, temperature, softcap, -100, False)
+        torch.testing.assert_close(
+            t.token_logprobs_bwd(x, y, *args), c.token_logprobs_bwd(x, y, *args), rtol=1e-5, atol=1e-6
+        )
+        lp_t, d_t = t.token_logprobs_fwd_bwd(x, y, g, temperature, softcap, -100, False)
+        lp_c, d_c = c.token_logprobs_fwd_bwd(x, y, g, temperature, softcap, -100, False)
+        torch.testing.assert_close(lp_t, lp_c, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(d_t, d_c, rtol=1e-5, atol=1e-6)
+
+    t, c = (_backend.impl("token_jeffreys", b) for b in ("torch", "cpu"))
+    p, q, mask = torch.randn(5, 64), torch.randn(5, 64), torch.tensor([0, 1, 0, 0, 0], dtype=torch.bool)
+    div_t, lp_t, lq_t, kl_t = t.token_jeffreys_fwd(p, q, 0.3, 0.8, mask)
+    div_c, lp_c, lq_c, kl_c = c.token_jeffreys_fwd(p, q, 0.3, 0.8, mask)
+    torch.testing.assert_close(div_t, div_c, rtol=1e-5, atol=1e-6)
+    keep = ~mask
+    torch.testing.assert_close(kl_t[keep], kl_c[keep], rtol=1e-5, atol=1e-6)
+    gd = torch.randn(5)
+    torch.testing.assert_close(
+        t.token_jeffreys_bwd(p, q, lp_t, lq_t, kl_t, gd, 0.3, 0.8, mask),
+        c.token_jeffreys_bwd(p, q, lp_c, lq_c, kl_c, gd, 0.3, 0.8, mask),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+    t, c = (_backend.impl("reward_quantiles", b) for b in ("torch", "cpu"))
+    r, refs = torch.randn(3, 4), torch.randn(3, 9)
+    ref_mask = torch.rand(3, 9) > 0.3
+    ref_mask[:, 0] = True
+    for mode, eps in ((0, 0.0), (1, 0.0), (2, 0.2)):
+        for m in (torch.empty(0, dtype=torch.bool), ref_mask):
+            for a, b in zip(
+                t.reward_quantiles(r, refs, m, mode, eps), c.reward_quantiles(r, refs, m, mode, eps)
+            ):
+                torch.testing.assert_close(a, b)
+
+    t, c = (_backend.impl("bond_sequence", b) for b in ("torch", "cpu"))
+    lp, rl, bl = torch.randn(4, 2) - 20, torch.randn(4, 2) - 20, torch.randn(4, 1) - 20
+    pr, rr = torch.randn(4, 2), torch.randn(4, 6)
+    for mode, eps, correction, baseline in ((1, 0.0, True, 0), (2, 0.1, False, 1), (0, 0.0, False, 2)):
+        args = (
+            lp,
+            rl,
+            pr,
+            rr,
+            torch.empty(0, dtype=torch.bool),
+            bl,
+            4.0,
+            0.5,
+            mode,
+            eps,
+            correction,
+            baseline,
+        )
+        for a, b in zip(t.bond_sequence(*args), c.bond_sequence(*args)):
+            torch.testing.assert_close(a.float(), b, rtol=1e-5, atol=1e-5)
+    args = (torch.randn(4) - 20, torch.randn(4) - 20, torch.randn(4), torch.randn(4, 2), torch.randn(4) - 20)
+    for a, b in zip(
+        t.jbond_sequence(*args, 0.5, 0.1, 2.77, True), c.jbond_sequence(*args, 0.5, 0.1, 2.77, True)
+    ):
+        torch.testing.assert_close(a.float(), b, rtol=1e-5, atol=1e-5)
