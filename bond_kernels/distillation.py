@@ -13,7 +13,7 @@ from . import _validate as V
 DIVERGENCES = ("jeffreys", "gjsd")
 
 
-def _ignored(labels, ignore_index, ignore_mask, hidden):
+def _kept_rows(labels, ignore_index, ignore_mask, hidden):
     """(N,) bool: True where the row counts (from labels != ignore_index and/or ~ignore_mask)."""
     lead, device = tuple(hidden.shape[:-1]), hidden.device
     keep = torch.ones(lead, dtype=torch.bool, device=device)
@@ -105,7 +105,7 @@ def linear_token_jeffreys(
     beta = V.unit_interval(beta, "beta")
     temperature, cap_s = V.transform_scalars(temperature, softcap)
     cap_t = V.softcap_value(teacher_softcap, temperature)
-    keep = _ignored(labels, ignore_index, ignore_mask, hidden)
+    keep = _kept_rows(labels, ignore_index, ignore_mask, hidden)
     if tile_bytes is not None and (
         isinstance(tile_bytes, bool) or not isinstance(tile_bytes, int) or tile_bytes < 1
     ):

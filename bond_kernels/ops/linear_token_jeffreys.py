@@ -108,14 +108,6 @@ def _fold(state, z, entropy=True):
     return (m_new, s * alpha + e.sum(1), a), e, alpha
 
 
-def _init(n, device):
-    return (
-        torch.full((n,), -math.inf, device=device),
-        torch.zeros(n, device=device),
-        torch.zeros(n, device=device),
-    )
-
-
 def _lse_entropy(state):
     """(lse, entropy) of a folded state: lse = m + log s, H = log s − a/s."""
     m, s, a = state

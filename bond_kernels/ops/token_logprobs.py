@@ -28,8 +28,6 @@ import torch
 
 from .. import _backend
 
-_NO_SOFTCAP = 0.0
-
 # Backends whose forward launchers return the split log-sum-exp (2, N) (token_logprobs_fwd above, and
 # token_jeffreys_fwd's lse_p / lse_q); the others return it whole, (N,).
 SPLIT_LSE = frozenset({"cpu", "triton"})

@@ -21,7 +21,6 @@ from .token_logprobs_kernels import (
 from .token_logprobs_two_sweep import _token_logprobs_fwd_bwd_two_sweep_kernel
 
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 # The forward's saved log-sum-exp: split, (2, N) = (row max of the capped logits w, ln Σ exp((w − max)/T)),
 # so the backward's log p never rounds |x|/T (the contract in ops/token_logprobs.py, whose SPLIT_LSE names
