@@ -100,7 +100,7 @@ def _extensions():
     cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
     cuda_glue = _rel(glob.glob(os.path.join(ROOT, "python", "src", "cuda_ops.cpp")))
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    # No --use_fast_math: the sequence-level kernels rely on accurate expm1/log1p near 0 (BOND-MATH C_N).
+    # No --use_fast_math: the sequence-level kernels rely on accurate expm1/log1p near 0 (C_N, docs/math.md §6).
     nvcc_flags = ["-O3", "-DBOND_WITH_CUDA", "-lineinfo", "--expt-relaxed-constexpr"]
     if not archs:
         nvcc_flags += ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]

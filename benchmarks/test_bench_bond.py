@@ -1,7 +1,7 @@
 """GPU benchmarks of the BOND objective: the sequence-level kernel, token_jeffreys, and a whole BOND step.
 
 1. Sequence level, B = 1024 prompts, n = 16 candidates (policy samples) per prompt, k = 64 reference
-   rewards, one Best-of-N sample per prompt (PERFORMANCE.md target: one launch, <= 0.01 ms on an H100):
+   rewards, one Best-of-N sample per prompt (docs/performance.md target: one launch, <= 0.01 ms on an H100):
    the fused ``bond_sequence`` op (cuda), the whole ``bk.bond_loss`` forward (+ backward), reward_quantiles
    alone (cuda, triton), J-BOND at B = 1024, each against the torch reference.  Two timings per row:
    ``triton.testing.do_bench`` (eager launches: includes the host launch overhead whenever the GPU outruns

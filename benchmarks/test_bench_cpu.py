@@ -1,7 +1,7 @@
 """CPU benchmarks of per-token log-probs: the C++/OpenMP ``cpu`` backend against torch eager, same process.
 
 Run: ``pytest benchmarks/test_bench_cpu.py --benchmark-only`` (or ``python benchmarks/test_bench_cpu.py``
-for a markdown table).  Shapes: N = 2048, V = 32000 fp32 (the target of PERFORMANCE.md's CPU section), and
+for a markdown table).  Shapes: N = 2048, V = 32000 fp32 (the target of docs/performance.md's CPU section), and
 two smaller ones (512 x 32000 bf16, 128 x 128256 fp32), random logits scaled by 4.
 
 Byte accounting (``_common.logprob_floor_bytes``, `elt` bytes per logit; O(N) terms omitted):

@@ -1,6 +1,6 @@
 """CPU benchmarks of the BOND objective: the C++/OpenMP ``cpu`` backend against the torch reference, same process.
 
-The GPU targets of PERFORMANCE.md (issue 4, item 7) are measured by ``test_bench_bond.py`` on a GPU; this file
+The GPU targets of docs/performance.md (issue 4, item 7) are measured by ``test_bench_bond.py`` on a GPU; this file
 measures the same three things on the CPU fallback, where every user (and CI) can run them:
 
 1. Sequence level at the issue's shape, B = 1024 prompts, n = 16 candidates, k = 64 references, one Best-of-N

@@ -1,7 +1,7 @@
 """GPU benchmark of ``linear_token_jeffreys`` (distillation without logits) against eager, TRL and Liger.
 
 Forward + backward (student hidden and weight gradients) of the per-token generalised JSD, β = 0.5 (TRL's
-convention), at PERFORMANCE.md's linear-head shape: N = 8192 tokens, student and teacher H = 4096, V = 128256,
+convention), at docs/performance.md's linear-head shape: N = 8192 tokens, student and teacher H = 4096, V = 128256,
 bf16, random upstream gradient.  Providers: torch eager (both logits, log_softmax, logaddexp mixture);
 TRL's ``ChunkedDivergenceFunction`` (its Triton path on a GPU) where trl is installed; Liger's
 ``LigerFusedLinearJSD`` (its β weighs the teacher, as TRL's; it returns the mean over tokens, so it is timed on

@@ -1,6 +1,6 @@
 """GPU benchmark of the fused linear head + log-probs: ours against torch eager, torch.compile and peers.
 
-Shape (PERFORMANCE.md): N = 8192 tokens, H = 4096, V = 128256, bf16, forward + backward with gradients for
+Shape (docs/performance.md): N = 8192 tokens, H = 4096, V = 128256, bf16, forward + backward with gradients for
 hidden and weight (a random upstream gradient on the per-token log-probs; the peers that only produce a
 scalar loss run with ``reduction="sum"``, i.e. an upstream gradient of ones).
 
@@ -12,7 +12,7 @@ Accounting:
   * "peak extra GB": peak CUDA memory allocated during one forward + backward above what was allocated
     before it (inputs and the upstream gradient): the logits a provider keeps, its scratch, AND the two
     gradients it returns (grad_weight alone is V·H·2 bytes = 1.05 GB here).  Printed in GB (1e9 bytes)
-    and GiB (2**30 bytes): PERFORMANCE.md's memory figures are GiB written as "GB" (its Cut Cross-Entropy
+    and GiB (2**30 bytes): the H100 peer run's memory figures are GiB written as "GB" (its Cut Cross-Entropy
     row, 1.07, is below the 1.118e9 bytes of the two bf16 gradients that peer returns, but above their
     1.041 GiB), so its 1.2 target is compared with the GiB column.
   * "max abs err": log-probs of the first 256 rows against float64 on the same bf16 inputs (scalar-loss

@@ -1,11 +1,11 @@
 """GPU benchmarks of per-token log-probs: ours (Triton) against torch eager, torch.compile and Liger.
 
-Shapes (PERFORMANCE.md): N = 8192 tokens, V ∈ {32000, 128256, 256000}, bf16 logits (randn × 4).
+Shapes (docs/performance.md): N = 8192 tokens, V ∈ {32000, 128256, 256000}, bf16 logits (randn × 4).
 
 Byte floors (``_common.logprob_floor_bytes``; 2-byte logits):
   * ``fwd``      forward only: the logits read once, 2·N·V bytes.
   * ``fwd+bwd``  forward + backward through autograd: forward read, backward read, gradient write, 6·N·V.
-    (PERFORMANCE.md's peer table quotes fwd+bwd fractions against 4·N·V; multiply ours by 2/3 to compare.)
+    (To compare with a fwd+bwd fraction quoted against 4·N·V, multiply ours by 2/3.)
   * ``fwd_bwd``  gradient computed in the forward (caller supplies the upstream gradient): one read, one
     write, 4·N·V.  Our kernel reads a row twice above V = 16384 (second read from L2 while it fits), so
     this path can beat neither its floor nor the copy rate: the fraction says how close it gets.

@@ -1,4 +1,4 @@
-"""The one place where a backend is chosen (DESIGN.md section 2).
+"""The one place where a backend is chosen (docs/design.md, "Backends").
 
 ``auto`` (the default, overridable with the environment variable ``BOND_KERNELS_BACKEND``) never raises:
 CUDA tensors get ``triton`` (else ``cuda``, else ``torch``); CPU tensors get ``cpu`` (else ``torch``).  When

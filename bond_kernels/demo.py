@@ -1,4 +1,4 @@
-"""``bond-kernels demo``: J-BOND (BOND-MATH.md section 4, the paper's Algorithm 2) on a tiny Llama.
+"""``bond-kernels demo``: J-BOND (docs/math.md §8, the paper's Algorithm 2) on a tiny Llama.
 
 What runs, in order:
 

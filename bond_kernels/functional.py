@@ -1,4 +1,4 @@
-"""The public functional API (DESIGN.md section 6): validates (``_validate``), picks the backend (``_backend``),
+"""The public functional API (docs/design.md, "Public API"): validates (``_validate``), picks the backend (``_backend``),
 reshapes, calls the op or the reference, reduces.  The token-level functions live here; the sequence-level
 BOND functions in :mod:`bond_kernels.objectives`, re-exported."""
 

@@ -1,4 +1,4 @@
-"""The public sequence-level BOND functions (DESIGN.md section 6): reward quantiles, Best-of-N log-probs and
+"""The public sequence-level BOND functions (docs/design.md, "Public API"): reward quantiles, Best-of-N log-probs and
 the BOND / J-BOND losses.  Each validates its arguments (``_validate``), picks its backend (``_backend``)
 and calls the op or the reference.  Re-exported by :mod:`bond_kernels.functional`.
 """
@@ -131,7 +131,7 @@ def bond_loss(
     ref_mask=None,
     validate=True,
 ):
-    """BOND loss: the Jeffreys-divergence estimator of BOND-MATH.md section 3 as a surrogate scalar.
+    """BOND loss: the Jeffreys-divergence estimator of docs/math.md §7 as a surrogate scalar.
 
     policy_logp (B, m) with grad; policy_ref_logp (B, m); policy_rewards (B, m); ref_rewards (B, k);
     bon_logp (B, j) with grad.  Returns :class:`BondOutput`.  Spec and math:
@@ -294,7 +294,7 @@ def jbond_loss(
     strict=True,
     validate=True,
 ):
-    """J-BOND loss (BOND-MATH.md section 4), averaged over prompts; returns :class:`JBondOutput`.
+    """J-BOND loss (docs/math.md §8), averaged over prompts; returns :class:`JBondOutput`.
 
     policy_logp (B,) with grad; anchor_logp (B,) no grad; policy_rewards (B,); anchor_rewards (B, 2);
     best_anchor_logp (B,) with grad.  The γ term lowers KL(π‖π_anchor) (see the reference's docstring for

@@ -32,7 +32,7 @@ TOL = {
 }
 
 # fp32 outputs (log-probs, entropies) computed in fp32 from inputs of any dtype, against float64 on the
-# same inputs: the GPU target is 1e-4 (PERFORMANCE.md); small test rows stay well inside it.
+# same inputs: the GPU target is 1e-4 (docs/performance.md); small test rows stay well inside it.
 FP32_OUT_ATOL = 3e-5
 
 

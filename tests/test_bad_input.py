@@ -1,4 +1,4 @@
-"""Bad input (DESIGN.md section 4, issue 4 item 8): each case raises the right exception type, and the
+"""Bad input (docs/design.md, "Numerics contract"; issue 4 item 8): each case raises the right exception type, and the
 message names the offending argument (and, for tensors, what it got).  Also: the API never writes into the
 caller's tensors unless ``inplace=True`` says so.
 

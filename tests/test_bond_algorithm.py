@@ -128,7 +128,7 @@ def best_of_n_curve(max_n=64):
 def run_tabular_jbond(
     seed=0, *, steps=200, batch=128, lr=0.02, eta=0.02, beta=0.5, gamma=0.0, outcomes=OUTCOMES, plot_path=None
 ):
-    """J-BOND (BOND-MATH section 4) with an EMA anchor on a tabular policy.
+    """J-BOND (docs/math.md §8) with an EMA anchor on a tabular policy.
 
     Per step: one policy sample and two anchor samples per prompt; ``jbond_loss`` (forward term on the better
     anchor sample, J-BOND reward with baseline, optional gamma regulariser); an Adam step; then
@@ -274,7 +274,7 @@ def test_jbond_with_ema_anchor_climbs_past_best_of_2(tmp_path, capsys, record_pr
 
 
 def test_jbond_gamma_keeps_the_policy_closer_to_the_anchor():
-    """Larger gamma, slower drift (the KL-decreasing sign of BOND-MATH section 4, step 4)."""
+    """Larger gamma, slower drift (the KL-decreasing sign of docs/math.md §8)."""
     free = run_tabular_jbond(seed=3, steps=80, gamma=0.0)
     tied = run_tabular_jbond(seed=3, steps=80, gamma=2.0)
     assert tied["final"]["kl_to_ref"] < free["final"]["kl_to_ref"]

@@ -287,7 +287,7 @@ def test_token_jeffreys_bf16_against_fp64(device):
     zd = z.double().requires_grad_(True)
     e_div = R.token_jeffreys(zd, a.double(), beta=0.5, temperature=0.9, ignore_mask=ignore)
     (e_grad,) = torch.autograd.grad(e_div, zd, g.double())
-    # PERFORMANCE.md's accuracy target for fp32 results from bf16 inputs: max abs error <= 1e-4 vs fp64.
+    # docs/performance.md's accuracy target for fp32 results from bf16 inputs: max abs error <= 1e-4 vs fp64.
     assert (div.double() - e_div).abs().max().item() <= 1e-4
     assert_close(div, e_div, atol=FP32_OUT_ATOL, rtol=1e-4)
     assert_close(grad, e_grad)  # bf16 gradient: bf16 storage tolerance against the fp64 gradient

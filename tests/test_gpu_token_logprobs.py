@@ -1,7 +1,7 @@
 """The Triton token log-prob kernels on a CUDA device (marked ``gpu``; run by ``benchmarks/gpu_check.sh``).
 
 Full shape and dtype tables against the float64 reference on the same inputs, N·V > 2^31, the accuracy
-target of PERFORMANCE.md (max abs error ≤ 1e-4 against fp64 on bf16 inputs), torch.compile with
+target of docs/performance.md (max abs error ≤ 1e-4 against fp64 on bf16 inputs), torch.compile with
 fullgraph, CUDA-graph capture and replay, bitwise determinism, and no recompilation per sequence length.
 Importable on CPU machines (all CUDA work happens inside the tests, which are deselected there).
 """
@@ -17,7 +17,7 @@ from bond_kernels import reference as ref
 pytestmark = pytest.mark.gpu
 
 IGNORE = -100
-LOGP_ATOL = 1e-4  # PERFORMANCE.md: fp32 results within 1e-4 of fp64 on the same bf16 inputs
+LOGP_ATOL = 1e-4  # docs/performance.md: fp32 results within 1e-4 of fp64 on the same bf16 inputs
 
 # (N, V): why each shape is here.
 SHAPES = [
@@ -94,7 +94,7 @@ def test_table(n, v, dtype, temperature, softcap, return_entropy, device):
 @pytest.mark.xdist_group("gpu_bigmem")  # ~10 GB: the fp64 reference of 2048 x 128256 (tests/conftest.py)
 @pytest.mark.parametrize("v", [128256, 256000])
 def test_bf16_accuracy_target(v, device):
-    """Max abs error ≤ 1e-4 against fp64 on the same bf16 inputs (logits ×4, as in PERFORMANCE.md)."""
+    """Max abs error ≤ 1e-4 against fp64 on the same bf16 inputs (logits ×4, as in docs/performance.md)."""
     n = 2048 if v <= 128256 else 1024
     x, y = _case(n, v, torch.bfloat16, device, ignore_frac=0.0)
     for kw in (dict(), dict(temperature=0.7, softcap=30.0)):

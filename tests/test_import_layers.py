@@ -1,7 +1,7 @@
 """The package's import graph: no cycles, and no import from a lower layer into a higher one.
 
 Read from the source (``ast``), not by importing, so lazy imports inside functions count as well: a cycle
-through a function-level import is still a cycle, only deferred.  Layers, lowest first (DESIGN.md §2):
+through a function-level import is still a cycle, only deferred.  Layers, lowest first (docs/design.md, "Layers"):
 
     base        _ext, _validate, _backend          (the registry names implementations as strings)
     kernels     ops.triton.*                      (import nothing of ours outside ops/triton)

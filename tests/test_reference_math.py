@@ -1,4 +1,4 @@
-"""The math of bond_kernels against closed forms (BOND-MATH.md sections 1-4), never against itself.
+"""The math of bond_kernels against closed forms (docs/math.md §5-§8), never against itself.
 
 Oracles used here, each independent of the code under test:
 - brute-force enumeration of Best-of-N draws with exact ``fractions.Fraction`` arithmetic;
@@ -288,7 +288,7 @@ def test_bon_kl_to_reference_by_fine_enumeration(n):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Iterated Best-of-N: BoN(BoN(pi)) = Bo(N^2)(pi)  (BOND-MATH section 4)
+# Iterated Best-of-N: BoN(BoN(pi)) = Bo(N^2)(pi)  (docs/math.md §8)
 # ----------------------------------------------------------------------------------------------------
 def _bon_distribution(probs, rewards, n):
     """Best-of-n of an enumerable distribution through bon_log_prob (exact quantiles, ties to earliest)."""
@@ -326,7 +326,7 @@ def test_iterated_best_of_n_equals_best_of_product(ties):
 # Section 2: reward_quantiles against direct counting
 # ----------------------------------------------------------------------------------------------------
 def _count_quantiles(rewards, ref_rewards, mask, smoothing):
-    """Plain loops over Python floats (the estimator of BOND-MATH section 2)."""
+    """Plain loops over Python floats (the estimator of docs/math.md §5)."""
     out_le, out_lt = [], []
     for b, row in enumerate(rewards):
         refs = [r for j, r in enumerate(ref_rewards[b]) if mask is None or mask[b][j]]
@@ -430,7 +430,7 @@ def test_best_of_n_indices_vs_loop(b, k, n):
 # Section 3: bond_loss gradients equal the written estimator
 # ----------------------------------------------------------------------------------------------------
 def _hand_bond(logp, ref_logp, rewards, ref_rewards, n, beta, baseline, correction, j):
-    """d loss / d policy_logp and d loss / d bon_logp from BOND-MATH section 3, in plain Python."""
+    """d loss / d policy_logp and d loss / d bon_logp from docs/math.md §7, in plain Python."""
     bsz, m = len(logp), len(logp[0])
     ret = [[0.0] * m for _ in range(bsz)]
     for b in range(bsz):
@@ -652,7 +652,7 @@ def test_jbond_gamma_term_decreases_kl_to_anchor():
 
     Per sample: one gradient step lowers log pi(y) - log pi_anchor(y) where it is positive and raises it where
     negative.  In expectation over y ~ pi its gradient is exactly gamma * grad KL(pi || pi_anchor), and a
-    small step lowers that KL (the paper's Algorithm 2 prints the opposite sign; BOND-MATH section 4).
+    small step lowers that KL (the paper's Algorithm 2 prints the opposite sign; docs/math.md §8).
     """
     g = _gen(41)
     v, gamma, lr = 8, 0.8, 0.05
@@ -722,7 +722,7 @@ def test_jbond_reward_facts_by_sampling(policy):
 
 
 def test_jbond_backward_only_fixed_point_by_sampling():
-    """BOND-MATH section 4: the maximiser of E_pi[r_J] - KL(pi || pi_anchor) is
+    """docs/math.md §11: the maximiser of E_pi[r_J] - KL(pi || pi_anchor) is
     pi* ∝ pi_anchor · exp(-log16 · (1 - U)^2), U the anchor quantile of y, about 0.209 nats from the anchor
     with E[U] ≈ 0.676 (Best-of-2: 0.193, 2/3).
 

@@ -50,7 +50,7 @@ The GPU schedule (the ``triton`` backend; chosen on analysis, the GPU measuremen
 * Arithmetic floor.  Forward + backward needs ``x = h·Wᵀ`` (2·N·H·V), ``grad_h = dx·W`` and
   ``grad_W = dxᵀ·h`` (4·N·H·V).  Without keeping the (N, V) logits (2.1 GB in bf16 at N = 8192,
   V = 128256: over the 1.2 GB budget on its own) the backward must recompute ``x``: 8·N·H·V in all, a
-  ceiling of 6/8 = 0.75 of the matmul rate in the 6·N·H·V accounting, which is exactly PERFORMANCE.md's
+  ceiling of 6/8 = 0.75 of the matmul rate in the 6·N·H·V accounting, which is exactly docs/performance.md's
   target: any overhead beside the matmuls would miss it.  The upstream gradient of each token is unknown
   until the backward, so ``grad_W`` cannot be formed in the forward (Liger's trick needs a scalar loss).
   The kept tiles are what the recompute CAN avoid: at the benchmark shape 42240 of 128256 columns (tiles

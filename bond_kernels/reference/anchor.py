@@ -1,4 +1,4 @@
-"""Reference EMA anchor update (BOND-MATH.md section 4, step 6)."""
+"""Reference EMA anchor update (docs/math.md §8, "EMA anchor")."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""Reference Best-of-N likelihood (BOND-MATH.md section 1) and Best-of-N selection."""
+"""Reference Best-of-N likelihood (docs/math.md §6) and Best-of-N selection."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Reference BOND and J-BOND losses (BOND-MATH.md sections 3 and 4)."""
+"""Reference BOND and J-BOND losses (docs/math.md §7 and §8)."""
 
 import math
 from typing import NamedTuple
@@ -8,7 +8,7 @@ import torch
 from .bon import bon_log_prob
 from .quantiles import reward_quantiles
 
-# The J-BOND penalty: E[r_J] = −log 16·(1 − p_le)² equals log p_le at the median p_le = 1/2 (BOND-MATH s. 4).
+# The J-BOND penalty: E[r_J] = −log 16·(1 − p_le)² equals log p_le at the median p_le = 1/2 (docs/math.md §8).
 LOG16 = math.log(16)
 
 
@@ -50,7 +50,7 @@ def leave_one_out_mean(values, dim):
 def _baseline(returns, baseline):
     """Baseline for the returns (B, m): per prompt when m > 1, else over the batch."""
     if isinstance(baseline, torch.Tensor):
-        # A constant for autograd (BOND-MATH section 3): a baseline from a value head must not be trained
+        # A constant for autograd (docs/math.md §7): a baseline from a value head must not be trained
         # through the policy loss.
         return baseline.detach().to(returns.dtype).expand_as(returns)
     if baseline == "none":
@@ -93,7 +93,7 @@ def bond_loss(
         b          = baseline of R (leave-one-out mean per prompt if m > 1, else over the batch)
         L = (1−β)·mean(−bon_logp) + β·mean(−(R − b)·policy_logp)
 
-    so ``∇L = (1−β)·(−E_BoN ∇log π) + β·E_π[∇log π·(log π − log π_BoN + b)]`` (BOND-MATH.md section 3;
+    so ``∇L = (1−β)·(−E_BoN ∇log π) + β·E_π[∇log π·(log π − log π_BoN + b)]`` (docs/math.md §7;
     ``b`` is the baseline of ``R``, so ``−b`` is the baseline of ``log π − log π_BoN``).
     """
     dtype = torch.float64 if policy_logp.dtype == torch.float64 else torch.float32
@@ -135,7 +135,7 @@ def jbond_loss(
     penalty=LOG16,
     strict=True,
 ):
-    """J-BOND loss (BOND-MATH.md section 4), averaged over the B prompts.
+    """J-BOND loss (docs/math.md §8), averaged over the B prompts.
 
     policy_logp (B,) log π_t(y) with grad; anchor_logp (B,) log π_anchor(y), no grad; policy_rewards (B,);
     anchor_rewards (B, 2); best_anchor_logp (B,) log π_t(y'_best) with grad.  ::

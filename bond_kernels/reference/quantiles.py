@@ -1,4 +1,4 @@
-"""Reference Monte-Carlo reward-rank quantiles (BOND-MATH.md section 2)."""
+"""Reference Monte-Carlo reward-rank quantiles (docs/math.md §5)."""
 
 import torch
 

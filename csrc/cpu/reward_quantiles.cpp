@@ -1,4 +1,4 @@
-// Monte-Carlo reward-rank quantiles (BOND-MATH.md section 2), exactly as bond_kernels/reference/quantiles.py:
+// Monte-Carlo reward-rank quantiles (docs/math.md §5), exactly as bond_kernels/reference/quantiles.py:
 // counts are exact integers held in fp32 (k < 2^24) and the divisions are the reference's fp32 divisions, so
 // results match the reference bit for bit.
 #include "bond/cpu.h"

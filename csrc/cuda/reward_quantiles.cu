@@ -1,4 +1,4 @@
-// Reward-rank quantiles (BOND-MATH.md section 2) for all B·n candidates in one launch.
+// Reward-rank quantiles (docs/math.md §5) for all B·n candidates in one launch.
 //
 // Work is B·n·k comparisons (1M at B = 1024, n = 16, k = 64) on 4·B·(n + k) bytes of input: small and
 // latency-bound, so the kernel spreads it over the whole card.  Each candidate is counted by an aligned group

@@ -1,4 +1,4 @@
-"""Triton kernel for the batched reward-rank quantiles (BOND-MATH.md section 2).
+"""Triton kernel for the batched reward-rank quantiles (docs/math.md §5).
 
 Launcher contract: ``bond_kernels/ops/reward_quantiles.py`` (shared with the cpu and cuda backends).
 

@@ -1,4 +1,4 @@
-// Argument structs of the sequence-level BOND / J-BOND math (BOND-MATH.md sections 2-4), one torch-free call
+// Argument structs of the sequence-level BOND / J-BOND math (docs/math.md §5-§8), one torch-free call
 // per backend: bond::cpu::bond_sequence (bond/cpu.h, csrc/cpu/bond_sequence.cpp) and bond::cuda::bond_sequence
 // (bond/cuda.h, csrc/cuda/bond_sequence.cu) take the same structs.  The per-element math both share is
 // bond/sequence_math.h.
@@ -18,7 +18,7 @@
 
 namespace bond {
 
-// Smoothing of the quantile estimate (BOND-MATH.md section 2); values match ops/reward_quantiles.py.
+// Smoothing of the quantile estimate (docs/math.md §5); values match ops/reward_quantiles.py.
 enum QuantileSmoothing : int { kSmoothNone = 0, kSmoothSelf = 1, kSmoothEps = 2 };
 
 // Baseline of the backward-KL return: per prompt when m > 1, else over the batch.

@@ -12,7 +12,7 @@
 namespace bond {
 namespace cuda {
 
-// Reward-rank quantiles (BOND-MATH.md section 2), one launch for all B·n candidates:
+// Reward-rank quantiles (docs/math.md §5), one launch for all B·n candidates:
 //   rewards (B, n), ref_rewards (B, k) fp32; ref_mask (B, k) or nullptr; p_le, p_lt (B, n) fp32 outputs.
 //   smoothing: QuantileSmoothing; eps: the p_le clamp of kSmoothEps.  k < 2^31.
 int reward_quantiles(const float* rewards, const float* ref_rewards, const bool* ref_mask, float* p_le, float* p_lt,

@@ -2,7 +2,7 @@
 // bond/cpu.h; contract of the launchers: bond_kernels/ops/reward_quantiles.py).  The CUDA launcher takes
 // plain arguments (bond/cuda.h).
 //
-// reward_quantiles (BOND-MATH.md section 2): per prompt b and candidate i,
+// reward_quantiles (docs/math.md §5): per prompt b and candidate i,
 //   c_le = sum_j mask_j 1[ref_j <= r_i],  c_lt = sum_j mask_j 1[ref_j < r_i],  k = sum_j mask_j
 //   mode 0 "none": p_le = c_le / k, p_lt = c_lt / k;  mode 1 "self": (c_le + 1)/(k + 1), c_lt/(k + 1);
 //   mode 2 "eps":  p_le = max(c_le / k, eps), p_lt = c_lt / k.

@@ -89,7 +89,7 @@ BOND_HD float log_c_n(float u, double n) {
   return static_cast<float>(log1p(exp(ud) * (expm1((n - 1.0) * ud) / expm1(ud))));
 }
 
-// log π_BoN(y) = log π_ref(y) + (N−1)·log p_le [+ C_N(log p_lt − log p_le)]   (BOND-MATH.md section 1).
+// log π_BoN(y) = log π_ref(y) + (N−1)·log p_le [+ C_N(log p_lt − log p_le)]   (docs/math.md §6).
 BOND_HD float bon_log_prob(float ref_logp, float p_le, float p_lt, double n, bool correction) {
   const float log_le = log_f(p_le);
   // N = 1 is Best-of-1 = π_ref: no power term even where p_le = 0 (0·(−inf) would be NaN).
