@@ -83,6 +83,9 @@ bench: setup
 lint: setup lint-cpp
 	$(BIN)/ruff check bond_kernels tests benchmarks
 	$(BIN)/ruff format --check bond_kernels tests benchmarks
+	@# Dead code in the library (tests and benchmarks count as its users; their own pytest hooks and
+	@# fixtures are not judged).  Paths and the names vulture cannot see used are in pyproject.toml.
+	@dead=$$($(BIN)/vulture | grep '^bond_kernels/' || true); if [ -n "$$dead" ]; then echo "$$dead"; exit 1; fi
 
 # C++ / CUDA sources, formatted by .clang-format with the clang-format the dev extra pins.
 CPP_SOURCES = $(shell find csrc python/src -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' \) | sort)

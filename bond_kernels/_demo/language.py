@@ -30,7 +30,6 @@ class Grammar:
         pi = torch.full((n,), 1.0 / n, dtype=torch.float64)
         for _ in range(200):
             pi = pi @ trans
-        self.stationary = pi
         self.transition = trans.float()
         self.start = pi.float()
         self.target = int((pi - target_freq).abs().argmin()) + 1

@@ -140,12 +140,6 @@ class Patcher:
                     setattr(mod, attr, original)
         self.originals.clear()
 
-    def is_patched(self):
-        defining = sys.modules.get(self.module)
-        return defining is not None and any(
-            vars(defining).get(attr) is ours for attr, ours in self.replacements.items()
-        )
-
 
 def fp32_or_fp64(logits: torch.Tensor) -> torch.dtype:
     """The dtype our results come in: fp32, or fp64 for fp64 logits (the reference keeps fp64)."""
