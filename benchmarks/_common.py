@@ -111,6 +111,64 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
+_CPU_LIMITS = {}
+
+
+def cpu_limits(nbytes: int, rounds: int = 5) -> dict:
+    """This CPU's memory rates in bytes/s on a buffer of ``nbytes``, measured in this process (cached per size).
+
+    ``read``: ``sum`` over a resident fp32 buffer (the cheapest full read torch has); ``write_resident``:
+    ``fill_`` of a resident buffer; ``write_fresh``: ``fill_`` of a buffer allocated just before (its pages are
+    touched for the first time, so the page faults count, as they do for a backward that allocates its
+    gradient).  Measured at the op's own size, so a tensor that fits the last-level cache is judged against
+    the cache's rate, as the op sees it.  Medians of ``rounds`` calls after a warm-up, with torch's threads.
+    """
+    key = (nbytes, torch.get_num_threads())
+    if key not in _CPU_LIMITS:
+        n = max(1, nbytes // 4)
+        buf = torch.rand(n)
+
+        def med(fn):
+            fn()
+            times = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+
+        read = med(lambda: buf.sum())
+        write = med(lambda: buf.fill_(0.5))
+        fresh = med(lambda: torch.empty(n).fill_(0.5))
+        del buf
+        _CPU_LIMITS[key] = {
+            "read": 4 * n / read,
+            "write_resident": 4 * n / write,
+            "write_fresh": 4 * n / fresh,
+        }
+    return _CPU_LIMITS[key]
+
+
+def limit_ms(read_bytes: int, limits: dict, *, resident_write_bytes: int = 0, fresh_write_bytes: int = 0):
+    """The time in ms an op must take at best: its floor traffic at the rates ``cpu_limits`` measured."""
+    return 1e3 * (
+        read_bytes / limits["read"]
+        + resident_write_bytes / limits["write_resident"]
+        + fresh_write_bytes / limits["write_fresh"]
+    )
+
+
+def limit_info(limits: dict, floor_ms: float, ms: float) -> dict:
+    """extra_info columns: the measured rates (GB/s), the floor time, and the row's fraction of it."""
+    return {
+        "read_GBps": round(limits["read"] / GB, 2),
+        "write_resident_GBps": round(limits["write_resident"] / GB, 2),
+        "write_fresh_GBps": round(limits["write_fresh"] / GB, 2),
+        "limit_ms": round(floor_ms, 3),
+        "frac_of_limit": round(floor_ms / ms, 3),
+    }
+
+
 def peak_extra_bytes(fn) -> int:
     """Peak GPU memory allocated while ``fn()`` runs, above what was allocated before (inputs excluded).
 

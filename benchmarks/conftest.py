@@ -39,6 +39,10 @@ _SUMMARY_COLUMNS = (
     "GB/s",
     "ratio_vs_eager",
     "extra_mem_x_logits",
+    "limit_ms",
+    "frac_of_limit",
+    "read_GBps",
+    "write_fresh_GBps",
     # GPU token log-probs / BOND / linear head
     "ms",
     "gbps",

@@ -9,6 +9,10 @@ Byte accounting (``_common.logprob_floor_bytes``, `elt` bytes per logit; O(N) te
   * ``fwd+bwd``  forward + backward through autograd: forward read, backward read, gradient write: 3·N·V·elt.
   * ``fwd_bwd``  gradient computed in the forward sweep (``token_logprobs_and_grad``): one read, one write:
     2·N·V·elt (cpu backend only; eager has no such path, so its ratio is against eager fwd+bwd).
+The limit: ``_common.cpu_limits`` measures this machine's read, write-to-resident and write-to-fresh-page
+rates at the logits' size in the same process; ``limit_ms`` is the floor traffic at those rates (forward:
+one read; autograd: two reads and a gradient written into fresh pages; ``fwd_bwd``: a read and a fresh
+write), and ``frac_of_limit`` = limit_ms / median ms (1.0 = at the memory limit).
 GB/s is that floor divided by the median time, for every provider (eager moves several times the floor:
 ``log_softmax`` writes a full fp32 copy, and its backward reads two and writes two).  Each cpu row also
 records ``ratio_vs_eager`` = eager median / cpu median for the same shape and mode, both timed in one
@@ -180,7 +184,18 @@ def row_info(provider, mode, n, v, dtype, ms, inputs, fn):
         "threads": torch.get_num_threads(),
         "isa": _ext.require().cpu._isa(),
     }
+    info.update(C.limit_info(*_limit(mode, n, v, x.element_size()), ms))
     return info
+
+
+def _limit(mode, n, v, elt):
+    """(rates, floor ms) of a row: the forward reads the logits; the autograd backward reads them again and
+    writes the gradient into pages it has just allocated; ``fwd_bwd`` reads once and writes fresh once."""
+    size = n * v * elt
+    limits = C.cpu_limits(size)
+    reads = {"fwd": 1, "fwd+bwd": 2, "fwd_bwd": 1}[mode]
+    fresh = 0 if mode == "fwd" else size
+    return limits, C.limit_ms(reads * size, limits, fresh_write_bytes=fresh)
 
 
 def measure(provider, mode, n, v, dtype):
@@ -233,6 +248,7 @@ def main():
         "GB/s",
         "ratio_vs_eager",
         "extra_mem_x_logits",
+        "frac_of_limit",
     ]
     print(
         f"\n{cpu_model()} ({os.cpu_count()} cores), torch {torch.__version__}, {torch.get_num_threads()} threads, "
