@@ -4,6 +4,12 @@ import numbers
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed
+    DTensor = ()
 
 from . import functional as F
 from .reference.losses import LOG16
@@ -115,6 +121,18 @@ class TokenJeffreys(nn.Module):
         return f"beta={self.beta}, temperature={self.temperature}, backend={self.backend!r}"
 
 
+def _unwrapped(module):
+    """The module inside DistributedDataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    for _ in range(16):
+        if isinstance(module, DistributedDataParallel):
+            module = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
+            module = module._orig_mod
+        else:
+            break
+    return module
+
+
 class EMAAnchor:
     """Exponential-moving-average anchor: ``θ_anchor ← (1 − η)·θ_anchor + η·θ_policy`` (J-BOND step 6).
 
@@ -122,7 +140,12 @@ class EMAAnchor:
     the anchor with one fused multi-tensor lerp (``torch._foreach_lerp_``, a handful of kernel launches for
     the whole model), never a Python loop of per-tensor kernels.  Integer buffers are copied.  The anchor
     and policy must have the same architecture (same parameter and buffer names and shapes); a module
-    wrapped by ``torch.compile`` is unwrapped.  The policy may live on another device (an anchor offloaded
+    wrapped by ``torch.compile`` or ``DistributedDataParallel`` is unwrapped (under DDP every rank holds the
+    same policy, and updates its own full anchor).  FSDP2-sharded models (``fully_shard``: DTensor
+    parameters) are averaged shard by shard, each rank its own local shards, nothing gathered; the anchor
+    must then be sharded exactly as the policy (same meshes and placements), and a parameter set that does
+    not line up (a DTensor against a plain tensor, FSDP1's flattened names against an unwrapped anchor)
+    raises a ``ValueError`` naming the parameter.  The policy may live on another device (an anchor offloaded
     to the CPU): its tensors are copied over.  The anchor module is taken over: its parameters stop
     requiring grad, so pass a copy of the policy (``copy.deepcopy(policy)``), never the policy itself.
     """
@@ -140,17 +163,24 @@ class EMAAnchor:
             p.requires_grad_(False)
 
     def _pairs(self, policy_module):
-        """[(anchor tensor, policy tensor, name)], every name and shape checked before anything moves."""
-        anchor = getattr(self.anchor, "_orig_mod", self.anchor)  # torch.compile's wrapper adds a prefix
-        policy = getattr(policy_module, "_orig_mod", policy_module)
+        """[(anchor tensor, policy tensor, name)], every name, shape and sharding checked before anything
+        moves; DTensors (FSDP2) are replaced by their local shards."""
+        anchor, policy = _unwrapped(self.anchor), _unwrapped(policy_module)
         mine = dict(anchor.named_parameters())
         mine.update(dict(anchor.named_buffers()))
         theirs = dict(policy.named_parameters())
         theirs.update(dict(policy.named_buffers()))
         if mine.keys() != theirs.keys():
-            missing = sorted(set(mine) ^ set(theirs))[:5]
+            only_policy, only_anchor = sorted(set(theirs) - set(mine)), sorted(set(mine) - set(theirs))
+            hint = ""
+            if any("_fsdp_wrapped_module" in n or "_flat_param" in n for n in only_policy + only_anchor):
+                hint = (
+                    "; FSDP1 renames and flattens the parameters of the modules it wraps: wrap the anchor "
+                    "exactly as the policy, or shard both with FSDP2's fully_shard (names kept)"
+                )
             raise ValueError(
-                f"policy_module must have the anchor's parameters and buffers; these differ: {missing}"
+                f"policy_module must have the anchor's parameters and buffers; only the policy's: "
+                f"{only_policy[:5]}, only the anchor's: {only_anchor[:5]}{hint}"
             )
         pairs = []
         for name, a in mine.items():
@@ -161,6 +191,26 @@ class EMAAnchor:
                 )
             if p.device.type == "meta":
                 raise ValueError(f"policy_module.{name} is on the meta device: it holds no values to average")
+            a_sharded, p_sharded = isinstance(a, DTensor), isinstance(p, DTensor)
+            if a_sharded != p_sharded:
+                kinds = ("a DTensor", "a plain tensor")
+                raise ValueError(
+                    f"policy_module.{name} is {kinds[not p_sharded]}, the anchor's is {kinds[not a_sharded]}: "
+                    "shard the anchor exactly as the policy (fully_shard on the same modules) or neither; "
+                    "under FSDP2 call update() after the optimizer step, when the parameters are sharded"
+                )
+            if a_sharded:
+                if a.device_mesh != p.device_mesh or tuple(a.placements) != tuple(p.placements):
+                    raise ValueError(
+                        f"policy_module.{name} is sharded as {tuple(p.placements)} on {p.device_mesh}, the "
+                        f"anchor's as {tuple(a.placements)} on {a.device_mesh}: shard both the same way"
+                    )
+                a, p = a.to_local(), p.to_local()  # this rank's shards, averaged in place: nothing gathered
+                if a.shape != p.shape:
+                    raise ValueError(
+                        f"policy_module.{name} holds a local shard of shape {tuple(p.shape)}, the anchor's "
+                        f"{tuple(a.shape)}: shard both the same way"
+                    )
             pairs.append((a, p, name))
         return pairs
 

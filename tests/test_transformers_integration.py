@@ -335,3 +335,146 @@ def test_bad_input():
         sequence_logprobs(model, ids, None, verify="no")
     with pytest.raises(ValueError, match="recompute must be 'auto' or 'full', got 'some'"):
         sequence_logprobs(model, ids, None, recompute="some")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Wrappers: the fused head runs through the outermost wrapper's forward (in-process here; DDP and FSDP2 on
+# two gloo processes in tests/test_distributed_training.py).
+# ----------------------------------------------------------------------------------------------------
+class _LoraLinear(torch.nn.Module):
+    """PEFT's LoRA layer layout: the frozen base layer plus B·A·x."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base.requires_grad_(False)
+        self.lora_A = torch.nn.Linear(base.in_features, 4, bias=False)
+        self.lora_B = torch.nn.Linear(4, base.out_features, bias=False)
+        torch.nn.init.normal_(self.lora_B.weight, std=0.5)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+class _LoraModel(torch.nn.Module):
+    """PEFT's LoraModel: holds the transformers model as ``.model`` and calls ``self.model.forward``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model.forward(*args, **kwargs)
+
+
+class _PeftModel(torch.nn.Module):
+    """The structure of peft's PeftModelForCausalLM (peft is not installed here): ``base_model`` (a
+    LoraModel), ``peft_config``, ``get_base_model()``, and a forward spelling out a causal LM's keywords."""
+
+    calls = 0
+
+    def __init__(self, model, prompt_learning=False):
+        super().__init__()
+        for layer in model.model.layers:
+            layer.self_attn.q_proj = _LoraLinear(layer.self_attn.q_proj)
+            layer.self_attn.v_proj = _LoraLinear(layer.self_attn.v_proj)
+        self.base_model = _LoraModel(model)
+        self.peft_config = {"default": None}
+        self.active_peft_config = type("PromptTuningConfig", (), {"is_prompt_learning": prompt_learning})()
+
+    def get_base_model(self):
+        return self.base_model.model
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        type(self).calls += 1
+        return self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=return_dict,
+            **kwargs,
+        )
+
+
+def _compare_through(wrapper, oracle_model, ids, mask, labels, gen):
+    """sequence_logprobs(wrapper) against the oracle model's own logits: values and every gradient."""
+    g_tok, g_seq = torch.randn(3, 8, generator=gen), torch.randn(3, generator=gen)
+    params = [p for p in oracle_model.parameters() if p.requires_grad]
+    want_tok, want_seq = _oracle(oracle_model, ids, mask, labels)
+    want = torch.autograd.grad((want_tok * g_tok).sum() + (want_seq * g_seq).sum(), params)
+    out = sequence_logprobs(wrapper, ids, mask, labels)
+    assert isinstance(out, SequenceLogprobs)
+    torch.testing.assert_close(out.token_logprobs, want_tok, rtol=1e-5, atol=1e-5)
+    got = torch.autograd.grad(
+        (out.token_logprobs * g_tok).sum() + (out.sequence_logprobs * g_seq).sum(), params
+    )
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    return out
+
+
+def test_through_a_peft_wrapper():
+    torch.manual_seed(0)
+    peft = _PeftModel(transformers.LlamaForCausalLM(transformers.LlamaConfig(**COMMON)))
+    gen = torch.Generator().manual_seed(7)
+    ids, mask, labels = _batch(gen)
+    inner = peft.get_base_model()
+    before = _PeftModel.calls
+    _compare_through(peft, inner, ids, mask, labels, gen)
+    assert _PeftModel.calls == before + 1  # the wrapper's forward ran (once: the check calls the inner model)
+    assert "forward" not in inner.__dict__  # the instance-level forward is gone again
+    assert not any(p.requires_grad for n, p in inner.named_parameters() if "base_layer" in n)
+    with pytest.raises(TypeError, match="prompt-learning adapter.*LoRA"):
+        sequence_logprobs(_PeftModel(_llama(), prompt_learning=True), ids, mask, labels)
+
+
+def test_through_torch_compile():
+    """The compiled module traces the inner model's patched forward: backbone and our op in its graph."""
+    torch.manual_seed(0)
+    model = _qwen2()  # tied embeddings: the compiled head's gradient lands on the embedding
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend)
+    gen = torch.Generator().manual_seed(8)
+    ids, mask, labels = _batch(gen)
+    _compare_through(compiled, model, ids, mask, labels, gen)
+    assert any("bond_kernels" in str(n.target) for gm in graphs for n in gm.graph.nodes), "our op not traced"
+    assert "forward" not in model.__dict__
+
+
+def test_wrapper_forward_is_restored():
+    """An instance-level forward the caller installed (accelerate's autocast wrapper does) is put back, also
+    when the call fails; unsupported wrappers are named."""
+    model = _llama()
+    own = model.forward
+    model.forward = own
+    ids, mask, labels = _batch(torch.Generator().manual_seed(9))
+    sequence_logprobs(model, ids, mask, labels)
+    assert model.__dict__["forward"] is own
+    with pytest.raises(ValueError, match="integer tensor"):
+        sequence_logprobs(model, ids.float(), mask)
+    with pytest.raises(ValueError, match="recompute"):
+        sequence_logprobs(model, ids, mask, recompute="some")  # raised inside the forward
+    assert model.__dict__["forward"] is own
+    plain = _llama()
+    with pytest.raises(ValueError, match="recompute"):
+        sequence_logprobs(plain, ids, mask, recompute="some")
+    assert "forward" not in plain.__dict__
+    with pytest.raises(TypeError, match="DataParallel is not supported: use DistributedDataParallel"):
+        sequence_logprobs(torch.nn.DataParallel(_llama()), ids, mask)

@@ -15,16 +15,30 @@ gives exactly "lm_head(backbone output), then the transform above", and that lm_
 would miss): forward hooks record what the backbone returns and what ``lm_head`` receives and returns, and
 the results are compared element-wise.  A mismatch raises instead of returning wrong log-probs.
 ``verify=False`` skips the check.
+
+The computation runs inside the model's forward, called through the outermost wrapper the model is trained
+in (``DistributedDataParallel``, FSDP2's ``fully_shard``, ``torch.compile``, a PEFT model; see
+``_wrappers``): for the call, the inner model's ``forward`` is an instance attribute that runs the backbone
+and the fused head and returns the log-probs, so DDP's reducer is prepared, FSDP2 gathers the parameters
+(``lm_head.weight`` is then the full tensor) and registers its backward hooks, and ``torch.compile``
+traces both.  The head's parameters are read inside that forward, never outside it.
 """
 
+import types
 import weakref
 from typing import NamedTuple
 
 import torch
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch build without torch.distributed
+    DTensor = ()
+
 from .. import _validate as V
 from .. import functional as F
 from ..reference._common import transform_logits
+from . import _wrappers
 
 # Positions of the one-time check: enough to cover a few vocabulary rows, small enough to cost nothing.
 _VERIFY_TOKENS = 8
@@ -112,7 +126,7 @@ def _relative_error(x, ref):
     return ((x - ref).abs() / (1.0 + ref.abs())).max().item()
 
 
-def _verify_head(model, backbone, head, weight, bias, input_ids):
+def _verify_head(model, backbone, head, input_ids):
     """Once per model: its own forward on a few tokens must give ``transform(lm_head(backbone output))``."""
     ids = input_ids[:1, :_VERIFY_TOKENS]
     seen = {}
@@ -121,7 +135,9 @@ def _verify_head(model, backbone, head, weight, bias, input_ids):
         seen["backbone"] = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def on_head(module, args, out):
+        # The weight as the forward sees it (FSDP2: the gathered tensor, not the shard).
         seen["head_in"], seen["head_out"] = args[0], out
+        seen["weight"], seen["bias"] = module.weight, getattr(module, "bias", None)
 
     modules = list(model.modules())
     training = [m.training for m in modules]
@@ -156,7 +172,7 @@ def _verify_head(model, backbone, head, weight, bias, input_ids):
     tol = _VERIFY_EPS * max(eps, torch.finfo(torch.float32).eps)
     # The fused head computes hidden·weightᵀ + bias from the module's weight and bias alone: a head whose
     # forward adds more (a LoRA adapter on lm_head, a quantised layer) would be scored without it.
-    head_out = seen["head_out"].float()
+    head_out, weight, bias = seen["head_out"].float(), seen["weight"], seen["bias"]
     plain = torch.nn.functional.linear(h_in.float(), weight.float(), None if bias is None else bias.float())
     head_err = _relative_error(plain, head_out)
     if not head_err <= tol:
@@ -204,6 +220,10 @@ def sequence_logprobs(
     sums; with left padding pass ``position_ids`` as generation does).  Extra keyword arguments go to the
     backbone (e.g. ``position_ids``).
     Returns :class:`SequenceLogprobs`; differentiable with respect to the model's parameters.
+
+    model: the model as it is trained: plain, ``DistributedDataParallel`` (pass the DDP object: its
+    ``.module`` raises, DDP would not reduce the gradients), FSDP2-sharded (the output projection in the
+    root's group), ``torch.compile``d, or a PEFT model; the call goes through its forward.
 
     verify: on the first call for this model object, run its own forward once on at most
     ``_VERIFY_TOKENS`` tokens of the first row (no gradient, dropout off, one host synchronisation) and
@@ -258,8 +278,17 @@ def sequence_logprobs(
         raise ValueError(
             f"input_ids must hold at least 2 positions to score a next token, got T = {input_ids.shape[1]}"
         )
+    outer, model = _wrappers.unwrap(model)
     backbone = _backbone(model)
-    head, weight, bias = _head(model)
+    head, _, _ = _head(model)
+    if outer is model and not torch.compiler.is_compiling():
+        owner = _wrappers.ddp_owner(model)
+        if owner is not None:
+            raise ValueError(
+                f"model: this {type(model).__name__} is the .module of a DistributedDataParallel; pass the "
+                "DistributedDataParallel itself, so that its forward prepares the gradient all-reduce (through "
+                "the .module the gradients stay those of this rank's batch)"
+            )
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     rows = getattr(embed, "num_embeddings", None)
     if rows is not None and V.free_to_read(input_ids) and input_ids.numel() > 0:
@@ -269,11 +298,63 @@ def sequence_logprobs(
                 f"input_ids must lie in [0, {rows}) (the model's input embedding), got {lo if lo < 0 else hi}"
             )
     if verify and model not in _VERIFIED and not torch.compiler.is_compiling():
-        _verify_head(model, backbone, head, weight, bias, input_ids)
+        _verify_head(model, backbone, head, input_ids)
         _VERIFIED[model] = True
     temperature, softcap = _logit_transform(model.config, temperature)
     model_kwargs.setdefault("use_cache", False)
-    out = backbone(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+    options = (float(temperature), softcap, ignore_index, backend, recompute)
+    # The fused head runs as the inner model's forward, called by the outermost wrapper's: DDP prepares
+    # its reducer, FSDP2 gathers the parameters (lm_head.weight inside is the full tensor) and registers
+    # its backward hooks, torch.compile traces it.  An instance attribute, removed again afterwards.
+    had = "forward" in model.__dict__
+    previous = model.__dict__.get("forward")
+    model.forward = types.MethodType(_fused_forward, model)
+    try:
+        out = outer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            **{_LABELS: labels, _OPTIONS: options},
+            **model_kwargs,
+        )
+    finally:
+        if had:
+            model.forward = previous
+        else:
+            del model.forward
+    if not (isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out)):
+        raise TypeError(
+            f"model: {type(outer).__name__}'s forward did not return what the inner model's forward returned "
+            f"(got {type(out).__name__}); the fused head cannot run through this wrapper"
+        )
+    return SequenceLogprobs(*out)
+
+
+# Keyword arguments that carry the labels and the head's options through the wrappers' forwards.
+_LABELS = "_bond_kernels_labels"
+_OPTIONS = "_bond_kernels_head"
+# Passed as None by wrappers (PEFT) that spell out a causal LM's whole signature; the backbone takes none.
+_DROPPED_IF_NONE = ("labels", "inputs_embeds", "output_attentions", "output_hidden_states", "return_dict")
+
+
+def _fused_forward(self, input_ids=None, attention_mask=None, **kwargs):
+    """The model's forward while :func:`sequence_logprobs` runs: backbone, then the fused head."""
+    labels = kwargs.pop(_LABELS)
+    temperature, softcap, ignore_index, backend, recompute = kwargs.pop(_OPTIONS)
+    for key in _DROPPED_IF_NONE:
+        if key in kwargs and kwargs[key] is None:
+            del kwargs[key]
+    backbone = _backbone(self)
+    _, weight, bias = _head(self)  # read here: FSDP2 has put the gathered parameters in place
+    if isinstance(weight, DTensor):
+        owner = _wrappers.fsdp_sharded_owner(self, weight)
+        if owner is not None:
+            raise ValueError(
+                f"model: the output projection's weight is still sharded inside the forward: FSDP2 shards it "
+                f"with {owner!r} on its own, whose parameters are gathered only while {owner!r}'s forward runs "
+                "(the fused head does not call it); apply fully_shard to the decoder layers and the root only, "
+                "so the output projection (and a tied input embedding) is in the root's group"
+            )
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     hidden = hidden[:, :-1]
     if hidden.dtype != weight.dtype:  # e.g. autocast: the head runs in the weight's dtype
@@ -289,4 +370,6 @@ def sequence_logprobs(
         backend=backend,
         recompute=recompute,
     )
+    if logp._is_view():  # FSDP2 hooks the forward's outputs; an in-place op on a view would lose its hook
+        logp = logp.clone()
     return SequenceLogprobs(logp, logp.sum(-1))
