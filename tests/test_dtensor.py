@@ -253,6 +253,16 @@ def _error_cases(mesh, world, pg):
         ),
         "sharded, labels differ": lambda: bk.token_logprobs(xs, (c["y"].clamp_min(0) + dist.get_rank()) % v),
     }
+    # token_jeffreys over process_group= on plain shards: unequal shards, N differing, a local error on one rank
+    rank, v_r = dist.get_rank(), v // world
+    p_r = c["x"][..., rank * v_r : (rank + 1) * v_r]
+    a_r = c["a"][..., rank * v_r : (rank + 1) * v_r]
+    wide = torch.randn(B, T, v_r + (rank == 0))
+    calls["jeffreys unequal shards"] = lambda: bk.token_jeffreys(wide, wide, process_group=pg)
+    rows = p_r[:1] if rank == 0 else p_r
+    calls["jeffreys N differs"] = lambda: bk.token_jeffreys(rows, rows, process_group=pg)
+    a_bad = a_r[..., :-1] if rank == 1 else a_r
+    calls["jeffreys bad anchor on rank 1"] = lambda: bk.token_jeffreys(p_r, a_bad, process_group=pg)
     res = {}
     for name, call in calls.items():
         try:
@@ -433,6 +443,10 @@ ERRORS = {
     "other process_group": ("ValueError", ["process_group", "mesh"]),
     "replicated, labels differ": ("ValueError", ["labels", "identical"]),
     "sharded, labels differ": ("ValueError", ["labels", "identical"]),
+    "jeffreys unequal shards": ("ValueError", ["policy_logits", "same size on every rank", "Pad"]),
+    "jeffreys N differs": ("ValueError", ["policy_logits", "same number of rows"]),
+    # rank 1 names its own argument; the others name rank 1 and its message
+    "jeffreys bad anchor on rank 1": ("ValueError", ["anchor_logits", "shape"]),
 }
 
 
@@ -448,5 +462,7 @@ def test_bad_inputs_raise_on_every_rank(world_results):
             assert got_kind == kind, f"rank {rank} {name}: {got_kind}: {msg}"
             if name.startswith("uneven"):
                 words = words + [sizes, str(world)]
+            if name == "jeffreys bad anchor on rank 1" and rank != 1:
+                words = words + ["rank 1"]
             for word in words:
                 assert word in msg, f"rank {rank} {name}: expected {word!r} in {msg!r}"
