@@ -104,10 +104,18 @@ def _exchange(group, like, error, values, labels, ignore_index, layout):
     )
     dev = _meta_device(group, like)
     vec = torch.cat([head.to(dev), summary.to(dev), layout_hash.to(dev), tail.to(dev)])
+    return gather_or_raise(group, like, error, vec, _FIELDS)
+
+
+def gather_or_raise(group, like, error, vec, fields):
+    """all_gather the float64 vector ``vec`` (its first entry 1.0 where this rank's ``error`` is set) as one
+    dict ``fields -> value`` per rank; if any rank reported an error, raise on every rank: the erring rank
+    its own error, the others a ValueError naming the ranks and their messages."""
+    vec = vec.to(_meta_device(group, like))
     world = dist.get_world_size(group)
     gathered = [torch.empty_like(vec) for _ in range(world)]
     dist.all_gather(gathered, vec, group=group)
-    rows = [dict(zip(_FIELDS, t.tolist())) for t in gathered]
+    rows = [dict(zip(fields, t.tolist())) for t in gathered]
     if any(r["error"] for r in rows):
         messages = [None] * world
         dist.all_gather_object(
@@ -239,3 +247,37 @@ def gather_checked(
         else "logits (its last dimension, the vocabulary shard)"
     )
     return shard_info(gathered, dist.get_rank(group), ignore_index, shard)
+
+
+_JEFFREYS_FIELDS = ("error", "rows", "vocab", "beta", "temperature", "mask", "mask_1", "mask_2", "dtype")
+
+
+def check_jeffreys(group, like, error, *, rows, vocab, beta, temperature, ignore_mask, dtype):
+    """The metadata exchange of the vocabulary-parallel ``token_jeffreys`` (one ``all_gather``): every rank
+    must agree on N, its shard size, beta, the temperature, ignore_mask (hashed) and the dtype; otherwise (or when any rank's arguments failed) every rank raises."""
+    if error is None:
+        mask = torch.zeros(2) if ignore_mask is None else _hash(ignore_mask.to(torch.int64)).cpu()
+        code = float(_DTYPES.index(dtype)) if dtype in _DTYPES else -1.0
+        head = [0.0, rows, vocab, beta, temperature, float(ignore_mask is not None)]
+        vec = torch.tensor(head + mask.tolist() + [code], dtype=torch.float64)
+    else:
+        vec = torch.zeros(len(_JEFFREYS_FIELDS), dtype=torch.float64)
+        vec[0] = 1.0
+    gathered = gather_or_raise(group, like, error, vec, _JEFFREYS_FIELDS)
+    sizes = [int(r["vocab"]) for r in gathered]
+    if any(s != sizes[0] for s in sizes):
+        raise ValueError(
+            "policy_logits must have the same size on every rank of process_group (equal contiguous slices of "
+            f"the vocabulary); got sizes {sizes} across ranks. Pad the vocabulary to a multiple of the world size"
+        )
+    _check_consistent(
+        gathered,
+        "token_jeffreys",
+        [
+            ("rows", "policy_logits", "hold the same number of rows N (the tokens are replicated)"),
+            ("beta", "beta", "be the same"),
+            ("temperature", "temperature", "be the same"),
+            ("dtype", "policy_logits", "have the same dtype"),
+            (("mask", "mask_1", "mask_2"), "ignore_mask", "be identical (or None on every rank)"),
+        ],
+    )

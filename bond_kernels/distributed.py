@@ -1,9 +1,9 @@
 """Vocabulary-parallel log-probs over ``torch.distributed`` (tensor parallelism over the vocabulary).
 
 Each rank of ``process_group`` holds a contiguous slice of the vocabulary — of the logits (``token_logprobs``,
-``sequence_logprobs``) or of the output projection's weight and bias (``linear_token_logprobs``) — in rank
-order, and every rank holds the same number of columns (pad the vocabulary to a multiple of the world
-size, as Megatron does).  Labels are global vocabulary ids and, like the hidden states, are the same on
+``sequence_logprobs``, both logits of ``token_jeffreys``) or of the output projection's weight and bias
+(``linear_token_logprobs``) — in rank order, and every rank holds the same number of columns (pad the
+vocabulary to a multiple of the world size, as Megatron does).  Labels are global vocabulary ids and, like the hidden states, are the same on
 every rank; every rank gets the same (replicated) log-probs and entropies.
 
 Per row, each rank computes over its slice (with the backend's per-token kernels, local labels clamped into
@@ -35,13 +35,20 @@ from torch.autograd.function import once_differentiable
 
 from . import _backend
 from . import _validate as V
-from ._shards import ShardInfo, gather_checked, shard_info
+from ._shards import ShardInfo, check_jeffreys, gather_checked, shard_info
 from .ops.linear_engine import KERNEL_IGNORE, local_backward, local_forward, local_labels, make_kept
 from .ops.linear_token_logprobs import saved_tensor_hooks_active
 from .ops.token_logprobs import full_lse
 from .reference.token_logprobs import segment_sum
 
-__all__ = ["ShardInfo", "linear_token_logprobs", "sequence_logprobs", "shard_info", "token_logprobs"]
+__all__ = [
+    "ShardInfo",
+    "linear_token_logprobs",
+    "sequence_logprobs",
+    "shard_info",
+    "token_jeffreys",
+    "token_logprobs",
+]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -375,3 +382,133 @@ def linear_token_logprobs(
     if return_entropy:
         return logp, ent.view(labels.shape)
     return logp
+
+
+# --------------------------------------------------------------------------------------------------------
+# token_jeffreys on vocabulary-sharded policy and anchor logits
+# --------------------------------------------------------------------------------------------------------
+def _jeffreys_terms(policy, anchor, keep, m, lse, temperature):
+    """This shard's ``(log p, log q)`` (N, V_r) from the global row maxima ``m`` (2, N) and the global
+    log-sum-exps ``lse`` (2, N) of the shifted, tempered rows; ignored rows are zeros."""
+    dt = m.dtype
+    z, a = policy.to(dt), anchor.to(dt)
+    if keep is not None:
+        zero = torch.zeros((), dtype=dt, device=z.device)
+        z = torch.where(keep.unsqueeze(-1), z, zero)
+        a = torch.where(keep.unsqueeze(-1), a, zero)
+    # shifted by the row maxima before dividing by T, as the reference does
+    logp = (z - m[0].unsqueeze(-1)) / temperature - lse[0].unsqueeze(-1)
+    logq = (a - m[1].unsqueeze(-1)) / temperature - lse[1].unsqueeze(-1)
+    return logp, logq
+
+
+def _xlogy_diff(p, logp, logq):
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    return (p * torch.where(p > 0, logp - logq, zero)).sum(-1)
+
+
+class _VocabParallelJeffreys(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, policy, anchor, keep, beta, temperature, group):
+        dt = torch.float64 if torch.float64 in (policy.dtype, anchor.dtype) else torch.float32
+        zero = torch.zeros((), dtype=dt, device=policy.device)
+        z, a = policy.to(dt), anchor.to(dt)
+        if keep is not None:
+            z = torch.where(keep.unsqueeze(-1), z, zero)
+            a = torch.where(keep.unsqueeze(-1), a, zero)
+        m = torch.stack([z.amax(-1), a.amax(-1)])
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        m = torch.where(torch.isfinite(m), m, zero)  # a row of -inf gives NaN below, as on one process
+        sums = torch.stack(
+            [
+                torch.exp((z - m[0].unsqueeze(-1)) / temperature).sum(-1),
+                torch.exp((a - m[1].unsqueeze(-1)) / temperature).sum(-1),
+            ]
+        )
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        lse = torch.log(sums)
+        logp, logq = _jeffreys_terms(policy, anchor, keep, m, lse, temperature)
+        p, q = logp.exp(), logq.exp()
+        # KL(p‖q) and KL(q‖p) are sums over the vocabulary: each rank adds its shard's terms
+        kl = torch.stack([_xlogy_diff(p, logp, logq), _xlogy_diff(q, logq, logp)])
+        dist.all_reduce(kl, op=dist.ReduceOp.SUM, group=group)
+        div = torch.zeros_like(kl[0])
+        if beta > 0:  # a weight of 0 drops its term (0·inf is not NaN here either)
+            div = div + beta * kl[0]
+        if beta < 1:
+            div = div + (1.0 - beta) * kl[1]
+        if keep is not None:
+            div = torch.where(keep, div, zero)
+        ctx.save_for_backward(policy, anchor, keep, m, lse, kl[0])
+        ctx.config = (beta, temperature)
+        return div
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_div):
+        policy, anchor, keep, m, lse, kl_pq = ctx.saved_tensors
+        beta, temperature = ctx.config
+        logp, logq = _jeffreys_terms(policy, anchor, keep, m, lse, temperature)
+        p, q = logp.exp(), logq.exp()
+        zero = torch.zeros((), dtype=p.dtype, device=p.device)
+        d = torch.zeros_like(p)
+        if beta > 0:
+            d = d + beta * p * (torch.where(p > 0, logp - logq, zero) - kl_pq.unsqueeze(-1))
+        if beta < 1:
+            d = d + (1.0 - beta) * (p - q)
+        g = grad_div.to(p.dtype)
+        if keep is not None:
+            g = torch.where(keep, g, zero)
+        d = d * (g / temperature).unsqueeze(-1)
+        return d.to(policy.dtype), None, None, None, None, None
+
+
+def token_jeffreys(
+    policy_logits,
+    anchor_logits,
+    *,
+    beta=0.5,
+    temperature=1.0,
+    ignore_mask=None,
+    backend="auto",
+    process_group,
+):
+    """:func:`bond_kernels.token_jeffreys` for policy and anchor logits (..., V_r) sharded over the vocabulary.
+
+    Both hold this rank's contiguous slice of the vocabulary (rank order, equal sizes); ``ignore_mask`` is
+    the same on every rank.  Returns the global divergence (...) on every rank; the backward gives each
+    rank its own shard's gradient, with no collective.  Computed with torch ops on each shard (fp32, fp64
+    for fp64 inputs; a few (N, V_r) temporaries) and three all-reduces of (2, N) row statistics (maxima,
+    sums of exponentials, the two KL sums); ``backend`` is checked but the computation is the same on every
+    backend.  One metadata exchange first, as for the other ops (the module docstring).
+    """
+    error = None
+    try:
+        beta, temperature = V.jeffreys_args(policy_logits, anchor_logits, beta, temperature, ignore_mask)
+        _backend.choose("token_jeffreys", backend, policy_logits.device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        error = exc
+    ok = error is None
+    check_jeffreys(
+        process_group,
+        policy_logits if isinstance(policy_logits, torch.Tensor) else torch.empty(0),
+        error,
+        rows=policy_logits.numel() // policy_logits.shape[-1] if ok else 0,
+        vocab=policy_logits.shape[-1] if ok else 0,
+        beta=beta if ok else 0.0,
+        temperature=temperature if ok else 0.0,
+        ignore_mask=ignore_mask,
+        dtype=policy_logits.dtype if ok else None,
+    )
+    lead = tuple(policy_logits.shape[:-1])
+    v = policy_logits.shape[-1]
+    keep = None if ignore_mask is None else ~ignore_mask.reshape(-1)
+    div = _VocabParallelJeffreys.apply(
+        policy_logits.reshape(-1, v),
+        anchor_logits.detach().reshape(-1, v),
+        keep,
+        beta,
+        temperature,
+        process_group,
+    )
+    return div.view(lead)

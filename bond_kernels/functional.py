@@ -4,7 +4,7 @@ BOND functions in :mod:`bond_kernels.objectives`, re-exported."""
 
 import torch
 
-from . import _backend
+from . import _backend, _dtensor
 from . import _validate as V
 from . import reference as ref
 from .objectives import best_of_n_indices, bon_log_prob, bond_loss, jbond_loss, reward_quantiles
@@ -88,7 +88,11 @@ def token_logprobs(
         backend checks anyway (no synchronisation to save); on a GPU without it such a row is NaN.
     process_group: logits sharded over the vocabulary across the group's ranks (tensor parallel), the same
         number of columns on every rank; labels are global ids.  See :func:`bond_kernels.distributed.token_logprobs`.
+    DTensor logits (``Shard`` on the last dimension, or ``Replicate()``, on a 1-D mesh) run that path over the
+    mesh's group and give ``Replicate()`` DTensors (``bond_kernels._dtensor``; README, "Multi-GPU").
     """
+    if _dtensor.any_dtensor(logits, labels):  # DTensor inputs: the local shards, Replicate() outputs
+        return _dtensor.dispatch(token_logprobs, locals())
     return_entropy = V.boolean(return_entropy, "return_entropy")
     inplace = V.boolean(inplace, "inplace")
     validate = V.boolean(validate, "validate")
@@ -168,7 +172,10 @@ def sequence_logprobs(
     :func:`token_logprobs`; no extra pass touches the (N, V) logits.  ``inplace=True``: the backward writes
     the gradient into the logits buffer, **destroying the logits** (as in :func:`token_logprobs`).
     ``process_group``: vocabulary-sharded logits, see :func:`bond_kernels.distributed.sequence_logprobs`.
+    DTensor logits as in :func:`token_logprobs`.
     """
+    if _dtensor.any_dtensor(logits, labels, cu_seqlens):
+        return _dtensor.dispatch(sequence_logprobs, locals())
     inplace = V.boolean(inplace, "inplace")
     validate = V.boolean(validate, "validate")
     if process_group is not None:
@@ -321,7 +328,14 @@ def sequence_logprobs_and_grad(
 # token-level Jeffreys divergence
 # --------------------------------------------------------------------------------------------------------
 def token_jeffreys(
-    policy_logits, anchor_logits, *, beta=0.5, temperature=1.0, ignore_mask=None, backend="auto"
+    policy_logits,
+    anchor_logits,
+    *,
+    beta=0.5,
+    temperature=1.0,
+    ignore_mask=None,
+    backend="auto",
+    process_group=None,
 ):
     """Per-row ``β·KL(p‖q) + (1−β)·KL(q‖p)``, ``p = softmax(policy/T)``, ``q = softmax(anchor/T)``; (...) fp32.
 
@@ -329,8 +343,17 @@ def token_jeffreys(
     Differentiable with respect to ``policy_logits`` (the anchor is treated as a constant).
     A kept row without a distribution (NaN or +inf in it, or all -inf) gives NaN, and where the values are
     free to read (CPU tensors outside torch.compile) a ValueError naming the cause (README, "Odd inputs").
-    Spec: :func:`bond_kernels.reference.token_jeffreys`.
+    Spec: :func:`bond_kernels.reference.token_jeffreys`.  ``process_group``: both logits sharded over the
+    vocabulary (equal slices, rank order), see :func:`bond_kernels.distributed.token_jeffreys`.  DTensor
+    logits (both ``Shard`` on the last dimension, or both ``Replicate()``) as in :func:`token_logprobs`.
     """
+    if _dtensor.any_dtensor(policy_logits, anchor_logits, ignore_mask):
+        return _dtensor.dispatch(token_jeffreys, locals())
+    if process_group is not None:
+        from . import distributed
+
+        kw = dict(beta=beta, temperature=temperature, ignore_mask=ignore_mask, backend=backend)
+        return distributed.token_jeffreys(policy_logits, anchor_logits, process_group=process_group, **kw)
     beta, temperature = V.jeffreys_args(policy_logits, anchor_logits, beta, temperature, ignore_mask)
     lead = tuple(policy_logits.shape[:-1])
     name = _backend.choose(
@@ -397,7 +420,8 @@ def linear_token_logprobs(
 
     process_group: ``weight`` (and ``bias``) hold this rank's contiguous slice of the vocabulary (tensor
         parallel), the same number of rows on every rank; hidden and labels (global ids) are the same on every rank.  See
-        :func:`bond_kernels.distributed.linear_token_logprobs`.
+        :func:`bond_kernels.distributed.linear_token_logprobs`.  DTensors: ``weight`` and ``bias``
+        ``Shard(0)`` with ``hidden`` ``Replicate()`` (a ``ColwiseParallel`` lm_head), or all ``Replicate()``.
     validate: check on the host (one synchronisation) that every label is in [0, V).  Without it a label out
         of range gives NaN in its row on a GPU; the cpu and torch backends always check (no synchronisation
         to save there).
@@ -415,6 +439,8 @@ def linear_token_logprobs(
     validate = V.boolean(validate, "validate")
     if not isinstance(recompute, str) or recompute not in ("auto", "full"):
         raise ValueError(f"recompute must be 'auto' or 'full', got {recompute!r}")
+    if _dtensor.any_dtensor(hidden, weight, bias, labels):  # e.g. a ColwiseParallel lm_head's Shard(0) weight
+        return _dtensor.dispatch(linear_token_logprobs, locals())
     if process_group is not None:
         from . import distributed
 
