@@ -89,7 +89,7 @@ def token_logprobs(
     process_group: logits sharded over the vocabulary across the group's ranks (tensor parallel), the same
         number of columns on every rank; labels are global ids.  See :func:`bond_kernels.distributed.token_logprobs`.
     DTensor logits (``Shard`` on the last dimension, or ``Replicate()``, on a 1-D mesh) run that path over the
-    mesh's group and give ``Replicate()`` DTensors (``bond_kernels._dtensor``; README, "Multi-GPU").
+    mesh's group and give ``Replicate()`` DTensors (``bond_kernels._dtensor``; README, "Tensor parallelism").
     """
     if _dtensor.any_dtensor(logits, labels):  # DTensor inputs: the local shards, Replicate() outputs
         return _dtensor.dispatch(token_logprobs, locals())
