@@ -269,6 +269,12 @@ def test_step_gradient_anchor_samples_and_ema(trl, tmp_path):
     with torch.no_grad():
         diff = (anchor0(input_ids=ids).logits - policy0(input_ids=ids).logits).abs().max()
         assert diff > 0.1
+    # the trainer's anchor object runs its own weights now (its forward is not the policy's)
+    fresh = _model()
+    fresh.load_state_dict(trainer.anchor_model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.anchor_model(input_ids=ids).logits, fresh(input_ids=ids).logits)
+        assert (fresh(input_ids=ids).logits - trainer.model(input_ids=ids).logits).abs().max() > 0.1
     # the gradient of step 1, recomputed from its samples through the reference
     want, r, ra = _recompute(spy_p.calls[0], spy_a.calls[0], policy0, anchor0, args)
     _assert_grads_close(rec.grads, want)
@@ -281,6 +287,35 @@ def test_step_gradient_anchor_samples_and_ema(trl, tmp_path):
         assert math.isfinite(logged[f"jbond/{key}"]), key
     assert logged["jbond/reward"] == pytest.approx(r.mean().item())
     assert logged["jbond/anchor_reward"] == pytest.approx(ra.mean().item())
+
+
+def test_anchor_copied_from_a_trl_patched_model_runs_its_own_weights(trl, tmp_path):
+    # trl's add_fused_lm_head binds the model's original forward in a closure: a deepcopy keeps calling the
+    # *original* model's forward.  The trainer drops that instance forward from the anchor it is given.
+    from bond_kernels.integrations.trl import JBondTrainer
+
+    patched = _model()
+    trl.trainer.utils.add_fused_lm_head(patched)
+    anchor = copy.deepcopy(patched)
+    with torch.no_grad():
+        for p in anchor.parameters():
+            p.mul_(1.5)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        assert torch.equal(anchor(input_ids=ids).logits, patched(input_ids=ids).logits)  # the trap itself
+    trainer = JBondTrainer(
+        model=_model(),
+        reward_funcs=count_target,
+        args=_config(trl, tmp_path),
+        train_dataset=_dataset(4),
+        processing_class=_tokenizer(),
+        anchor_model=anchor,
+    )
+    fresh = _model()
+    fresh.load_state_dict(trainer.anchor_model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(trainer.anchor_model(input_ids=ids).logits, fresh(input_ids=ids).logits)
+        assert (fresh(input_ids=ids).logits - patched(input_ids=ids).logits).abs().max() > 0.1
 
 
 def test_gradient_accumulation_matches_one_micro_batch(trl, tmp_path):
@@ -396,7 +431,11 @@ def test_bad_trainer_arguments(trl, tmp_path):
 
     kw = dict(reward_funcs=count_target, train_dataset=_dataset(4), processing_class=_tokenizer())
     with pytest.raises(TypeError, match="args must be a JBondConfig"):
-        JBondTrainer(model=_model(), args=trl.GRPOConfig(output_dir=str(tmp_path), num_generations=3), **kw)
+        JBondTrainer(
+            model=_model(),
+            args=trl.GRPOConfig(output_dir=str(tmp_path), num_generations=2, use_cpu=True),
+            **kw,
+        )
     with pytest.raises(ValueError, match="peft_config"):
         JBondTrainer(model=_model(), args=_config(trl, tmp_path), peft_config=object(), **kw)
     with pytest.raises(ValueError, match="tools"):

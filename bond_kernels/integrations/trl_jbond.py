@@ -58,7 +58,6 @@ from trl.data_utils import is_conversational
 from trl.models import unwrap_model_for_generation
 
 from .. import objectives
-from .._validate import describe
 from ..modules import EMAAnchor
 from ..reference.losses import LOG16
 from .transformers import sequence_logprobs
@@ -203,7 +202,7 @@ class JBondTrainer(trl.GRPOTrainer):
             raise TypeError(f"args must be a JBondConfig, got {type(args).__name__}")
         for name in ("tools", "rollout_func", "environment_factory"):
             if kwargs.get(name) is not None:
-                raise ValueError(f"{name} is not supported by JBondTrainer, got {describe(kwargs[name])}")
+                raise ValueError(f"{name} is not supported by JBondTrainer, got {type(kwargs[name]).__name__}")
         if kwargs.get("peft_config") is not None or _is_peft(model):
             raise ValueError(
                 "peft_config / a PEFT model is not supported by JBondTrainer: the anchor is a full EMA copy of the "
