@@ -11,6 +11,7 @@ sampled, or scored, the anchor's rows with the policy would give another gradien
 import copy
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -366,7 +367,9 @@ def _worker(rank, world, port, tmp, conn_dir):
     import pathlib
 
     trl_mod = _peer("trl")
-    trainer, _, _, spy_p, spy_a, rec = _train(trl_mod, pathlib.Path(tmp) / str(rank), fixed=True)
+    trainer, _, _, spy_p, spy_a, rec = _train(
+        trl_mod, pathlib.Path(tmp) / str(rank), fixed=True, ddp_timeout=120
+    )
     torch.save(
         {
             "grads": rec.grads,
@@ -386,7 +389,14 @@ def test_two_processes_match_one(trl, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    ctx = mp.spawn(_worker, args=(2, port, str(tmp_path), str(tmp_path)), nprocs=2, join=False)
+    end = time.monotonic() + 300.0  # the workers' gloo timeout is 120 s (ddp_timeout)
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > end:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            pytest.fail("the 2 JBondTrainer workers did not finish in 300 s")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [x["world"] for x in ranks] == [2, 2]
     # one process with the whole batch (the same prompts, each sampled from its own seed)

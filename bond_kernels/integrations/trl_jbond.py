@@ -52,7 +52,11 @@ import math
 import os
 
 import torch
-import trl
+
+try:
+    import trl
+except ImportError as exc:  # pragma: no cover - the message is the point
+    raise ImportError(f"JBondConfig / JBondTrainer need trl 1.16 (pip install trl): {exc}") from exc
 from transformers import TrainerCallback
 from trl.data_utils import is_conversational
 from trl.models import unwrap_model_for_generation
@@ -202,7 +206,9 @@ class JBondTrainer(trl.GRPOTrainer):
             raise TypeError(f"args must be a JBondConfig, got {type(args).__name__}")
         for name in ("tools", "rollout_func", "environment_factory"):
             if kwargs.get(name) is not None:
-                raise ValueError(f"{name} is not supported by JBondTrainer, got {type(kwargs[name]).__name__}")
+                raise ValueError(
+                    f"{name} is not supported by JBondTrainer, got {type(kwargs[name]).__name__}"
+                )
         if kwargs.get("peft_config") is not None or _is_peft(model):
             raise ValueError(
                 "peft_config / a PEFT model is not supported by JBondTrainer: the anchor is a full EMA copy of the "
