@@ -193,9 +193,10 @@ def _sequences(prompt_ids, prompt_mask, completion_ids, completion_mask):
 class JBondTrainer(trl.GRPOTrainer):
     """``trl.GRPOTrainer`` running J-BOND (see the module docstring).
 
-    model, reward_funcs, args (a :class:`JBondConfig`), train_dataset, processing_class, callbacks, ... as in
-    GRPOTrainer; anchor_model: the anchor's initial weights (same architecture as the policy), default a copy
-    of the policy.  ``trainer.anchor_model`` is the anchor (no gradient, eval mode).
+    model, reward_funcs, args (a :class:`JBondConfig`) positionally or by name; train_dataset, processing_class,
+    callbacks, ... by name, as in GRPOTrainer; anchor_model: the anchor's initial weights (same architecture as
+    the policy), default a copy of the policy.  ``trainer.anchor_model`` is the anchor (no gradient, eval mode).
+    Evaluation (``eval_dataset``) runs the same sampling and returns the J-BOND loss; it is not tested here.
     """
 
     _tag_names = ["trl", "jbond", "bond_kernels"]
