@@ -106,6 +106,12 @@ def add_arguments(parser: argparse.ArgumentParser):
     a("--eval-every", type=int, default=0, help="steps between trajectory points (0 = steps / 15)")
     a("--threads", type=int, default=1, help="CPU threads for torch (default 1, see below)")
     a("--quiet", action="store_true", help="no progress bars")
+    a(
+        "--trainer",
+        choices=("loop", "trl"),
+        default="loop",
+        help="loop = the demo's own J-BOND loop; trl = bond_kernels.integrations.trl.JBondTrainer (needs trl)",
+    )
     parser.set_defaults(func=run)
     return parser
 

@@ -101,6 +101,14 @@ def run_jbond(args):
     train_seconds, train_tokens = 0.0, 0
     history = []
     bar = progress(range(1, args.steps + 1), desc="J-BOND")
+    trainer = getattr(args, "trainer", "loop")
+    if trainer == "trl":  # the same steps through JBondTrainer (trl's GRPOTrainer); the loop below is skipped
+        from .trl_train import train_with_trl
+
+        history, train_seconds, train_tokens = train_with_trl(
+            args, policy, grammar, gen, checkpoint, every, device
+        )
+        bar = ()
     for step in bar:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -161,6 +169,7 @@ def run_jbond(args):
             "ran": backend_ran,
         },
         "config": {
+            "trainer": trainer,
             "steps": args.steps,
             "seed": args.seed,
             "threads": args.threads,

@@ -276,3 +276,12 @@ def unpatch():
     """Put TRL's own functions back wherever :func:`patch` (or a module imported after it) left ours."""
     _PATCHER.unpatch()
     _LOSS_PATCHER.unpatch()
+
+
+def __getattr__(name):
+    """``JBondConfig`` / ``JBondTrainer`` live in :mod:`.trl_jbond`, imported (with trl) on first use."""
+    if name in ("JBondConfig", "JBondTrainer"):
+        from . import trl_jbond
+
+        return getattr(trl_jbond, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -99,3 +99,12 @@ def patch():
 def unpatch():
     """Put verl's own functions back wherever :func:`patch` (or a module imported after it) left ours."""
     _PATCHER.unpatch()
+
+
+def __getattr__(name):
+    """J-BOND's verl pieces live in :mod:`.verl_jbond` (imported on first use)."""
+    if name in ("jbond_advantages", "jbond_policy_loss", "register_jbond_loss"):
+        from . import verl_jbond
+
+        return getattr(verl_jbond, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
