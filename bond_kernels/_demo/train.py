@@ -30,6 +30,19 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def _check_finite(policy, loss, step):
+    """End the run with a message naming the flags to lower once the loss or a weight is NaN or infinite
+    (sampling from such a policy would otherwise fail later inside torch.multinomial)."""
+    if bool(torch.isfinite(loss.detach())) and all(
+        bool(torch.isfinite(p).all()) for p in policy.parameters()
+    ):
+        return
+    what = "the loss" if not bool(torch.isfinite(loss.detach())) else "the policy's weights"
+    raise SystemExit(
+        f"J-BOND diverged at step {step}: {what} became NaN or infinite; lower --lr (or --gamma) and rerun"
+    )
+
+
 def run_jbond(args):
     """Steps 1-5 of ``bond_kernels.demo``: build, pretrain, J-BOND, evaluate, write ``--out``; returns 0.
 
@@ -123,6 +136,7 @@ def run_jbond(args):
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
+        _check_finite(policy, out.loss, step)
         ema.update(policy)
         if device.type == "cuda":
             torch.cuda.synchronize()
