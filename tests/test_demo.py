@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -327,3 +328,88 @@ def test_help_explains_threads(capsys):
         "a second thread gains nothing",
     ):
         assert words in threads, threads
+
+
+# --------------------------------------------------------------------------------------------------------
+# README's demo transcript is what the report code prints: its numbers, put back through format_table and
+# format_written, give the transcript line for line.  It went stale once (no `reference:` line, an old
+# `wrote` line); a change to the printed lines now fails here until README is rerun.
+# --------------------------------------------------------------------------------------------------------
+ROW = re.compile(
+    r"^(π_ref \(reference\)|Best-of-(\d+) of π_ref|J-BOND policy \((\d+) steps\)) +([\d.]+) +([\d.]+) +"
+)
+TRAINING = re.compile(
+    r"^training: (\d+) tokens/s \((\d+) response tokens sampled in ([\d.]+) s; ([\d.]+) steps/s\)$"
+)
+BACKEND = re.compile(
+    r"^backend: (\w+) -> '(\w+)' on (\w+) \(log-prob path: ([\w.]+); token_logprobs resolves to '(\w+)'\)$"
+)
+REFERENCE = re.compile(
+    r"^reference: next-token entropy ([\d.]+) nats \(uniform [\d.]+, the language's own ([\d.]+)\); target token (\d+) at ([\d.]+)$"
+)
+WROTE = re.compile(r"^wrote (\S+) and (\S+) \(([\d.]+) s in all\)$")
+
+
+def _readme_transcript():
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index("## What the demo shows") :]
+    section = section[: section.index("\n## ", 1)]
+    stamp, block = section.split("\n```\n", 2)[:2]
+    return stamp, block.rstrip("\n").split("\n")
+
+
+def test_readme_transcript_is_what_the_demo_prints():
+    stamp, lines = _readme_transcript()
+    # stamped: the CPU and the date of the run
+    assert re.search(r"\d{4}-\d{2}-\d{2}", stamp) and "CPU" in stamp, stamp
+    defaults = _demo_parser().parse_args([])
+    m = {"best_of_n": {}, "config": {"vocab": defaults.vocab}, "training": {}, "reference_model": {}}
+    for line in lines:
+        row = ROW.match(line)
+        if row and row.group(1).startswith("π_ref"):
+            m["reference"] = {"reward": float(row.group(4)), "quantile": float(row.group(5))}
+        elif row and row.group(2):
+            n = int(row.group(2))
+            m["best_of_n"][str(n)] = {
+                "reward": float(row.group(4)),
+                "quantile": float(row.group(5)),
+                "kl_closed_form": math.log(n) - (n - 1) / n,
+            }
+        elif row:
+            kl, stderr = re.search(r"([\d.]+) ± ([\d.]+) \(sampled\)$", line).groups()
+            m["config"]["steps"] = int(row.group(3))
+            m["policy"] = {
+                "reward": float(row.group(4)),
+                "quantile": float(row.group(5)),
+                "kl_to_ref": float(kl),
+                "kl_to_ref_stderr": float(stderr),
+            }
+        elif TRAINING.match(line):
+            rate, tokens, seconds, steps_per_s = TRAINING.match(line).groups()
+            m["training"] = {
+                "tokens_per_s": float(rate),
+                "tokens": int(tokens),
+                "seconds": float(seconds),
+                "steps_per_s": float(steps_per_s),
+            }
+        elif BACKEND.match(line):
+            op, ran, device, path, token = BACKEND.match(line).groups()
+            m["backend"] = {"op": op, "ran": ran, "logprob_path": path, "token_logprobs": token}
+            m["device"] = device
+        elif REFERENCE.match(line):
+            entropy, rate, target, freq = REFERENCE.match(line).groups()
+            m["reference_model"] = {
+                "next_token_entropy": float(entropy),
+                "language_entropy_rate": float(rate),
+                "target_token": int(target),
+                "target_freq": float(freq),
+            }
+    assert lines[-1].startswith("wrote "), lines[-1]
+    png, js, seconds = WROTE.match(lines[-1]).groups()
+    # the run was the default one: its step count and the tokens it sampled follow from the defaults
+    assert m["config"]["steps"] == defaults.steps
+    assert m["training"]["tokens"] == 3 * defaults.batch_size * defaults.response_len * defaults.steps
+    assert os.path.basename(png) == "demo.png" and js == os.path.join(os.path.dirname(png), "metrics.json")
+    printed = demo.format_table(m).split("\n") + [demo._demo.report.format_written(png, js, float(seconds))]
+    assert printed == lines

@@ -18,7 +18,7 @@ from .. import _backend
 from .evaluate import BON_SIZES, Evaluator
 from .language import Grammar
 from .model import _path, build_model, logprob_path, next_token_entropy, pretrain_reference, sample, seq_logp
-from .report import _json_safe, _versions, format_table, write_plot
+from .report import _json_safe, _versions, format_table, format_written, write_plot
 
 
 def resolve_device(name):
@@ -231,8 +231,6 @@ def run_jbond(args):
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(_json_safe(metrics), f, indent=2, allow_nan=False)
     print(format_table(metrics))
-    print(
-        f"wrote {png} and {os.path.join(args.out, 'metrics.json')} ({metrics['total_seconds']:.1f} s in all)"
-    )
+    print(format_written(png, os.path.join(args.out, "metrics.json"), metrics["total_seconds"]))
     sys.stdout.flush()
     return 0
