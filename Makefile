@@ -21,12 +21,13 @@ setup: $(STAMP) $(PEERS_STAMP)
 
 setup-peers: $(PEERS_STAMP)
 
+# dev for the tests and lint, demo for `make demo` (tests/test_demo_deps.py checks this line names both).
 $(STAMP): setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q setuptools wheel ninja "pybind11>=2.10"
-	CFLAGS=-g0 $(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
+	CFLAGS=-g0 $(BIN)/python -m pip install -q --no-build-isolation -e ".[dev,demo]"
 	touch $(STAMP)
 
 $(PEERS_STAMP): $(STAMP) $(PEERS)

@@ -20,6 +20,23 @@ def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
+# The build-time variables and what they accept (the run-time ones are bond_kernels/_env.py's); checked before
+# anything is imported or built, so a typo is an error, not a silent default.
+SANITIZERS = ("address", "undefined", "leak", "thread")
+
+
+def _check_build_env():
+    force = os.environ.get("BOND_KERNELS_BUILD_CUDA", "")
+    if force.strip() not in ("", "0", "1"):
+        sys.exit(f"BOND_KERNELS_BUILD_CUDA must be one of 0, 1 (or unset), got {force!r}")
+    sanitize = os.environ.get("BOND_KERNELS_SANITIZE", "").strip()
+    if sanitize and not set(sanitize.split(",")) <= set(SANITIZERS):
+        sys.exit(
+            f"BOND_KERNELS_SANITIZE must be a comma-separated list of {', '.join(SANITIZERS)} (or unset), "
+            f"got {sanitize!r}"
+        )
+
+
 def _cuda_wanted():
     """(build_cuda, reason) from the environment variable, torch's build and the toolkit on this machine."""
     import torch
@@ -45,6 +62,7 @@ def _cuda_wanted():
 
 
 def _extensions():
+    _check_build_env()
     from torch.utils import cpp_extension
 
     cpu_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))

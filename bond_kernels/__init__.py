@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from . import functional, reference
+# _env first: it checks every BOND_KERNELS_* variable before anything (torch included) is imported.
+from . import _env, functional, reference  # noqa: F401  (_env: imported for its check)
 from ._info import info
 from .distillation import linear_token_jeffreys
 from .functional import (

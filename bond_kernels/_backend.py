@@ -18,11 +18,11 @@ import os
 
 import torch
 
-from . import _ext
+from . import _env, _ext
 
 logger = logging.getLogger("bond_kernels")
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+BACKENDS = _env.BACKENDS
 
 # The registry: the one map from an op and a backend to its implementation (``impl``).  Each entry names
 # where the implementation lives, loaded on first use (triton and the compiled extension are imported only
@@ -204,9 +204,7 @@ def requested(backend) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get("BOND_KERNELS_BACKEND", "auto") or "auto"
-        if backend not in BACKENDS:
-            raise ValueError(f"BOND_KERNELS_BACKEND must be one of {BACKENDS}, got {backend!r}")
+        backend = _env.get("BOND_KERNELS_BACKEND")
     return backend
 
 
@@ -292,7 +290,7 @@ def _median_ms(fn, device: torch.device, rounds: int) -> float:
 
 def measuring_allowed() -> bool:
     """No timing inside CUDA-graph capture or torch.compile tracing, or with BOND_KERNELS_AUTO_MEASURE=0."""
-    if os.environ.get("BOND_KERNELS_AUTO_MEASURE", "1") == "0":
+    if not _env.switch("BOND_KERNELS_AUTO_MEASURE"):
         return False
     if torch.compiler.is_compiling():
         return False

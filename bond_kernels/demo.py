@@ -29,7 +29,6 @@ pieces under their old names.
 """
 
 import argparse
-import math
 import os
 
 import torch
@@ -104,7 +103,13 @@ def add_arguments(parser: argparse.ArgumentParser):
     a("--eval-k", type=int, default=32, help="reference samples per prompt for the quantiles")
     a("--eval-samples", type=int, default=8, help="policy samples per prompt in the final evaluation")
     a("--eval-every", type=int, default=0, help="steps between trajectory points (0 = steps / 15)")
-    a("--threads", type=int, default=1, help="CPU threads for torch (default 1, see below)")
+    a(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads torch may use, at most the cores this process may run on (default 1: at hidden size "
+        "64 a second thread gains nothing, and on a shared machine spinning OpenMP threads slowed a step 25x)",
+    )
     a("--quiet", action="store_true", help="no progress bars")
     a(
         "--trainer",
@@ -116,33 +121,57 @@ def add_arguments(parser: argparse.ArgumentParser):
     return parser
 
 
+# Upper bounds of the size flags: each keeps the run's memory within a few GB with the other flags at their
+# defaults (the evaluation samples eval_prompts * (eval_k + 64) responses; a J-BOND step back-propagates
+# through 2 * batch_size sequences), and far below the sizes whose tensors cannot even be allocated (a
+# --batch-size of 10^30 used to die in torch.empty).  name -> (lowest, highest, why the lowest)
+SIZE_FLAGS = {
+    "steps": (1, 10**7, ""),
+    "batch_size": (2, 1024, " (the baseline is a leave-one-out mean)"),
+    "eval_prompts": (1, 1024, ""),
+    "eval_k": (1, 256, ""),
+    "eval_samples": (1, 64, ""),
+    "prompt_len": (2, 256, " (BOS and one token)"),
+    "response_len": (1, 256, ""),
+    "pretrain_steps": (0, 10**7, ""),
+    "eval_every": (0, 10**7, ""),
+    "vocab": (8, 4096, ""),  # a dense (vocab x vocab) fp64 transition matrix: 4096 tokens is 134 MB
+}
+# Adam's step is about lr per parameter: above 1 the tiny model's logits overflow within a few steps.
+REAL_FLAGS = {"lr": (0.0, 1.0, "(0, 1]"), "gamma": (0.0, 1000.0, "[0, 1000]")}
+
+
+def usable_cores():
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _check_args(args):
-    for name in ("steps", "batch_size", "eval_prompts", "eval_k", "eval_samples", "response_len"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.prompt_len < 2:
-        raise SystemExit(f"--prompt-len must be >= 2 (BOS and one token), got {args.prompt_len}")
-    if args.threads < 1:
-        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
-    if args.pretrain_steps < 0 or args.eval_every < 0:
-        raise SystemExit("--pretrain-steps and --eval-every must be >= 0")
-    if args.batch_size < 2:
+    for name, (lo, hi, why) in SIZE_FLAGS.items():
+        value = getattr(args, name)
+        if not lo <= value <= hi:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"{flag} must lie in [{lo}, {hi}]{why}, got {value}")
+    cores = usable_cores()
+    if not 1 <= args.threads <= cores:  # 10^5 threads crashed OpenMP (a segmentation fault)
         raise SystemExit(
-            f"--batch-size must be >= 2 (the baseline is a leave-one-out mean), got {args.batch_size}"
+            f"--threads must lie in [1, {cores}] (the cores this process may use), got {args.threads}"
         )
     for name, lo, hi in (("beta", 0.0, 1.0), ("eta", 0.0, 1.0)):
         value = getattr(args, name)
         if not (lo <= value <= hi):  # NaN fails too
             raise SystemExit(f"--{name} must lie in [{lo:g}, {hi:g}], got {value}")
-    if not (args.gamma >= 0 and math.isfinite(args.gamma)):
-        raise SystemExit(f"--gamma must be a finite number >= 0, got {args.gamma}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise SystemExit(f"--lr must be a finite number > 0, got {args.lr}")
-    # The language keeps a dense (vocab x vocab) fp64 transition matrix: 4096 tokens is 134 MB.
-    if not 8 <= args.vocab <= 4096:
-        raise SystemExit(f"--vocab must lie in [8, 4096] (a small synthetic language), got {args.vocab}")
+    if not 0.0 <= args.gamma <= REAL_FLAGS["gamma"][1]:
+        raise SystemExit(f"--gamma must lie in {REAL_FLAGS['gamma'][2]}, got {args.gamma}")
+    if not 0.0 < args.lr <= REAL_FLAGS["lr"][1]:
+        raise SystemExit(f"--lr must lie in {REAL_FLAGS['lr'][2]}, got {args.lr}")
     if not 0 <= args.seed < 2**63:
         raise SystemExit(f"--seed must lie in [0, 2^63), got {args.seed}")
+    if args.logprobs == "fused" and _demo.model._integration() is None:
+        raise SystemExit("--logprobs fused: bond_kernels.integrations.transformers does not import here")
     if args.backend != "auto":
         dev = resolve_device(args.device).type
         ok, reason = _backend.availability(args.backend, dev)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -60,9 +61,9 @@ def test_demo_end_to_end(tmp_path, capsys):
 
 
 def test_demo_rejects_bad_flags(tmp_path):
-    with pytest.raises(SystemExit, match="--steps must be >= 1"):
+    with pytest.raises(SystemExit, match=r"--steps must lie in \[1, "):
         cli.main(["demo", "--out", str(tmp_path), "--steps", "0"])
-    with pytest.raises(SystemExit, match="--batch-size must be >= 2"):
+    with pytest.raises(SystemExit, match=r"--batch-size must lie in \[2, 1024\]"):
         cli.main(["demo", "--out", str(tmp_path), "--batch-size", "1"])
     # Each is rejected in one line before any training (they used to end in a traceback, some only after
     # pretraining; --vocab 200000 tried to allocate a 320 GB matrix).
@@ -70,9 +71,10 @@ def test_demo_rejects_bad_flags(tmp_path):
         ("--eta", "2"): "--eta must lie in",
         ("--eta", "nan"): "--eta must lie in",
         ("--beta", "-0.1"): "--beta must lie in",
-        ("--gamma", "-1"): "--gamma must be a finite number",
-        ("--lr", "nan"): "--lr must be a finite number > 0",
-        ("--lr", "-1"): "--lr must be a finite number > 0",
+        ("--gamma", "-1"): "--gamma must lie in",
+        ("--gamma", "inf"): "--gamma must lie in",
+        ("--lr", "nan"): "--lr must lie in",
+        ("--lr", "-1"): "--lr must lie in",
         ("--vocab", "4"): "--vocab must lie in",
         ("--vocab", "200000"): "--vocab must lie in",
         ("--seed", str(2**64)): "--seed must lie in",
@@ -214,3 +216,200 @@ def test_bon_curve_is_exact_best_of_n():
     kl, q = curve[1]
     assert kl == pytest.approx(math.log(2) - 0.5) and q == pytest.approx(2 / 3)
     assert all(a[0] < b[0] and a[1] < b[1] for a, b in zip(curve, curve[1:]))
+
+
+def _demo_parser():
+    import argparse
+
+    return demo.add_arguments(argparse.ArgumentParser(prog="bond-kernels demo"))
+
+
+def test_every_numeric_flag_has_a_checked_range():
+    # The audit of issue 22: every int or float flag is bounded, so a new one cannot slip in unchecked.
+    checked = set(demo.SIZE_FLAGS) | set(demo.REAL_FLAGS) | {"threads", "seed", "beta", "eta"}
+    numeric = {a.dest for a in _demo_parser()._actions if a.type in (int, float)}
+    assert numeric and numeric <= checked, numeric - checked
+
+
+def test_out_of_range_flags_are_refused_by_name(tmp_path, monkeypatch):
+    # Just outside each range, refused before anything is built (run_jbond would record the call).
+    called = []
+    monkeypatch.setattr(demo, "run_jbond", lambda args: called.append(args) or 0)
+    cases = []
+    for name, (lo, hi, _) in demo.SIZE_FLAGS.items():
+        cases += [(name, lo - 1, f"[{lo}, {hi}]"), (name, hi + 1, f"[{lo}, {hi}]")]
+    cores = demo.usable_cores()
+    cases += [("threads", 0, f"[1, {cores}]"), ("threads", cores + 1, f"[1, {cores}]")]
+    cases += [("lr", 1.5, "(0, 1]"), ("lr", 0.0, "(0, 1]"), ("gamma", 1000.5, "[0, 1000]")]
+    for name, value, accepted in cases:
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["demo", "--out", str(tmp_path), "--device", "cpu", flag, str(value)])
+        message = str(exc.value.code)
+        assert message.startswith(f"{flag} must lie in {accepted}") and message.endswith(f"got {value}"), (
+            message
+        )
+    # the bounds themselves are accepted
+    for name, (lo, hi, _) in demo.SIZE_FLAGS.items():
+        for value in (lo, hi):
+            flag = "--" + name.replace("_", "-")
+            assert cli.main(["demo", "--out", str(tmp_path), "--device", "cpu", flag, str(value)]) == 0
+    assert len(called) == 2 * len(demo.SIZE_FLAGS)
+
+
+class _TinyLM(torch.nn.Module):
+    """A bigram model with the transformers call convention (``model(input_ids=x).logits``)."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, input_ids):
+        return type("Out", (), {"logits": self.table(input_ids)})()
+
+
+def test_pretraining_runs_for_every_short_length():
+    # --pretrain-steps 10 died in OneCycleLR (ZeroDivisionError: its warm-up lasted 0.1 * 10 - 1 = 0 steps).
+    g = demo.Grammar(8, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    for steps in range(0, 41):
+        model = _TinyLM(8)
+        before = model.table.weight.detach().clone()
+        nll = demo.pretrain_reference(
+            model,
+            g,
+            steps=steps,
+            batch=4,
+            length=5,
+            lr=1e-2,
+            generator=gen,
+            device="cpu",
+            progress=lambda it, **kw: _Quiet(it),
+        )
+        assert (steps == 0 and math.isnan(nll)) or (steps > 0 and math.isfinite(nll)), (steps, nll)
+        assert torch.equal(before, model.table.weight) == (steps == 0)
+
+
+def test_smallest_flags_and_a_short_pretraining_run(tmp_path, capsys):
+    # Every size flag at its lowest accepted value, and the pretraining length that used to crash.
+    out = tmp_path / "tiny"
+    argv = "--steps 1 --pretrain-steps 10 --batch-size 2 --eval-prompts 1 --eval-k 1 --eval-samples 1"
+    argv += " --vocab 8 --prompt-len 2 --response-len 1 --quiet --device cpu"
+    assert cli.main(["demo", "--out", str(out), *argv.split()]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["pretrain_steps"] == 10 and math.isfinite(m["reference_model"]["final_nll"])
+    assert m["policy"]["kl_to_ref_stderr"] is None  # one sample: no spread (NaN, null in the JSON)
+    assert "J-BOND policy (1 steps)" in capsys.readouterr().out
+
+
+def test_a_diverging_run_stops_with_a_message():
+    model = torch.nn.Linear(2, 2)
+    demo._demo.train._check_finite(model, torch.tensor(1.0), 3)  # finite: returns
+    with pytest.raises(SystemExit, match="J-BOND diverged at step 3: the loss .* lower --lr"):
+        demo._demo.train._check_finite(model, torch.tensor(float("nan")), 3)
+    with torch.no_grad():
+        model.weight[0, 1] = float("inf")
+    with pytest.raises(SystemExit, match="diverged at step 4: the policy's weights"):
+        demo._demo.train._check_finite(model, torch.tensor(1.0), 4)
+
+
+def test_help_explains_threads(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "see below" not in text  # nothing below ever explained it
+    threads = text[text.rindex("--threads THREADS") :]
+    threads = threads[: threads.index("--quiet")]
+    for words in (
+        "CPU threads torch may use",
+        "at most the cores",
+        "default 1",
+        "a second thread gains nothing",
+    ):
+        assert words in threads, threads
+
+
+# --------------------------------------------------------------------------------------------------------
+# README's demo transcript is what the report code prints: its numbers, put back through format_table and
+# format_written, give the transcript line for line.  It went stale once (no `reference:` line, an old
+# `wrote` line); a change to the printed lines now fails here until README is rerun.
+# --------------------------------------------------------------------------------------------------------
+ROW = re.compile(
+    r"^(π_ref \(reference\)|Best-of-(\d+) of π_ref|J-BOND policy \((\d+) steps\)) +([\d.]+) +([\d.]+) +"
+)
+TRAINING = re.compile(
+    r"^training: (\d+) tokens/s \((\d+) response tokens sampled in ([\d.]+) s; ([\d.]+) steps/s\)$"
+)
+BACKEND = re.compile(
+    r"^backend: (\w+) -> '(\w+)' on (\w+) \(log-prob path: ([\w.]+); token_logprobs resolves to '(\w+)'\)$"
+)
+REFERENCE = re.compile(
+    r"^reference: next-token entropy ([\d.]+) nats \(uniform [\d.]+, the language's own ([\d.]+)\); target token (\d+) at ([\d.]+)$"
+)
+WROTE = re.compile(r"^wrote (\S+) and (\S+) \(([\d.]+) s in all\)$")
+
+
+def _readme_transcript():
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index("## What the demo shows") :]
+    section = section[: section.index("\n## ", 1)]
+    stamp, block = section.split("\n```\n", 2)[:2]
+    return stamp, block.rstrip("\n").split("\n")
+
+
+def test_readme_transcript_is_what_the_demo_prints():
+    stamp, lines = _readme_transcript()
+    # stamped: the CPU and the date of the run
+    assert re.search(r"\d{4}-\d{2}-\d{2}", stamp) and "CPU" in stamp, stamp
+    defaults = _demo_parser().parse_args([])
+    m = {"best_of_n": {}, "config": {"vocab": defaults.vocab}, "training": {}, "reference_model": {}}
+    for line in lines:
+        row = ROW.match(line)
+        if row and row.group(1).startswith("π_ref"):
+            m["reference"] = {"reward": float(row.group(4)), "quantile": float(row.group(5))}
+        elif row and row.group(2):
+            n = int(row.group(2))
+            m["best_of_n"][str(n)] = {
+                "reward": float(row.group(4)),
+                "quantile": float(row.group(5)),
+                "kl_closed_form": math.log(n) - (n - 1) / n,
+            }
+        elif row:
+            kl, stderr = re.search(r"([\d.]+) ± ([\d.]+) \(sampled\)$", line).groups()
+            m["config"]["steps"] = int(row.group(3))
+            m["policy"] = {
+                "reward": float(row.group(4)),
+                "quantile": float(row.group(5)),
+                "kl_to_ref": float(kl),
+                "kl_to_ref_stderr": float(stderr),
+            }
+        elif TRAINING.match(line):
+            rate, tokens, seconds, steps_per_s = TRAINING.match(line).groups()
+            m["training"] = {
+                "tokens_per_s": float(rate),
+                "tokens": int(tokens),
+                "seconds": float(seconds),
+                "steps_per_s": float(steps_per_s),
+            }
+        elif BACKEND.match(line):
+            op, ran, device, path, token = BACKEND.match(line).groups()
+            m["backend"] = {"op": op, "ran": ran, "logprob_path": path, "token_logprobs": token}
+            m["device"] = device
+        elif REFERENCE.match(line):
+            entropy, rate, target, freq = REFERENCE.match(line).groups()
+            m["reference_model"] = {
+                "next_token_entropy": float(entropy),
+                "language_entropy_rate": float(rate),
+                "target_token": int(target),
+                "target_freq": float(freq),
+            }
+    assert lines[-1].startswith("wrote "), lines[-1]
+    png, js, seconds = WROTE.match(lines[-1]).groups()
+    # the run was the default one: its step count and the tokens it sampled follow from the defaults
+    assert m["config"]["steps"] == defaults.steps
+    assert m["training"]["tokens"] == 3 * defaults.batch_size * defaults.response_len * defaults.steps
+    assert os.path.basename(png) == "demo.png" and js == os.path.join(os.path.dirname(png), "metrics.json")
+    printed = demo.format_table(m).split("\n") + [demo._demo.report.format_written(png, js, float(seconds))]
+    assert printed == lines

@@ -36,7 +36,7 @@ sys.exit(main(argv))
 
 
 def _cli(mode, hidden, *argv):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="400")  # argparse would wrap the help inside words
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-c", HIDING_CLI, mode, ",".join(hidden), *argv]
     # cwd = the repository root: "-c" puts it first on sys.path, so this checkout's bond_kernels runs.
@@ -48,7 +48,7 @@ def test_demo_is_listed_without_its_packages():
     assert run.returncode == 0, run.stderr[-3000:]
     assert "{info,demo}" in run.stdout
     # the help line names what the demo needs and how to install it
-    assert 'pip install "bond_kernels[demo]"' in " ".join(run.stdout.split())
+    assert deps.INSTALL in " ".join(run.stdout.split())
     for name in deps.REQUIREMENTS:
         assert name in run.stdout
 
@@ -74,7 +74,7 @@ def test_demo_without_packages_says_what_to_install(mode, hidden, tmp_path):
         assert deps.REQUIREMENTS[name] in lines[1]  # the pin of each missing one
     for name in set(deps.REQUIREMENTS) - set(hidden):
         assert f'"{deps.REQUIREMENTS[name]}"' not in lines[1]  # present ones are not asked for
-    assert 'pip install "bond_kernels[demo]"' in lines[1]
+    assert f"from the bond_kernels checkout: {deps.INSTALL}" in lines[1]
     # Nothing ran after the check: no table, no progress, and not even the flags' checks, which create --out.
     assert run.stdout == ""
     assert not out.exists()
@@ -101,7 +101,7 @@ def test_check_runs_before_anything_is_built(monkeypatch, tmp_path):
 def test_message_names_the_missing_and_the_extra():
     one = deps.message(["matplotlib"])
     assert one.startswith("bond-kernels demo: matplotlib is not installed;")
-    assert 'pip install "bond_kernels[demo]"' in one and '"matplotlib>=3.5"' in one
+    assert f"checkout: {deps.INSTALL}  (or only the missing" in one and '"matplotlib>=3.5"' in one
     two = deps.message(["transformers", "tqdm"])
     assert "transformers, tqdm are not installed" in two and '"transformers>=4.44" "tqdm>=4.60"' in two
 
@@ -130,3 +130,49 @@ def test_extra_lists_exactly_what_the_check_looks_up():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         extras = tomllib.load(f)["project"]["optional-dependencies"]
     assert extras["demo"] == list(deps.REQUIREMENTS.values())
+
+
+# bond_kernels is not on an index: `pip install "bond_kernels[demo]"` (what the message and README used to say)
+# fails.  The command given is the checkout install, the same in the message, the help and README.
+UNPUBLISHED = 'pip install "bond_kernels[demo]"'
+
+
+def test_install_command_works_from_a_checkout():
+    assert deps.INSTALL == 'pip install --no-build-isolation -e ".[demo]"'
+    assert UNPUBLISHED not in deps.message(["tqdm"]) and UNPUBLISHED not in deps.HELP
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert UNPUBLISHED not in readme and 'pip install "bond_kernels' not in readme
+    assert deps.INSTALL in readme
+    # pip resolves it here, offline, without installing anything (--dry-run): the extra exists, the path is a
+    # project.
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-index",
+            "--no-deps",
+            "--no-build-isolation",
+            "-e",
+            ".[demo]",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0 and "Would install bond_kernels" in run.stdout, (
+        run.stdout[-2000:] + run.stderr[-2000:]
+    )
+
+
+def test_make_setup_installs_the_demo_extra():
+    # `make demo` runs .venv/bin/bond-kernels demo after `make setup`: its editable install names the extra.
+    with open(os.path.join(ROOT, "Makefile"), encoding="utf-8") as f:
+        installs = [line for line in f if "pip install" in line and "-e " in line]
+    assert len(installs) == 1, installs
+    extras = installs[0].split('-e ".[', 1)[1].split("]", 1)[0].split(",")
+    assert "demo" in extras and "dev" in extras, installs[0]

@@ -3,8 +3,8 @@
 Read from the source (``ast``), not by importing, so lazy imports inside functions count as well: a cycle
 through a function-level import is still a cycle, only deferred.  Layers, lowest first (docs/design.md, "Layers"):
 
-    base        _ext, _validate, _backend          (the registry names implementations as strings)
-    kernels     ops.triton.*                      (import nothing of ours outside ops/triton)
+    base        _env, _ext, _validate, _backend    (the registry names implementations as strings)
+    kernels     ops.triton.*                      (import nothing of ours outside ops/triton but _env)
     reference   reference.*                       (plain torch: the spec)
     ops         ops.* (custom ops, engines)
     api         functional, objectives, distributed, distillation, modules, _info, the package itself
@@ -39,7 +39,7 @@ MODULES = _modules()
 
 def _layer(module: str) -> str:
     name = module[len(PKG) + 1 :] if module != PKG else ""
-    if name in ("_ext", "_validate", "_backend", "_C"):
+    if name in ("_env", "_ext", "_validate", "_backend", "_C"):
         return "base"
     if name.startswith("ops.triton"):
         return "kernels"
@@ -131,9 +131,19 @@ def test_no_upward_import(module):
     assert not upward, f"{module} ({_layer(module)}) imports from higher layers: {upward}"
 
 
+# The one module the kernels may import from outside ops/triton: the environment reader, a leaf.
+ENV = f"{PKG}._env"
+
+
+def test_env_reader_is_a_leaf():
+    assert ENV in MODULES and not EDGES[ENV]
+    source = MODULES[ENV].read_text()
+    assert "import torch" not in source  # the package's first import, before torch
+
+
 @pytest.mark.parametrize("module", sorted(m for m in MODULES if _layer(m) == "kernels"))
 def test_kernels_import_only_kernels(module):
-    outside = sorted(t for t in EDGES[module] if _layer(t) != "kernels")
+    outside = sorted(t for t in EDGES[module] if _layer(t) != "kernels" and t != ENV)
     assert not outside, f"{module} imports from outside ops/triton: {outside}"
 
 

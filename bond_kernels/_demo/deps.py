@@ -12,8 +12,12 @@ REQUIREMENTS = {
     "matplotlib": "matplotlib>=3.5",  # demo.png
     "tqdm": "tqdm>=4.60",  # the progress bars (a core dependency too; looked up because the demo imports it)
 }
-INSTALL = 'pip install "bond_kernels[demo]"'
-HELP = f"J-BOND on a small transformers causal LM (the main job; needs {', '.join(REQUIREMENTS)}: {INSTALL})"
+# bond_kernels is not published on an index: the demo extra is installed from the checkout (README, "Two commands").
+INSTALL = 'pip install --no-build-isolation -e ".[demo]"'
+HELP = (
+    f"J-BOND on a small transformers causal LM (the main job; needs {', '.join(REQUIREMENTS)}: "
+    f"{INSTALL} in the bond_kernels checkout)"
+)
 
 
 def missing():
@@ -35,7 +39,7 @@ def message(absent):
     return (
         f"bond-kernels demo: {', '.join(absent)} {'is' if len(absent) == 1 else 'are'} not installed; "
         f"the demo needs {', '.join(REQUIREMENTS)}.\n"
-        f"Install the demo extra: {INSTALL}  (or only the missing: pip install {pins})"
+        f"Install the demo extra from the bond_kernels checkout: {INSTALL}  (or only the missing: pip install {pins})"
     )
 
 

@@ -56,7 +56,8 @@ class Evaluator:
             "reward": float(rewards.mean()),
             "quantile": float(q.mean()),
             "kl_to_ref": float(kl.mean()),
-            "kl_to_ref_stderr": float(kl.std() / math.sqrt(kl.numel())),
+            # one sample has no spread: NaN (null in the JSON) without torch's degrees-of-freedom warning
+            "kl_to_ref_stderr": float(kl.std() / math.sqrt(kl.numel())) if kl.numel() > 1 else float("nan"),
             "samples": int(rewards.numel()),
         }
 

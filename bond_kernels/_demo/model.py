@@ -124,10 +124,26 @@ def seq_logp(model, input_ids, prompt_len, *, backend="auto"):
 # --------------------------------------------------------------------------------------------------------
 # the reference policy
 # --------------------------------------------------------------------------------------------------------
+# Warm-up share of the one-cycle schedule, and the shortest run that gets one.
+WARMUP_SHARE, SHORTEST_SCHEDULE = 0.1, 20
+
+
+def pretrain_schedule(opt, lr, steps):
+    """The reference's learning-rate schedule: one cycle (warm-up over the first tenth, then cosine decay) for
+    runs of at least 20 steps, else None (a constant ``lr``).
+
+    OneCycleLR's warm-up ends at step ``WARMUP_SHARE * steps - 1`` and it divides by that length: 10 steps
+    made it 0 (ZeroDivisionError), and any run under 20 steps has a warm-up shorter than one step.
+    """
+    if steps < SHORTEST_SCHEDULE:
+        return None
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=WARMUP_SHARE)
+
+
 def pretrain_reference(model, grammar, *, steps, batch, length, lr, generator, device, progress):
     """Maximum likelihood on fresh chain samples; returns the final mean next-token cross-entropy (nats)."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    sched = pretrain_schedule(opt, lr, steps)
     model.train()
     loss_value = float("nan")
     bar = progress(range(steps), desc="pretrain π_ref", leave=False)
@@ -140,7 +156,8 @@ def pretrain_reference(model, grammar, *, steps, batch, length, lr, generator, d
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        if sched is not None:
+            sched.step()
         loss_value = float(loss.detach())
         bar.set_postfix(nll=f"{loss_value:.3f}")
     model.eval()

@@ -56,6 +56,11 @@ def format_table(metrics):
     return "\n".join(lines)
 
 
+def format_written(png, json_path, seconds):
+    """The run's last line: where the plot and the metrics went, and the whole run's wall time."""
+    return f"wrote {png} and {json_path} ({seconds:.1f} s in all)"
+
+
 def write_plot(path, metrics):
     import matplotlib
 

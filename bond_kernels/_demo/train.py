@@ -18,7 +18,7 @@ from .. import _backend
 from .evaluate import BON_SIZES, Evaluator
 from .language import Grammar
 from .model import _path, build_model, logprob_path, next_token_entropy, pretrain_reference, sample, seq_logp
-from .report import _json_safe, _versions, format_table, write_plot
+from .report import _json_safe, _versions, format_table, format_written, write_plot
 
 
 def resolve_device(name):
@@ -28,6 +28,19 @@ def resolve_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
     return torch.device(name)
+
+
+def _check_finite(policy, loss, step):
+    """End the run with a message naming the flags to lower once the loss or a weight is NaN or infinite
+    (sampling from such a policy would otherwise fail later inside torch.multinomial)."""
+    if bool(torch.isfinite(loss.detach())) and all(
+        bool(torch.isfinite(p).all()) for p in policy.parameters()
+    ):
+        return
+    what = "the loss" if not bool(torch.isfinite(loss.detach())) else "the policy's weights"
+    raise SystemExit(
+        f"J-BOND diverged at step {step}: {what} became NaN or infinite; lower --lr (or --gamma) and rerun"
+    )
 
 
 def run_jbond(args):
@@ -131,6 +144,7 @@ def run_jbond(args):
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
+        _check_finite(policy, out.loss, step)
         ema.update(policy)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -226,8 +240,6 @@ def run_jbond(args):
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(_json_safe(metrics), f, indent=2, allow_nan=False)
     print(format_table(metrics))
-    print(
-        f"wrote {png} and {os.path.join(args.out, 'metrics.json')} ({metrics['total_seconds']:.1f} s in all)"
-    )
+    print(format_written(png, os.path.join(args.out, "metrics.json"), metrics["total_seconds"]))
     sys.stdout.flush()
     return 0

@@ -7,10 +7,11 @@ tiles of ``ops/linear_engine.py`` cover as much of the vocabulary as they may); 
 ``BOND_KERNELS_LINEAR_TILE="rows,vocab"`` overrides the shape (tuning and tests).
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
+
+from .. import _env
 
 # CPU tile budget: 64 MiB of fp32 logits (16M elements) keeps the tile, its softmax temporaries and the
 # upcast weight slice inside a few hundred MB even with the torch tile kernels.
@@ -37,25 +38,9 @@ class Plan:
     compute_dtype: torch.dtype
 
 
-def _env_override():
-    """``BOND_KERNELS_LINEAR_TILE="rows,vocab"`` (0 = automatic) fixes the tile shape (tuning and tests)."""
-    spec = os.environ.get("BOND_KERNELS_LINEAR_TILE", "").strip()
-    if not spec:
-        return 0, 0
-    try:
-        rows, vocab = (int(s) for s in spec.split(","))
-    except ValueError:
-        raise ValueError(
-            f"BOND_KERNELS_LINEAR_TILE must be 'rows,vocab' (integers, 0 = automatic), got {spec!r}"
-        ) from None
-    if rows < 0 or vocab < 0:
-        raise ValueError(f"BOND_KERNELS_LINEAR_TILE must hold non-negative integers, got {spec!r}")
-    return rows, vocab
-
-
 def make_plan(n, v, h, dtype, *, compute_dtype, tile_bytes, max_rows, vocab_multiple=1, upcast_weight=False):
     """Rows first (up to ``max_rows``), then as many vocabulary columns as ``tile_bytes`` allows."""
-    rows_env, vocab_env = _env_override()
+    rows_env, vocab_env = _env.linear_tile()
     elem = torch.empty(0, dtype=compute_dtype).element_size()
     rows = rows_env or max(1, min(n, max_rows))
     rows = min(rows, max(n, 1))

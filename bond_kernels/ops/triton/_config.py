@@ -9,10 +9,11 @@ capture and in the interpreter (which cannot time kernels).
 """
 
 import contextlib
-import os
 
 import torch
 import triton
+
+from ... import _env
 
 # Per-iteration block cap of the streaming sweeps (forward, backward).  4096 columns at 8 warps is 16 values
 # per thread: the fp32 copy of the block plus the per-lane accumulators of the online log-sum-exp.  At the
@@ -53,7 +54,7 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 def autotune_enabled() -> bool:
     """True when ``BOND_KERNELS_AUTOTUNE=1``: kernels are wrapped in ``triton.autotune`` at import time."""
-    return os.environ.get("BOND_KERNELS_AUTOTUNE", "0") == "1"
+    return _env.switch("BOND_KERNELS_AUTOTUNE")
 
 
 def fast_tanh(device) -> bool:
@@ -61,7 +62,7 @@ def fast_tanh(device) -> bool:
     ``BOND_KERNELS_FAST_TANH=1``).  Off by default: its relative error, about 2^-11 by the PTX manual, is
     |softcap|·2^-11 in the capped logit (0.015 at softcap = 30, 150× the 1e-4 accuracy target), against ~1e-7
     of the exp2 formula, which costs three special-function instructions per element instead of one."""
-    return getattr(device, "type", None) == "cuda" and os.environ.get("BOND_KERNELS_FAST_TANH", "0") == "1"
+    return getattr(device, "type", None) == "cuda" and _env.switch("BOND_KERNELS_FAST_TANH")
 
 
 # Set only by ``forced()`` (the benchmarks' launch-configuration sweep); empty in normal use.
