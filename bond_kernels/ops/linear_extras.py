@@ -101,6 +101,7 @@ class Extras:
     def results(ex, lse, labels, ignore_index):
         """``(log_sum_sq_probs, mean_logits, is_top1)`` of ``ex`` (or None): fp32, fp32, bool (N,), empty
         where not asked; ignored rows 0 / False.  ``lse`` the whole-vocabulary log-sum-exp of z."""
+
         def empty(dtype=torch.float32):  # a fresh one each: a custom op's outputs must not alias
             return torch.empty(0, dtype=dtype, device=labels.device)
 
