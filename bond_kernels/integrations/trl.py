@@ -8,7 +8,8 @@
 Each function keeps TRL's signature (same names, order and defaults; ``backend`` is an extra keyword) and
 TRL's semantics, and runs on :func:`bond_kernels.token_logprobs`: one read of the logits forward, one read
 and one write backward, never a (..., V) fp32 copy.  Checked against TRL's own functions (trl 1.16.0) in
-``tests/test_integrations_trl_verl.py``.
+``tests/test_integrations_trl_verl.py``.  The fused LM head of TRL's GRPO, RLOO, DPO, KTO and SFT trainers,
+``add_fused_lm_head``, is in ``integrations/trl_head.py`` (re-exported here, swapped in by :func:`patch`).
 
 Conventions matched: ``logits`` (..., V) with any leading dims; ``index`` (...) — or (..., K) for
 ``selective_log_softmax``, K log-probs per position; ``temperature`` divides the logits (> 0, else
