@@ -321,3 +321,28 @@ def test_linear_op_with_extras_passes_opcheck():
         torch.library.opcheck(
             lin.linear_token_logprobs_fwd, (hid, w, None, y, 0.9, 0.0, -100, True, "cpu", mask)
         )
+
+
+@pytest.mark.parametrize("cast", [True, False], ids=["cast_lm_head_to_fp32", "bf16-head"])
+def test_fused_head_bf16_model_matches_trl(trl_utils, cast):
+    """A bf16 model: with ``cast_lm_head_to_fp32`` both heads run in fp32 on the same bf16 hidden states (tight);
+    without it TRL rounds its bf16 tile products where our CPU plan accumulates them in fp32 (bf16 tolerance)."""
+
+    def run(add):
+        model = _model({}, False).to(torch.bfloat16)
+        kw = _batch(model, "labels")
+        add(model, temperature=0.8, cast_lm_head_to_fp32=cast, outputs=("log_probs", "entropy"))
+        out = model(**kw)
+        g = torch.Generator().manual_seed(5)
+        (out.log_probs * torch.randn(out.log_probs.shape, generator=g)).sum().backward()
+        return out, model.lm_head.weight.grad.float()
+
+    theirs, gw_theirs = run(trl_utils.add_fused_lm_head)
+    ours, gw_ours = run(trl_head.add_fused_lm_head)
+    tol = dict(rtol=2e-5, atol=2e-5) if cast else dict(rtol=3e-2, atol=3e-2)
+    for name in ("log_probs", "entropy"):
+        a, b = getattr(ours, name), getattr(theirs, name)
+        assert a.dtype == b.dtype == torch.float32, name
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
+    scale = gw_theirs.abs().max().item()
+    torch.testing.assert_close(gw_ours, gw_theirs, rtol=2e-2, atol=2e-2 * scale)
