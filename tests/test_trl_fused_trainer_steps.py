@@ -1,17 +1,18 @@
-"""One real TRL ``GRPOTrainer`` step and one ``SFTTrainer`` step (trl 1.16.0, CPU) with
+"""One real TRL ``GRPOTrainer``, ``SFTTrainer`` and ``DPOTrainer`` step each (trl 1.16.0, CPU) with
 ``bond_kernels.integrations.trl.patch()`` off and on, from identical states: the same loss and the same
 gradients of every parameter, and spies proving which fused head ran (issue 18, item 2).
 
-Both trainers give their model a fused LM head in ``__init__`` (``add_fused_lm_head``, bound by name in
-``grpo_trainer`` and ``sft_trainer``) and score it with ``model(..., labels=labels, fused_lm_head=True)``:
+Each trainer gives its model a fused LM head in ``__init__`` (``add_fused_lm_head``, bound by name in
+``grpo_trainer``, ``sft_trainer`` and ``dpo_trainer``) and score it with ``model(..., labels=labels, fused_lm_head=True)``:
 TRL's ``_ChunkedLogProbFunction`` unpatched, our ``linear_token_logprobs`` after ``patch()``.  The models are
 tiny Llamas built in code with a whitespace word-level tokenizer (``test_trl_trainer_step.py``'s), no
 download.  GRPO samples two completions for each of two prompts (an EOS bias ends some early: padded
 completion positions), rewards them with a function of their tokens (unequal within each group, so the
 advantages and the policy gradient are not zero), and takes one step; SFT takes one step of two accumulated
 micro-batches of prompt/completion pairs (the prompt is masked out of the loss; TRL divides the summed loss
-by the tokens of both micro-batches, ``num_items_in_batch``).  Gradients are read before the optimizer step,
-with clipping off.
+by the tokens of both micro-batches, ``num_items_in_batch``); DPO takes one step on preference pairs with a
+reference model, and its logged ``logits/*`` and accuracy metrics read the head's ``mean_logits`` and
+``is_top1``.  Gradients are read before the optimizer step, with clipping off.
 """
 
 import pytest
@@ -29,7 +30,7 @@ GRAD_REL_TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def trl():
-    for name in ("trl.trainer.grpo_trainer", "trl.trainer.sft_trainer"):
+    for name in ("trl.trainer.grpo_trainer", "trl.trainer.sft_trainer", "trl.trainer.dpo_trainer"):
         _peer(name)
     return _peer("trl")
 
@@ -43,7 +44,7 @@ def leave_trl_unpatched(trl):
     finally:
         bk_trl.unpatch()
     assert utils.add_fused_lm_head is original
-    for name in ("trl.trainer.grpo_trainer", "trl.trainer.sft_trainer"):
+    for name in ("trl.trainer.grpo_trainer", "trl.trainer.sft_trainer", "trl.trainer.dpo_trainer"):
         assert _peer(name).add_fused_lm_head is original
 
 
@@ -196,5 +197,44 @@ def test_sft_step_same_with_and_without_patch(trl, leave_trl_unpatched, tmp_path
     for key in ("entropy", "mean_token_accuracy", "num_tokens"):
         torch.testing.assert_close(
             torch.tensor(log_ours[key]), torch.tensor(log_theirs[key]), rtol=1e-5, atol=1e-6
+        )
+    _compare_grads(ours[1], theirs[1])
+
+
+def test_dpo_step_same_with_and_without_patch(trl, leave_trl_unpatched, tmp_path):
+    """DPO asks the head for mean_logits and is_top1 (its logits/* and accuracy metrics) and scores a
+    reference model (its own fused head) under no_grad."""
+    from datasets import Dataset
+
+    prompts = _prompts(2)
+    chosen = [" ".join(p.split()[:3]) for p in prompts]
+    rejected = [" ".join(p.split()[::-1][:2]) for p in prompts]
+
+    def make(callbacks):
+        args = trl.DPOConfig(**_common(tmp_path), per_device_train_batch_size=2, max_length=24)
+        return trl.DPOTrainer(
+            model=_model("llama", 1, 32),
+            ref_model=_model("llama", 2, 32),
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected}),
+            processing_class=_tokenizer(),
+            callbacks=callbacks,
+        )
+
+    theirs = _train(trl, make, patched=False)
+    ours = _train(trl, make, patched=True)
+    assert theirs[3].ours == [] and len(theirs[3].theirs) == 2  # policy and reference
+    assert ours[3].theirs == [] and len(ours[3].ours) == 2
+    torch.testing.assert_close(torch.tensor(ours[0]), torch.tensor(theirs[0]), **LOSS_TOL)
+    log_ours, log_theirs = ours[2].state.log_history[0], theirs[2].state.log_history[0]
+    keys = [
+        k
+        for k in log_theirs
+        if k.startswith(("logits/", "logps/", "rewards/", "mean_token_accuracy", "entropy"))
+    ]
+    assert any(k.startswith("logits/") for k in keys), sorted(log_theirs)
+    for key in keys:
+        torch.testing.assert_close(
+            torch.tensor(log_ours[key]), torch.tensor(log_theirs[key]), rtol=1e-5, atol=1e-6, msg=key
         )
     _compare_grads(ours[1], theirs[1])
