@@ -259,6 +259,8 @@ def test_linear_extras_bad_input():
     # no row: empty extras of the right dtypes beside the (connected) empty log-probs
     lp, more = bk.linear_token_logprobs(hid[:0], w, y[:0], extras=("is_top1", "mean_logits"))
     assert lp.shape == (0,) and more["is_top1"].dtype == torch.bool and more["mean_logits"].shape == (0,)
+    with pytest.raises(ValueError, match="extras are not supported with process_group"):
+        bk.linear_token_logprobs(hid, w, y, extras=("is_top1",), process_group=object())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -346,3 +348,51 @@ def test_fused_head_bf16_model_matches_trl(trl_utils, cast):
         torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name}: {m}")
     scale = gw_theirs.abs().max().item()
     torch.testing.assert_close(gw_ours, gw_theirs, rtol=2e-2, atol=2e-2 * scale)
+
+
+def test_fused_head_moe_aux_loss_matches_trl(trl_utils):
+    """A tiny Mixtral whose config asks for router logits: the load-balancing loss, weighted into the loss."""
+    import transformers
+
+    def run(add):
+        config = transformers.MixtralConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            output_router_logits=True,
+            router_aux_loss_coef=0.3,
+            max_position_embeddings=32,
+            pad_token_id=0,
+        )
+        torch.manual_seed(8)
+        model = transformers.MixtralForCausalLM(config).float()
+        kw = _batch(model, "labels")
+        add(model, outputs=("log_probs",))
+        out = model(**kw)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    theirs, g_theirs = run(trl_utils.add_fused_lm_head)
+    ours, g_ours = run(trl_head.add_fused_lm_head)
+    assert theirs.aux_loss is not None and ours.aux_loss is not None
+    torch.testing.assert_close(ours.aux_loss, theirs.aux_loss, **TOL)
+    torch.testing.assert_close(ours.loss, theirs.loss, **TOL)
+    assert sorted(g_ours) == sorted(g_theirs)
+    for name, g in g_theirs.items():
+        scale = g.abs().max().item()
+        torch.testing.assert_close(
+            g_ours[name], g, rtol=1e-4, atol=1e-4 * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
+def test_fused_head_refuses_zero3(trl_utils, monkeypatch):
+    model = _model({}, False)
+    trl_head.add_fused_lm_head(model)
+    monkeypatch.setattr(trl_head, "_zero3_enabled", lambda: True)
+    with pytest.raises(NotImplementedError, match="ZeRO-3.*unpatch"):
+        model(**_batch(model, "labels"))
