@@ -13,7 +13,9 @@ on it, so the statistics cost no extra matmul: per tile, over ``z = softcap·tan
 The registry (``_backend._REGISTRY["linear_token_extras"]``) names the per-tile fold of each backend.  The
 one here (:data:`TORCH_FOLD`) is torch ops on the tile, about six elementwise passes over it; it serves the
 ``cpu``, ``torch`` and ``triton`` backends alike (the tile is a torch tensor on every device).  None of the
-statistics has a gradient (TRL's ``FusedCausalLMOutput`` contract).
+statistics has a gradient (TRL's ``FusedCausalLMOutput`` contract).  Cost on a CPU: all three extras took a
+forward + backward with entropy from 6101 to 6658 ms (+9 %) at N = 1024, H = 1024, V = 32000 fp32 (2-core AMD
+EPYC under load, medians of 3, 2026-12-08); a C++ fold (one read of the tile) would win part of that back.
 """
 
 from dataclasses import dataclass
