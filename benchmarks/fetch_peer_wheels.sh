@@ -16,7 +16,11 @@ PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
   if [ -x /work/venv/bin/python ]; then PY=/work/venv/bin/python; else PY=python3; fi
 fi
-if [ "$#" -gt 0 ]; then SPECS=("$@"); else SPECS=("liger-kernel==0.8.5" "cut-cross-entropy==25.1.1"); fi
+# trl (its fused head and distillation loss in the linear and distill stages) imports datasets, which needs
+# dill and multiprocess: the device image has transformers, accelerate, pyarrow and pandas, not these four.
+DEFAULT_SPECS=("liger-kernel==0.8.5" "cut-cross-entropy==25.1.1"
+  "trl==1.16.0" "datasets==5.2.0" "dill==0.4.1" "multiprocess==0.70.19")
+if [ "$#" -gt 0 ]; then SPECS=("$@"); else SPECS=("${DEFAULT_SPECS[@]}"); fi
 
 for spec in "${SPECS[@]}"; do
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

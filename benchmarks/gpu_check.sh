@@ -14,7 +14,7 @@
 #                 x the three token kernels, V = 128256                                        70  sweep.md
 #   gpu-tests     pytest tests -m gpu (4 pytest-xdist workers where xdist is installed)       110  gpu_tests.log
 #   compile       the torch.compile rows of token_logprobs at V = 128256 (fwd, fwd+bwd)        30  results.md
-#   linear        the fused linear head (benchmarks/test_bench_linear.py --table)              35  results.md
+#   linear        the fused linear head vs eager, Liger, TRL's head (test_bench_linear.py --table)  35  results.md
 #   distill       linear_token_jeffreys vs eager, TRL, Liger (test_bench_distill.py)           15  results.md
 #   bond          the BOND objective and a whole step (benchmarks/test_bench_bond.py)          20  results.md
 #
@@ -131,7 +131,7 @@ stage_setup() {
   [ -d "$SITE" ] && [ "$DRY" != "1" ] && export PYTHONPATH="$ROOT:$SITE:$PYTHONPATH"
   # the packages as Python will import them (PYTHONPATH's $SITE first), not only what pip sees
   "$PY" -c "import importlib.metadata as m
-for d in ('numpy', 'pytest', 'pytest-xdist', 'pytest-timeout', 'liger_kernel', 'cut_cross_entropy', 'transformers'):
+for d in ('numpy', 'pytest', 'pytest-xdist', 'pytest-timeout', 'liger_kernel', 'cut_cross_entropy', 'transformers', 'trl', 'datasets'):
     try: print(d, m.version(d))
     except m.PackageNotFoundError: print(d, 'not installed')" >> "$OUT/env.txt" 2>&1
 }

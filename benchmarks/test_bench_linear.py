@@ -17,6 +17,10 @@ Accounting:
     1.041 GiB), so its 1.2 target is compared with the GiB column.
   * "max abs err": log-probs of the first 256 rows against float64 on the same bf16 inputs (scalar-loss
     peers: their ``reduction="none"`` per-token losses, negated).
+  * TRL's fused head (``trl.trainer.utils._ChunkedLogProbFunction``, what ``add_fused_lm_head`` runs in the
+    GRPO, RLOO, DPO, KTO and SFT trainers; Triton on a GPU) is called as TRL calls it: on the labelled rows
+    only (the gather included in the time), ``(hidden, weight, None, labels, temperature,
+    _CHUNKED_LOGPROB_CHUNK_SIZE, softcap, 1.0, outputs)``; its "+entropy+T+softcap" row pairs with ours.
   * "matmuls only" is the floor of the full-recompute schedule: the four cuBLAS products (2 × h·Wᵀ,
     dlogits·W, dlogitsᵀ·h) on full-size operands, with nothing else.  ``recompute="auto"`` (the default,
     "ours (triton)") keeps the logits of the last H/(N+H) of the vocabulary in the grad_weight buffer and
@@ -53,6 +57,8 @@ PROVIDERS = [
     "torch eager",
     "torch.compile",
     "liger FLCE (sum)",
+    "trl _ChunkedLogProbFunction",
+    "trl _ChunkedLogProbFunction +entropy+T+softcap",
     "cut-cross-entropy (sum)",
     "torch F.linear_cross_entropy chunked (sum)",
     "matmuls only (floor of ours)",
@@ -116,6 +122,15 @@ def _liger():
         return liger_fused_linear_cross_entropy
     except Exception as exc:  # not installed (or broken): the row says so
         raise LookupError(f"liger-kernel: {type(exc).__name__}: {exc}") from None
+
+
+def _trl_head():
+    try:
+        from trl.trainer import utils as trl_utils
+
+        return trl_utils._ChunkedLogProbFunction, trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
+    except Exception as exc:  # not installed (or broken): the row says so
+        raise LookupError(f"trl: {type(exc).__name__}: {exc}") from None
 
 
 def _cce():
@@ -194,6 +209,31 @@ def build(provider, hid, w, y, up):
         return (
             lambda: f(hid, w, y, reduction="sum").backward()
         ), lambda h_, w_, y_: -f(h_, w_, y_, reduction="none")
+    if provider.startswith("trl"):
+        fn, chunk = _trl_head()
+        ent = "+entropy" in provider
+        temperature, softcap = (0.9, 30.0) if "+" in provider else (1.0, None)
+        outputs = ("log_probs", "entropy") if ent else ("log_probs",)
+
+        def trl_out(h_, w_, y_):
+            keep = y_ != -100  # TRL scores the labelled rows only
+            logp, entropy, *_ = fn.apply(
+                h_[keep], w_, None, y_[keep], temperature, chunk, softcap, 1.0, outputs
+            )
+            return keep, logp, entropy
+
+        def trl_step():
+            keep, logp, entropy = trl_out(hid, w, y)
+            if ent:
+                torch.autograd.backward((logp, entropy), (up[keep], up[keep]))
+            else:
+                logp.backward(up[keep])
+
+        def trl_per_token(h_, w_, y_):
+            keep, logp, _ = trl_out(h_, w_, y_)
+            return logp.new_zeros(keep.shape).masked_scatter(keep, logp)
+
+        return trl_step, trl_per_token
     if provider.startswith("cut-cross-entropy"):
         f = _cce()
         return (

@@ -42,6 +42,13 @@ _REGISTRY = {
         "cpu": "bond_kernels.ops.linear_engine:CPU",
         "torch": "bond_kernels.ops.linear_engine:TORCH",
     },
+    # The fused head's optional extra statistics (ops/linear_extras.py): a per-tile fold, torch ops on the tile
+    # for every backend that runs the linear engine (the tile is a torch tensor on every device).
+    "linear_token_extras": {
+        "triton": "bond_kernels.ops.linear_extras:TORCH_FOLD",
+        "cpu": "bond_kernels.ops.linear_extras:TORCH_FOLD",
+        "torch": "bond_kernels.ops.linear_extras:TORCH_FOLD",
+    },
     "reward_quantiles": {
         "cuda": "_C.cuda",
         "triton": "bond_kernels.ops.triton.reward_quantiles",

@@ -410,6 +410,7 @@ def linear_token_logprobs(
     process_group=None,
     validate=False,
     recompute="auto",
+    extras=(),
 ):
     """:func:`token_logprobs` of the logits ``hidden·weightᵀ + bias``, without materialising them.
 
@@ -434,8 +435,14 @@ def linear_token_logprobs(
         over chunks) hold one each: use ``"full"`` there, which holds nothing but the inputs.  Nothing is
         kept under torch.compile or while saved-tensor hooks are active (non-reentrant checkpoint,
         ``save_on_cpu``).
+    extras: names among ``"log_sum_sq_probs"`` (log Σ_v p², fp32), ``"mean_logits"`` (the mean of z over the
+        vocabulary, fp32) and ``"is_top1"`` (the label is the first argmax of z, bool), computed from the same
+        tiles in the same pass (``ops/linear_extras.py``), without gradient, 0 / False at ignored positions.
+        When given, a dict of them (labels' shape each) is returned after the other outputs.  Not with
+        ``process_group``.  Spec: :func:`bond_kernels.reference.linear_token_extras`.
     """
     return_entropy = V.boolean(return_entropy, "return_entropy")
+    extras = _extras_arg(extras, process_group)
     validate = V.boolean(validate, "validate")
     if not isinstance(recompute, str) or recompute not in ("auto", "full"):
         raise ValueError(f"recompute must be 'auto' or 'full', got {recompute!r}")
@@ -466,6 +473,7 @@ def linear_token_logprobs(
     if validate or name == "torch" or V.free_to_read(labels):
         V.check_labels_in_range(labels, weight.shape[0], ignore_index)
     check = validate or V.free_to_read(hidden)
+    from .ops import linear_extras as lin_extras
     from .ops import linear_token_logprobs as lin
 
     if name == "torch":
@@ -480,10 +488,31 @@ def linear_token_logprobs(
             return_entropy=return_entropy,
         )
         _check_linear_rows(out[0] if return_entropy else out, hidden, weight, bias, softcap, check)
-        return out
+        if not extras:
+            return out
+        more = ref.linear_token_extras(
+            hidden,
+            weight,
+            labels,
+            extras,
+            bias=bias,
+            temperature=temperature,
+            softcap=softcap,
+            ignore_index=ignore_index,
+        )
+        return (*(out if return_entropy else (out,)), more)
     if labels.numel() == 0:
         empty = hidden.new_zeros(labels.shape, dtype=torch.float32) + (hidden.sum() + weight.sum()) * 0
-        return (empty, empty.clone()) if return_entropy else empty
+        out = (empty, empty.clone()) if return_entropy else empty
+        if not extras:
+            return out
+        more = {
+            n: torch.zeros(
+                labels.shape, dtype=torch.bool if n == "is_top1" else torch.float32, device=hidden.device
+            )
+            for n in extras
+        }
+        return (*(out if return_entropy else (out,)), more)
     rows = hidden.reshape(-1, hidden.shape[-1])
     keep = (
         recompute == "auto"
@@ -493,7 +522,7 @@ def linear_token_logprobs(
         and not lin.saved_tensor_hooks_active()
     )
     op = lin.KeptLinearTokenLogprobs.apply if keep else lin.linear_token_logprobs_fwd
-    logp, _, ent = op(
+    logp, _, ent, *more = op(
         rows,
         weight,
         bias,
@@ -503,12 +532,29 @@ def linear_token_logprobs(
         ignore_index,
         bool(return_entropy),
         name,
+        lin_extras.mask_of(extras),
     )
     logp = logp.view(labels.shape)
     _check_linear_rows(logp, hidden, weight, bias, softcap, check)
-    if return_entropy:
-        return logp, ent.view(labels.shape)
-    return logp
+    out = (logp, ent.view(labels.shape)) if return_entropy else (logp,)
+    if extras:
+        found = dict(zip(ref.EXTRAS, more))
+        out = (*out, {n: found[n].view(labels.shape) for n in extras})
+    return out if len(out) > 1 else logp
+
+
+def _extras_arg(extras, process_group):
+    """``linear_token_logprobs``'s ``extras``: a tuple of distinct names from ``reference.EXTRAS``."""
+    if isinstance(extras, str) or not isinstance(extras, (tuple, list)):
+        raise TypeError(f"extras must be a tuple of names from {ref.EXTRAS}, got {extras!r}")
+    bad = [n for n in extras if n not in ref.EXTRAS]
+    if bad or len(set(extras)) != len(extras):
+        raise ValueError(f"extras must be distinct names from {ref.EXTRAS}, got {tuple(extras)!r}")
+    if extras and process_group is not None:
+        raise ValueError(
+            f"extras are not supported with process_group (vocabulary-parallel), got {tuple(extras)!r}"
+        )
+    return tuple(extras)
 
 
 def _check_linear_rows(logp, hidden, weight, bias, softcap, check):

@@ -341,8 +341,8 @@ def test_trl_patch_unpatch(trl_utils):
     later_name = _first_unimported(TRL_CONSUMERS[1:])
     try:
         assert sorted(bk_trl.patch()) == sorted(
-            TRL_NAMES + ["_chunked_divergence_loss"]
-        )  # + the trainer loss
+            TRL_NAMES + ["add_fused_lm_head", "_chunked_divergence_loss"]
+        )  # + the trainers' fused head and the distillation loss
         bk_trl.patch()  # idempotent
         for n in TRL_NAMES:
             assert getattr(trl_utils, n) is getattr(bk_trl, n)

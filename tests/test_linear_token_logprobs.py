@@ -213,7 +213,7 @@ def test_out_of_range_label_raises_on_cpu(bad):
     for backend in ("cpu", "auto", "torch"):
         with pytest.raises(ValueError, match=rf"labels must lie in \[0, 9\).*got {bad}"):
             bk.linear_token_logprobs(hid, w, y, backend=backend)
-    lp, _, _, _ = eng.CPU.fwd(hid, w, None, y, 1.0, 0.0, -100, False)
+    lp, *_ = eng.CPU.fwd(hid, w, None, y, 1.0, 0.0, -100, False)
     assert torch.isnan(lp[2]) and torch.isfinite(lp[[0, 1, 3, 4]]).all()
 
 

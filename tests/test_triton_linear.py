@@ -134,3 +134,24 @@ def test_vocab_parallel_triton_two_ranks():
     from test_vocab_parallel import run_world
 
     run_world(2, worker=_vp_worker, extra=("3,4",))
+
+
+@pytest.mark.parametrize("n,h,v,tile", CASES[1:3])
+def test_triton_path_extras_match_reference(n, h, v, tile, monkeypatch):
+    """The fused head's extras (log Σ p², mean logit, is_top1) on the triton backend: folded from the same
+    tiles as the log-probs (ops/linear_extras.py), against the reference."""
+    from bond_kernels.reference import EXTRAS, linear_token_extras
+
+    monkeypatch.setenv("BOND_KERNELS_LINEAR_TILE", tile)
+    gen = torch.Generator().manual_seed(n * 7 + v)
+    hid, w, b, y = _data(n, h, v, bias=True, gen=gen)
+    x = hid @ w.T + b
+    y[3:6] = x[3:6].argmax(-1)
+    for temperature, softcap in ((1.0, None), (0.7, 3.0)):
+        lp, more = bk.linear_token_logprobs(
+            hid, w, y, bias=b, temperature=temperature, softcap=softcap, extras=EXTRAS, backend="triton"
+        )
+        want = linear_token_extras(hid, w, y, EXTRAS, bias=b, temperature=temperature, softcap=softcap)
+        assert torch.equal(more["is_top1"], want["is_top1"]) and bool(want["is_top1"].any())
+        for name in ("log_sum_sq_probs", "mean_logits"):
+            torch.testing.assert_close(more[name], want[name], **TOL)

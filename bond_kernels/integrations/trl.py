@@ -8,7 +8,8 @@
 Each function keeps TRL's signature (same names, order and defaults; ``backend`` is an extra keyword) and
 TRL's semantics, and runs on :func:`bond_kernels.token_logprobs`: one read of the logits forward, one read
 and one write backward, never a (..., V) fp32 copy.  Checked against TRL's own functions (trl 1.16.0) in
-``tests/test_integrations_trl_verl.py``.
+``tests/test_integrations_trl_verl.py``.  The fused LM head of TRL's GRPO, RLOO, DPO, KTO and SFT trainers,
+``add_fused_lm_head``, is in ``integrations/trl_head.py`` (re-exported here, swapped in by :func:`patch`).
 
 Conventions matched: ``logits`` (..., V) with any leading dims; ``index`` (...) — or (..., K) for
 ``selective_log_softmax``, K log-probs per position; ``temperature`` divides the logits (> 0, else
@@ -29,8 +30,10 @@ import torch
 from .. import _validate as V
 from .. import functional as F
 from . import _peers
+from .trl_head import add_fused_lm_head
 
 __all__ = [
+    "add_fused_lm_head",
     "chunked_divergence_loss",
     "entropy_from_logits",
     "patch",
@@ -247,6 +250,8 @@ _PATCHER = _peers.Patcher(
         "selective_log_softmax": selective_log_softmax,
         "entropy_from_logits": entropy_from_logits,
         "selective_log_softmax_and_entropy": selective_log_softmax_and_entropy,
+        # the fused head of the GRPO, RLOO, DPO, KTO and SFT trainers (integrations/trl_head.py)
+        "add_fused_lm_head": add_fused_lm_head,
     },
     install_hint="pip install trl",
 )
@@ -262,11 +267,14 @@ _LOSS_PATCHER = _peers.Patcher(
 def patch():
     """Swap our functions into the installed TRL: ``trl.trainer.utils`` (and the DistillationTrainer's
     ``_chunked_divergence_loss`` in ``trl.trainer.distillation_trainer``) and every imported ``trl.*`` module
-    that bound them by name (e.g. ``trl.experimental.orpo.orpo_trainer.selective_log_softmax``).  Modules
+    that bound them by name (e.g. ``trl.experimental.orpo.orpo_trainer.selective_log_softmax``, or
+    ``add_fused_lm_head`` in ``trl.trainer.grpo_trainer``, ``rloo_trainer``, ``dpo_trainer``, ``kto_trainer``,
+    ``sft_trainer`` and ``trl.experimental.async_grpo``: the trainers' fused head then runs ours).  Modules
     imported later read them from ``trl.trainer.utils`` and get ours.  Idempotent; raises ``ImportError``
     (naming ``pip install trl``) when TRL is missing.  Returns the names patched.
 
-    Call it before the trainer is built: code outside TRL that already did ``from trl.trainer.utils import
+    Call it before the trainer is built (the trainer patches its model's forward in ``__init__``; a model
+    patched before keeps that forward): code outside TRL that already did ``from trl.trainer.utils import
     selective_log_softmax`` keeps the function it imported.
     """
     return _PATCHER.patch() + _LOSS_PATCHER.patch()

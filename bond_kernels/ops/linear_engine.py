@@ -80,6 +80,7 @@ import torch
 
 from .. import _backend
 from ..reference.launchers import token_logprobs_fixup_column0
+from .linear_extras import Extras
 from .linear_plan import Plan, cpu_plan, gpu_plan
 from .token_logprobs import full_lse
 
@@ -199,6 +200,7 @@ def local_forward(
     tk,
     plan,
     kept=None,
+    extras=None,
 ):
     """Statistics of each row over this weight's rows (a vocabulary slice starting at global id ``v_offset``).
 
@@ -207,6 +209,7 @@ def local_forward(
     ``z`` over the slice, ``Σ softmax(z)·z`` over the slice (None unless ``want_ent``), ``z[label]`` where the
     label lies in the slice (0 elsewhere), and whether it does.  Ignored rows hold unspecified values.
     ``kept`` (from :func:`make_kept` with this ``plan``): the kept tiles' logits are written there.
+    ``extras`` (an ``ops/linear_extras.Extras``): each tile is folded into it, in this same pass.
     """
     n = hidden.shape[0]
     v_local = weight.shape[0]
@@ -229,6 +232,8 @@ def local_forward(
             v1 = min(v_local, v0 + plan.vocab)
             out = kept.tile(k, v0, v1, n) if kept is not None and k >= kept.first else None
             x = _tile_logits(h_rows, weight, bias, v0, v1, plan, out=out)
+            if extras is not None:
+                extras.fold(x, r0, r1, v_offset + v0)
             loc_k, dead = loc[k], None
             if not softcap and _masks_tile(bias, v0, v1):
                 # A bias of -inf over the whole tile leaves rows with no finite logit in it, which the per-row
@@ -434,9 +439,9 @@ def finish_forward(lse, s, target, found, labels, ignore_index, want_ent):
 
 
 def engine_forward(
-    hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy, tk, plan, kept=None
+    hidden, weight, bias, labels, temperature, softcap, ignore_index, want_ent, tk, plan, kept=None, ex=None
 ):
-    """:func:`local_forward` over the whole vocabulary, then :func:`finish_forward`."""
+    """:func:`local_forward` over the whole vocabulary (folding ``ex``), then :func:`finish_forward`."""
     lse, s, target, found = local_forward(
         hidden,
         weight,
@@ -446,12 +451,13 @@ def engine_forward(
         temperature=temperature,
         softcap=softcap,
         ignore_index=ignore_index,
-        want_ent=return_entropy,
+        want_ent=want_ent,
         tk=tk,
         plan=plan,
         kept=kept,
+        extras=ex,
     )
-    return finish_forward(lse, s, target, found, labels, ignore_index, return_entropy)
+    return finish_forward(lse, s, target, found, labels, ignore_index, want_ent)
 
 
 @dataclass(frozen=True)
@@ -487,8 +493,9 @@ class Chunked:
     """The engine's launchers for one backend: its tile plan and its per-tile kernels.
 
     ``plan(n, v, h, dtype)`` sizes the tiles; ``tiles`` are the per-tile kernels (loaded on first use).
-    fwd: hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64 -> (logp, lse, entropy) fp32 (N,)
-    and a :class:`Kept` when ``keep`` is true and the plan allows one (else None).
+    fwd: hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64 -> (logp, lse, entropy) fp32 (N,),
+    a :class:`Kept` when ``keep`` is true and the plan allows one (else None), and the ``extras`` (a bit mask,
+    ``ops/linear_extras.py``) as ``(log_sum_sq_probs, mean_logits, is_top1)``, empty where not asked.
     bwd: returns ``(grad_hidden, grad_weight, grad_bias)`` in the inputs' dtypes (None where not needed);
     given the forward's ``kept`` it consumes it (``grad_weight`` is its buffer).
     """
@@ -511,10 +518,12 @@ class Chunked:
         return self._tiles
 
     def fwd(
-        self, hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy, keep=False
+        self, hidden, weight, bias, labels, temperature, softcap, ignore_index, entropy, keep=False, extras=0
     ):
-        plan = self.plan(hidden.shape[0], weight.shape[0], hidden.shape[1], hidden.dtype)
-        kept = make_kept(hidden.shape[0], weight, plan) if keep else None
+        n, v = hidden.shape[0], weight.shape[0]
+        plan = self.plan(n, v, hidden.shape[1], hidden.dtype)
+        kept = make_kept(n, weight, plan) if keep else None
+        ex = Extras(extras, n, v, temperature, softcap, self.backend, hidden.device) if extras else None
         out = engine_forward(
             hidden,
             weight,
@@ -523,12 +532,13 @@ class Chunked:
             temperature,
             softcap,
             ignore_index,
-            return_entropy,
+            entropy,
             self.tiles,
             plan,
             kept,
+            ex,
         )
-        return (*out, kept)
+        return (*out, kept, Extras.results(ex, out[1], labels, ignore_index))
 
     def bwd(
         self,

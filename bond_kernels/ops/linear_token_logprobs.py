@@ -37,21 +37,24 @@ def linear_token_logprobs_fwd(
     ignore_index: int,
     return_entropy: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logp, lse, ent, _ = _backend.impl("linear_token_logprobs", backend).fwd(
-        hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy
+    extras: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    logp, lse, ent, _, more = _backend.impl("linear_token_logprobs", backend).fwd(
+        hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy, extras=extras
     )
-    return logp.float(), lse.float(), ent.float()
+    return (logp.float(), lse.float(), ent.float(), *more)
 
 
 @linear_token_logprobs_fwd.register_fake
-def _(hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy, backend):
+def _(hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy, backend, extras=0):
     n = labels.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (
         hidden.new_empty(n, **f32),
         hidden.new_empty(n, **f32),
         hidden.new_empty(n if return_entropy else 0, **f32),
+        *(hidden.new_empty(n if extras & bit else 0, **f32) for bit in (1, 2)),
+        hidden.new_empty(n if extras & 4 else 0, dtype=torch.bool, device=hidden.device),
     )
 
 
@@ -124,11 +127,11 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy, backend = inputs
-    _, lse, ent = output
+    hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy, backend, *_ = inputs
+    _, lse, ent, *extras = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, ent)
     ctx.config = (temperature, softcap, ignore_index, backend)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, *extras)  # the extras (ops/linear_extras.py) have no gradient
 
 
 def _upstream(lse, ent, grad_logp, grad_ent):
@@ -176,10 +179,11 @@ def _gradients(ctx, grad_logp, grad_ent, bwd):
         None,
         None,
         None,
+        None,
     )
 
 
-def _backward(ctx, grad_logp, grad_lse, grad_ent):
+def _backward(ctx, grad_logp, grad_lse, grad_ent, *_):
     backend = ctx.config[3]
     return _gradients(ctx, grad_logp, grad_ent, lambda *args: linear_token_logprobs_bwd(*args, backend))
 
@@ -208,12 +212,22 @@ class KeptLinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy, backend
+        ctx,
+        hidden,
+        weight,
+        bias,
+        labels,
+        temperature,
+        softcap,
+        ignore_index,
+        return_entropy,
+        backend,
+        extras=0,
     ):
-        logp, lse, ent, kept = _backend.impl("linear_token_logprobs", backend).fwd(
-            hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy, keep=True
+        logp, lse, ent, kept, more = _backend.impl("linear_token_logprobs", backend).fwd(
+            hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy, True, extras
         )
-        out = logp.float(), lse.float(), ent.float()
+        out = logp.float(), lse.float(), ent.float(), *more
         inputs = (hidden, weight, bias, labels, temperature, softcap, ignore_index, return_entropy, backend)
         _setup_context(ctx, inputs, out)
         ctx.kept = kept
@@ -221,7 +235,7 @@ class KeptLinearTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable  # no grad mode inside: create_graph=True must not record the out= matmuls (as 'full')
-    def backward(ctx, grad_logp, grad_lse, grad_ent):
+    def backward(ctx, grad_logp, grad_lse, grad_ent, *_):
         kept, ctx.kept = ctx.kept, None
         bwd = _backend.impl("linear_token_logprobs", ctx.config[3]).bwd
         return _gradients(ctx, grad_logp, grad_ent, lambda *args: bwd(*args, kept=kept))

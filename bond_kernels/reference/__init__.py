@@ -6,12 +6,13 @@ Every function computes in fp32 (fp64 when given fp64) and states its math in it
 from .anchor import ema_update
 from .bon import best_of_n_indices, bon_log_prob, log_c_n
 from .jeffreys import token_jeffreys
-from .linear_token_logprobs import linear_token_logprobs
+from .linear_token_logprobs import EXTRAS, linear_token_extras, linear_token_logprobs
 from .losses import BondOutput, JBondOutput, bond_loss, jbond_loss
 from .quantiles import reward_quantiles
 from .token_logprobs import sequence_logprobs, token_logprobs
 
 __all__ = [
+    "EXTRAS",
     "BondOutput",
     "JBondOutput",
     "best_of_n_indices",
@@ -19,6 +20,7 @@ __all__ = [
     "bond_loss",
     "ema_update",
     "jbond_loss",
+    "linear_token_extras",
     "linear_token_logprobs",
     "log_c_n",
     "reward_quantiles",
