@@ -151,6 +151,12 @@ def _errors(rank):
 
     ddp = wrap("ddp", build("llama-untied"))
     catch("ddp-module", lambda: sequence_logprobs(ddp.module, ids, mask, labels))
+    # Without autograd there is nothing for DDP to reduce: scoring samples through .module is allowed.
+    with torch.no_grad():
+        msgs["ddp-module-no-grad"] = (
+            sequence_logprobs(ddp.module, ids, mask, labels).token_logprobs,
+            sequence_logprobs(ddp, ids, mask, labels).token_logprobs,
+        )
     sharded = wrap("fsdp2", build("llama-untied"))
     catch("anchor-plain-vs-fsdp2", lambda: bk.EMAAnchor(build("llama-untied")).update(sharded))
     catch(
@@ -223,6 +229,13 @@ def test_anchor_update_is_the_lerp(ranks, engine, name):
         if engine == "fsdp2":  # each rank updated its shard of every parameter (dim 0 split in two)
             for n, (local, full) in res["anchor_local_rows"].items():
                 assert local == (full + 1) // 2 or local == full // 2, (n, local, full)
+
+
+def test_module_without_autograd_is_allowed(ranks):
+    for res in ranks:
+        through_module, through_ddp = res["errors"]["ddp-module-no-grad"]
+        assert through_module.abs().sum() > 0
+        torch.testing.assert_close(through_module, through_ddp, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -281,7 +281,8 @@ def sequence_logprobs(
     outer, model = _wrappers.unwrap(model)
     backbone = _backbone(model)
     head, _, _ = _head(model)
-    if outer is model and not torch.compiler.is_compiling():
+    # Without autograd (scoring samples under no_grad) there is no gradient for DDP to reduce: .module is fine.
+    if outer is model and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         owner = _wrappers.ddp_owner(model)
         if owner is not None:
             raise ValueError(

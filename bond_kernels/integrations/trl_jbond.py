@@ -400,21 +400,11 @@ class JBondTrainer(trl.GRPOTrainer):
         return loss.detach() / steps + self.accelerator.num_processes * (loss - loss.detach())
 
     def _fused_forward(self, model, ids, mask, labels, pos):
-        """Sequence log-probs through the fused head, called as the wrapper's forward (DDP/FSDP see it)."""
-        inner = self.accelerator.unwrap_model(model)
-        own = inner.__dict__.get("forward")
-
-        def forward(**kw):
-            return sequence_logprobs(inner, temperature=self.temperature, **kw).sequence_logprobs
-
-        inner.forward = forward
-        try:
-            return model(input_ids=ids, attention_mask=mask, labels=labels, position_ids=pos)
-        finally:
-            if own is None:
-                del inner.forward
-            else:
-                inner.forward = own
+        """Sequence log-probs through the fused head, computed inside the wrapper's forward (DDP/FSDP2 hooks
+        run: ``integrations.transformers.sequence_logprobs`` takes the model as the Trainer wrapped it)."""
+        return sequence_logprobs(
+            model, ids, mask, labels, temperature=self.temperature, position_ids=pos
+        ).sequence_logprobs
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):

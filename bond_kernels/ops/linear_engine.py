@@ -209,7 +209,7 @@ def local_forward(
     ``z`` over the slice, ``Σ softmax(z)·z`` over the slice (None unless ``want_ent``), ``z[label]`` where the
     label lies in the slice (0 elsewhere), and whether it does.  Ignored rows hold unspecified values.
     ``kept`` (from :func:`make_kept` with this ``plan``): the kept tiles' logits are written there.
-    ``extras`` (an ``ops/linear_extras.Extras``): each tile is folded into it, in this same pass.
+    ``extras`` (an ``Extras`` of ops/linear_extras.py): each tile is folded into it, in this same pass.
     """
     n = hidden.shape[0]
     v_local = weight.shape[0]
