@@ -468,8 +468,10 @@ class LinearTokenJeffreys(torch.autograd.Function):
             if grad_b is not None:
                 grad_b[c0:c1] = dx.sum(0, dtype=torch.float32).to(b_s.dtype)
             if grad_h is not None:
-                grad_h += dx @ w_s[c0:c1].to(student.dt)
-            if grad_w is not None:
+                grad_h.addmm_(dx, w_s[c0:c1].to(student.dt))
+            if grad_w is not None and grad_w.dtype == dx.dtype and grad_w.is_contiguous():
+                torch.mm(dx.T, student.hidden, out=grad_w[c0:c1])  # in place: no (C, H) temporary
+            elif grad_w is not None:
                 grad_w[c0:c1] = (dx.T @ student.hidden).to(w_s.dtype)
         if grad_h is not None:
             # vocabulary-parallel: every rank holds its shard's part of grad_hidden (all ranks take part:
