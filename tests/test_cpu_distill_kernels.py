@@ -209,6 +209,27 @@ def test_cpu_tile_gjsd_matches_the_torch_pass(beta, temperature, cap_s, cap_t):
     torch.testing.assert_close(kl_cpu[rows], kl_torch[rows], rtol=2e-5, atol=1e-6)
 
 
+def test_cpu_tile_gjsd_small_beta_against_fp64():
+    # β = 1e-3 and a peaked student (log s ≈ 0 at one word): log m = log s + log(1 − β) + log1p(e) with
+    # e ≈ 1e-3, and KL(s‖m) is a sum of such differences, so log1p must keep its relative precision for
+    # small e (a plain log of the rounded 1 + e is off by ~6e-8 absolute, 6e-5 of the result here).
+    cpu = _ext.require().cpu
+    n, v, beta = 8, 64, 1e-3
+    zs = torch.randn(n, v) - 12.0
+    zs[:, 3] = 0.0
+    zt = torch.randn(n, v)
+    lse_s, lse_t = torch.logsumexp(zs.double(), 1), torch.logsumexp(zt.double(), 1)
+    ls, lt = zs.double() - lse_s[:, None], zt.double() - lse_t[:, None]
+    lm = torch.logaddexp(ls + math.log1p(-beta), lt + math.log(beta))
+    want = torch.stack([(lt.exp() * (lt - lm)).sum(1), (ls.exp() * (ls - lm)).sum(1)])
+    for isa in _every_isa():
+        got = torch.zeros(2, n)
+        cpu.linear_jeffreys_tile_gjsd(got, zs, zt, lse_s.float(), lse_t.float(), 1.0, 0.0, 0.0, beta)
+        torch.testing.assert_close(
+            got.double(), want, rtol=5e-6, atol=0.0, msg=lambda m, isa=isa: f"{isa}: {m}"
+        )
+
+
 def _rows_args(n=5, width=200):
     x, y = torch.randn(n, 300) * 3, torch.randn(n, 310) * 3
     lse_s = torch.logsumexp(x[:, 7 : 7 + width] / 0.8, 1) + 1.0  # a tile of wider rows: lse above the tile's
