@@ -191,8 +191,8 @@ def cpu_tile_fold(state, student: "Head", teacher: "Head", c0, c1, with_cross):
 
     The softcaps and the temperature are applied by the kernel, with the same tanh, product by 1/T and exp as
     the cpu tile gradient and second pass (``cpu_tile_grad``, ``cpu_tile_gjsd``): the statistics come from
-    the logits the backward recomputes, bit for bit (a point mass, V = 1, gives exactly p = 1 and a zero
-    gradient)."""
+    the logits the backward recomputes (a point mass, V = 1, gives exactly p = 1 and a zero gradient at T = 1
+    without softcaps; ~1e-7 residuals otherwise, see the kernel's header)."""
     xs, xt = student.matmul(c0, c1, reuse=True), teacher.matmul(c0, c1, reuse=True)
     _backend.impl("token_jeffreys", "cpu").linear_jeffreys_tile_fold(
         state, xs, xt, student.temperature, _cap(student), _cap(teacher), with_cross

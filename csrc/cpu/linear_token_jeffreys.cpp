@@ -16,8 +16,11 @@
 // replace the torch ops of the same engine: per tile about twelve (gjsd) elementwise passes over fp32 (N, C)
 // tiles (the caps, two log-softmax shifts, the mixture's logaddexp, the exps, the products, the masks, the
 // sums).  Here each is one sweep per row: read x and y once, write dx once (the gradient) or two sums (the
-// pass).  The caps, the division by T (as a product with 1 / T) and the exps are those of the fold, so the
-// three kernels see the same logits bit for bit (a point mass, V = 1, gets p = 1 and a zero gradient).
+// pass).  The caps, the division by T (as a product with 1 / T) and the exps are those of the fold.  A point
+// mass (V = 1) gets p = 1 and a zero gradient exactly at T = 1 without softcaps; otherwise the AVX2/AVX-512
+// builds may fuse the product by 1 / T into the following subtraction (-ffp-contract=fast) differently in
+// the fold and in the gradient, which leaves residuals ~1e-7 of the logits (as the torch path on these
+// ISAs, through token_jeffreys' backward kernel, measured before this change).
 // log m needs a log per entry: log_add_exp below (one exp and a polynomial log1p, vectorised like fast_exp).
 #include <cmath>
 
