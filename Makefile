@@ -56,7 +56,7 @@ ctest:
 ASAN_DIR := build/asan
 SAN_FLAGS := -fsanitize=address,undefined -fsanitize=float-cast-overflow -fno-sanitize-recover=all -fno-omit-frame-pointer
 ASAN_TESTS := tests/test_cpu_parity.py tests/test_bad_input.py tests/test_bond_sequence.py \
-	tests/test_linear_token_logprobs.py tests/test_odd_inputs.py tests/test_fuzz.py
+	tests/test_linear_token_logprobs.py tests/test_odd_inputs.py tests/test_fuzz.py tests/test_cpu_distill_kernels.py
 
 test-asan: setup
 	rm -rf $(ASAN_DIR)/pkg && mkdir -p $(ASAN_DIR)/pkg && cp -r bond_kernels $(ASAN_DIR)/pkg/

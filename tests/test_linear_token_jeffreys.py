@@ -11,7 +11,6 @@ import torch
 from conftest import assert_close
 
 import bond_kernels as bk
-from bond_kernels import _ext
 from bond_kernels.ops import linear_token_jeffreys as engine
 from bond_kernels.reference.linear_token_jeffreys import linear_token_jeffreys as reference
 
@@ -132,13 +131,13 @@ def test_matches_token_jeffreys_on_materialised_logits():
 def test_tiles_never_span_the_vocabulary(monkeypatch):
     """With a tile budget below one (N, V) tile, every matmul covers at most C < V columns."""
     seen = []
-    raw = engine.Head.raw
+    matmul = engine.Head.matmul
 
-    def spy(self, c0, c1):
+    def spy(self, c0, c1, **kw):
         seen.append(c1 - c0)
-        return raw(self, c0, c1)
+        return matmul(self, c0, c1, **kw)
 
-    monkeypatch.setattr(engine.Head, "raw", spy)
+    monkeypatch.setattr(engine.Head, "matmul", spy)
     s, t, labels = _case(16, 8, 8, 3000, torch.float32)
     leaves = [x.clone().requires_grad_(True) for x in s]
     out = bk.linear_token_jeffreys(
@@ -392,88 +391,3 @@ def test_triton_tile_grad_matches_the_torch_gradient(monkeypatch, mode, beta, te
     assert torch.equal(got[2], torch.zeros_like(got[2]))
     assert want.abs().max() > 1e-3  # the comparison is not of zeros
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want.abs().max().item())
-
-
-def _fold_case(n, widths, temperature, cap_s, cap_t):
-    # the Triton fold test's inputs: ramps so that the maxes grow from tile to tile (the running sums are
-    # rescaled), words masked in both heads (-inf without a softcap, -cap with one), a row of bias alone
-    v = sum(widths)
-    hs, ws = torch.randn(n, 5), torch.randn(v, 5) * 2
-    ht, wt = torch.randn(n, 8), torch.randn(v, 8) * 2
-    bs, bt = torch.randn(v) + torch.linspace(0, 2, v), torch.randn(v) * 0.5 + torch.linspace(0, 3, v)
-    bs[[3, 170, 200]] = bt[[3, 170, 200]] = float("-inf")
-    student = engine.Head(hs, ws, bs, cap_s, temperature)
-    teacher = engine.Head(ht, wt, bt, cap_t, temperature)
-    student.hidden[2] = 0.0
-    return student, teacher
-
-
-@pytest.mark.skipif(not _ext.has_cpu(), reason="bond_kernels._C (cpu) is not built")
-@pytest.mark.parametrize("with_cross", [True, False], ids=["cross", "lse-only"])
-@pytest.mark.parametrize(
-    "temperature,cap_s,cap_t",
-    [(1.0, 0.0, 0.0), (0.7, 5.0, 30.0), (1.3, 0.0, 8.0)],
-    ids=["plain", "caps", "t-cap"],
-)
-def test_cpu_tile_fold_matches_the_torch_fold(with_cross, temperature, cap_s, cap_t):
-    # The C++ per-tile fold (as the engine calls it, and with the kernel's own softcaps) against the torch
-    # fold it replaces, with every instruction set this CPU has: four tiles of different widths (1100 crosses
-    # the kernel's 512-entry partial sums; 37 rows × 1100 columns run the OpenMP path), -inf entries, growing
-    # maxes, a tile's rows folded into a state that is already set.
-    n, widths = 37, (150, 64, 1100, 91)
-    student, teacher = _fold_case(n, widths, temperature, cap_s, cap_t)
-    cpu = _ext.require().cpu
-    active = cpu._isa()
-    try:
-        for isa in cpu._supported_isas():
-            cpu._set_isa(isa)
-            want, got, capped = (engine._new_state(n, torch.device("cpu")) for _ in range(3))
-            c0 = 0
-            for w in widths:
-                engine.torch_tile_fold(want, student, teacher, c0, c0 + w, with_cross)
-                engine.cpu_tile_fold(got, student, teacher, c0, c0 + w, with_cross)
-                # the kernel's own softcap (cpu_tile_fold caps with torch, for the backward's sake)
-                xs, xt = student.matmul(c0, c0 + w), teacher.matmul(c0, c0 + w)
-                cpu.linear_jeffreys_tile_fold(capped, xs, xt, temperature, cap_s, cap_t, with_cross)
-                c0 += w
-            rows = [0, 1, 2, 4, 5] + ([3, 6] if with_cross else [])
-            torch.testing.assert_close(
-                capped[rows],
-                want[rows],
-                rtol=2e-5,
-                atol=2e-5,
-                msg=lambda m, isa=isa: f"{isa}, kernel caps: {m}",
-            )
-            torch.testing.assert_close(
-                got[rows], want[rows], rtol=2e-5, atol=2e-5, msg=lambda m, isa=isa: f"{isa}: {m}"
-            )
-            assert torch.isfinite(got[1]).all() and (got[1] > 0).all()
-            if not with_cross:  # the cross terms are left as they were
-                assert torch.equal(got[[3, 6]], torch.zeros(2, n))
-    finally:
-        cpu._set_isa(active)
-
-
-@pytest.mark.skipif(not _ext.has_cpu(), reason="bond_kernels._C (cpu) is not built")
-def test_cpu_tile_fold_strides_and_bad_input():
-    # A column slice of wider rows (row stride > C) folds as its contiguous copy, bit for bit; an all -inf
-    # row (no softcap) keeps the empty state; the binding names the argument it rejects.
-    fold = _ext.require().cpu.linear_jeffreys_tile_fold
-    x, y = torch.randn(5, 300) * 3, torch.randn(5, 310) * 3
-    x[4] = y[4] = float("-inf")
-    a, b = engine._new_state(5, torch.device("cpu")), engine._new_state(5, torch.device("cpu"))
-    fold(a, x[:, 7:207], y[:, 20:220], 0.8, 0.0, 0.0, True)
-    fold(b, x[:, 7:207].contiguous(), y[:, 20:220].contiguous(), 0.8, 0.0, 0.0, True)
-    assert torch.equal(a, b)
-    assert torch.equal(a[:, 4], engine._new_state(1, torch.device("cpu"))[:, 0])
-    good = (engine._new_state(5, torch.device("cpu")), torch.zeros(5, 8), torch.zeros(5, 8))
-    for args, exc, words in [
-        ((torch.zeros(6, 5), *good[1:]), ValueError, "state must have shape"),
-        ((good[0], good[1].double(), good[2]), TypeError, "student must be float32"),
-        ((good[0], good[1], torch.zeros(5, 9)), ValueError, "teacher must have student's shape"),
-        ((good[0], good[1], torch.zeros(8, 5).T), ValueError, "teacher must have last stride 1"),
-    ]:
-        with pytest.raises(exc, match=words):
-            fold(*args, 1.0, 0.0, 0.0, True)
-    with pytest.raises(ValueError, match="cap_t"):
-        fold(*good, 1.0, 0.0, -1.0, True)

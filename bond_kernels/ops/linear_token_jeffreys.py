@@ -14,14 +14,17 @@ so it takes two passes: the log-sum-exps first, then the divergence (the matmuls
 one tile is the backend's (:class:`TileOps`, through the registry): on ``triton`` one kernel reads the two
 matmul outputs once and updates the (7, N) state in place (``ops/triton/linear_token_jeffreys.py``); on
 ``cpu`` one C++ kernel does the same over the fp32 tiles (``csrc/cpu/linear_token_jeffreys.cpp``); ``torch``
-folds with torch ops (about ten elementwise passes over fp32 tiles).
+folds with torch ops (about ten elementwise passes over fp32 tiles).  The second pass over a tile is one C++
+sweep on ``cpu`` and torch ops elsewhere.
 
 Backward: the tiles are recomputed and the per-entry gradient ``dz`` (reference docstring) becomes
 ``dx = g·dz/T·(1 − tanh²)`` (the last factor with a softcap), then ``grad_h += dx·W_s[c]``,
 ``grad_W_s[c] = dxᵀ·h_s`` (each tile of grad_W written once) and ``grad_b_s[c] = Σ_rows dx``.  With the
-``cpu`` or ``triton`` backend the Jeffreys ``dz`` of a tile is one fused kernel (the ``token_jeffreys``
-backward, which takes the full rows' statistics and so works on any column slice); ``torch`` runs the same
-contract in torch (``reference/launchers.py``).
+``cpu`` or ``triton`` backend a tile's ``dx`` (both conventions, caps included) is one kernel over the two
+raw matmul outputs; ``torch`` computes it with torch ops (the Jeffreys ``dz`` through the token_jeffreys
+backward's torch contract, ``reference/launchers.py``).  On ``cpu`` the caps and 1/T are applied by the
+kernels (fold, second pass, gradient alike), and each pass writes its matmul outputs and the tile's ``dx``
+into buffers reused across tiles (``Head.scratch``).
 
 Memory beyond the inputs and gradients: two fp32 (N, C) tiles and a few temporaries of that size, with C
 chosen so that one tile is ``tile_bytes`` (64 MiB on CUDA, 16 MiB on CPU), plus O(N) statistics.  Ignored rows
@@ -64,13 +67,25 @@ class Head:
         self.hidden = hidden.to(dt)
         self.weight, self.bias = weight, bias
         self.dt, self.softcap, self.temperature = dt, softcap, temperature
+        self._scratch = {}
 
-    def matmul(self, c0, c1):
-        """The raw logits h·Wᵀ + b of columns [c0, c1) in the matmul dtype (N, C)."""
+    def scratch(self, key, cols):
+        """A reusable contiguous (N, cols) buffer of the matmul dtype, one per ``key`` for every tile of a pass
+        (the CPU kernels' tiles: one allocation instead of one per tile, so no fresh pages to fault in)."""
+        n = self.hidden.shape[0]
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < n * cols:
+            buf = self._scratch[key] = torch.empty(n * cols, dtype=self.dt, device=self.hidden.device)
+        return buf[: n * cols].view(n, cols)
+
+    def matmul(self, c0, c1, reuse=False):
+        """The raw logits h·Wᵀ + b of columns [c0, c1) in the matmul dtype (N, C); with ``reuse`` written into
+        this head's scratch buffer (valid until the next such call)."""
         w = self.weight[c0:c1].to(self.dt)
+        out = self.scratch("logits", c1 - c0) if reuse else None
         if self.bias is None:
-            return self.hidden @ w.T
-        return torch.addmm(self.bias[c0:c1].to(self.dt), self.hidden, w.T)
+            return torch.mm(self.hidden, w.T, out=out)
+        return torch.addmm(self.bias[c0:c1].to(self.dt), self.hidden, w.T, out=out)
 
     def raw(self, c0, c1):
         return self.matmul(c0, c1).float()
@@ -166,17 +181,22 @@ def torch_tile_fold(state, student: "Head", teacher: "Head", c0, c1, with_cross)
     state[0], state[1], state[2], state[4], state[5] = m_s, s_s, a_s, m_t, s_t
 
 
+def _cap(head):
+    return float(head.softcap or 0.0)
+
+
 def cpu_tile_fold(state, student: "Head", teacher: "Head", c0, c1, with_cross):
     """The same fold as one C++ kernel over the two fp32 matmul outputs (``csrc/cpu/linear_token_jeffreys.cpp``,
     through the registry's ``_C.cpu``): two reads of each tile row instead of ~ten torch passes.
 
-    The softcaps are applied here with torch's tanh (one pass per capped head), not by the kernel's: the
-    backward (``torch_tile_grad``) recomputes the capped logits with torch, and the statistics must come from
-    the same logits bit for bit (a point mass, V = 1, must give exactly p = 1 and a zero gradient)."""
-    xs, _ = student.capped(student.matmul(c0, c1))
-    xt, _ = teacher.capped(teacher.matmul(c0, c1))
-    kernels = _backend.impl("token_jeffreys", "cpu")
-    kernels.linear_jeffreys_tile_fold(state, xs, xt, student.temperature, 0.0, 0.0, with_cross)
+    The softcaps and the temperature are applied by the kernel, with the same tanh, product by 1/T and exp as
+    the cpu tile gradient and second pass (``cpu_tile_grad``, ``cpu_tile_gjsd``): the statistics come from
+    the logits the backward recomputes (a point mass, V = 1, gives exactly p = 1 and a zero gradient at T = 1
+    without softcaps; ~1e-7 residuals otherwise, see the kernel's header)."""
+    xs, xt = student.matmul(c0, c1, reuse=True), teacher.matmul(c0, c1, reuse=True)
+    _backend.impl("token_jeffreys", "cpu").linear_jeffreys_tile_fold(
+        state, xs, xt, student.temperature, _cap(student), _cap(teacher), with_cross
+    )
 
 
 def triton_tile_fold(state, student: "Head", teacher: "Head", c0, c1, with_cross):
@@ -203,6 +223,25 @@ def torch_tile_grad(tiles, student, teacher, c0, c1, grad):
     return torch.where(grad.keep[:, None], dx, torch.zeros((), device=dx.device)).to(student.dt)
 
 
+def cpu_tile_grad(tiles, student, teacher, c0, c1, grad):
+    """The same gradient as one C++ kernel over the two fp32 matmul outputs (both conventions), written into
+    the student's gradient buffer (one allocation for every tile: no first-touch page faults per tile)."""
+    return _backend.impl("token_jeffreys", "cpu").linear_jeffreys_tile_grad(
+        student.matmul(c0, c1, reuse=True),
+        teacher.matmul(c0, c1, reuse=True),
+        grad.lse_s,
+        grad.lse_t,
+        grad.aux,
+        grad.coef,
+        student.temperature,
+        _cap(student),
+        _cap(teacher),
+        grad.beta,
+        grad.mode == "gjsd",
+        out=student.scratch("grad", c1 - c0),
+    )
+
+
 def triton_tile_grad(tiles, student, teacher, c0, c1, grad):
     """The same gradient as one Triton kernel over the two matmul outputs."""
     from .triton.linear_token_jeffreys import jeffreys_tile_grad
@@ -223,23 +262,18 @@ def triton_tile_grad(tiles, student, teacher, c0, c1, grad):
 
 
 class TileOps:
-    """What one backend gives the tiled divergence: ``fold`` (the forward's per-tile statistics) and
-    ``grad`` (the student's gradient of one tile).  The registry (``_backend.impl("linear_token_jeffreys",
-    name)``) hands these out."""
+    """What one backend gives the tiled divergence: ``fold`` (the forward's per-tile statistics), ``grad``
+    (the student's gradient of one tile) and ``gjsd`` (the generalised JSD's second pass over one tile).  The
+    registry (``_backend.impl("linear_token_jeffreys", name)``) hands these out."""
 
-    def __init__(self, backend, fold, grad):
-        self.backend, self.fold, self._grad = backend, fold, grad
+    def __init__(self, backend, fold, grad, gjsd):
+        self.backend, self.fold, self._grad, self.gjsd = backend, fold, grad, gjsd
 
     def token_jeffreys_bwd(self, *args):
         return _backend.impl("token_jeffreys", self.backend).token_jeffreys_bwd(*args)
 
     def grad(self, student, teacher, c0, c1, grad):
         return self._grad(self, student, teacher, c0, c1, grad)
-
-
-CPU = TileOps("cpu", cpu_tile_fold, torch_tile_grad)
-TORCH = TileOps("torch", torch_tile_fold, torch_tile_grad)
-TRITON = TileOps("triton", triton_tile_fold, triton_tile_grad)
 
 
 def _merged(state, group):
@@ -293,19 +327,44 @@ def _all_reduce(x, group):
     return x
 
 
-def gjsd_pass(student: Head, teacher: Head, lse_s, lse_t, beta, n, vocab, cols, group=None):
-    """Second pass of the generalised JSD: (D, KL(s‖m)), fp32 (N,) each."""
-    dev = student.hidden.device
-    kl_tm = torch.zeros(n, device=dev)
-    kl_sm = torch.zeros(n, device=dev)
+def torch_tile_gjsd(kl, student: Head, teacher: Head, c0, c1, lse_s, lse_t, beta):
+    """Add columns [c0, c1)'s KL(t‖m) and KL(s‖m) partial sums into ``kl`` (2, N), with torch ops."""
+    log_s = student.logits(c0, c1)[0] - lse_s[:, None]
+    log_t = teacher.logits(c0, c1)[0] - lse_t[:, None]
+    log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
+    kl[0] += _plogp(log_t.exp(), log_t, log_m)
+    kl[1] += _plogp(log_s.exp(), log_s, log_m)
+
+
+def cpu_tile_gjsd(kl, student: Head, teacher: Head, c0, c1, lse_s, lse_t, beta):
+    """The same sums as one C++ sweep over the two fp32 matmul outputs (caps and temperature as the fold's)."""
+    _backend.impl("token_jeffreys", "cpu").linear_jeffreys_tile_gjsd(
+        kl,
+        student.matmul(c0, c1, reuse=True),
+        teacher.matmul(c0, c1, reuse=True),
+        lse_s,
+        lse_t,
+        student.temperature,
+        _cap(student),
+        _cap(teacher),
+        beta,
+    )
+
+
+def gjsd_pass(student: Head, teacher: Head, lse_s, lse_t, beta, n, vocab, cols, group=None, tiles=None):
+    """Second pass of the generalised JSD: (D, KL(s‖m)), fp32 (N,) each (``tiles``: the backend's
+    :class:`TileOps`, torch ops by default)."""
+    tiles = TORCH if tiles is None else tiles
+    kl = torch.zeros(2, n, device=student.hidden.device)
     for c0, c1 in _tiles(vocab, cols):
-        log_s = student.logits(c0, c1)[0] - lse_s[:, None]
-        log_t = teacher.logits(c0, c1)[0] - lse_t[:, None]
-        log_m = torch.logaddexp(log_s + math.log1p(-beta), log_t + math.log(beta))
-        kl_tm += _plogp(log_t.exp(), log_t, log_m)
-        kl_sm += _plogp(log_s.exp(), log_s, log_m)
-    kl_tm, kl_sm = _all_reduce(torch.stack([kl_tm, kl_sm]), group).unbind(0)
+        tiles.gjsd(kl, student, teacher, c0, c1, lse_s, lse_t, beta)
+    kl_tm, kl_sm = _all_reduce(kl, group).unbind(0)
     return beta * kl_tm + (1.0 - beta) * kl_sm, kl_sm
+
+
+CPU = TileOps("cpu", cpu_tile_fold, cpu_tile_grad, cpu_tile_gjsd)
+TORCH = TileOps("torch", torch_tile_fold, torch_tile_grad, torch_tile_gjsd)
+TRITON = TileOps("triton", triton_tile_fold, triton_tile_grad, torch_tile_gjsd)
 
 
 def _dz_gjsd(xs, xt, lse_s, lse_t, kl_sm, beta, coef, temperature):
@@ -364,7 +423,7 @@ class LinearTokenJeffreys(torch.autograd.Function):
         mode = divergence if (divergence == "jeffreys" or 0.0 < beta < 1.0) else "kl"
         if mode == "gjsd":
             lse_s, lse_t, ent = lse_pass(student, teacher, n, vocab, cols, tiles, group)
-            div, aux = gjsd_pass(student, teacher, lse_s, lse_t, beta, n, vocab, cols, group)
+            div, aux = gjsd_pass(student, teacher, lse_s, lse_t, beta, n, vocab, cols, group, tiles)
             jeffreys_beta = None
         else:
             lse_s, lse_t, kl_st, kl_ts, ent = jeffreys_stats(student, teacher, n, vocab, cols, tiles, group)
@@ -409,8 +468,10 @@ class LinearTokenJeffreys(torch.autograd.Function):
             if grad_b is not None:
                 grad_b[c0:c1] = dx.sum(0, dtype=torch.float32).to(b_s.dtype)
             if grad_h is not None:
-                grad_h += dx @ w_s[c0:c1].to(student.dt)
-            if grad_w is not None:
+                grad_h.addmm_(dx, w_s[c0:c1].to(student.dt))
+            if grad_w is not None and grad_w.dtype == dx.dtype and grad_w.is_contiguous():
+                torch.mm(dx.T, student.hidden, out=grad_w[c0:c1])  # in place: no (C, H) temporary
+            elif grad_w is not None:
                 grad_w[c0:c1] = (dx.T @ student.hidden).to(w_s.dtype)
         if grad_h is not None:
             # vocabulary-parallel: every rank holds its shard's part of grad_hidden (all ranks take part:

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -35,6 +36,17 @@ at::Tensor token_jeffreys_bwd(const at::Tensor& policy, const at::Tensor& anchor
 // Folds one vocabulary tile of both heads' raw fp32 logits (N, C) into the (7, N) fp32 state, in place.
 void linear_jeffreys_tile_fold(at::Tensor& state, const at::Tensor& student, const at::Tensor& teacher,
                                double temperature, double cap_s, double cap_t, bool with_cross);
+
+// The student's gradient of one tile (N, C) fp32 from the two raw tiles (into `out` when given).
+at::Tensor linear_jeffreys_tile_grad(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& lse_s,
+                                     const at::Tensor& lse_t, const at::Tensor& aux, const at::Tensor& coef,
+                                     double temperature, double cap_s, double cap_t, double beta, bool gjsd,
+                                     const std::optional<at::Tensor>& out);
+
+// Adds one tile's (KL(t||m), KL(s||m)) partial sums of the generalised JSD into the (2, N) fp32 kl, in place.
+void linear_jeffreys_tile_gjsd(at::Tensor& kl, const at::Tensor& student, const at::Tensor& teacher,
+                               const at::Tensor& lse_s, const at::Tensor& lse_t, double temperature, double cap_s,
+                               double cap_t, double beta);
 
 std::tuple<at::Tensor, at::Tensor> reward_quantiles(const at::Tensor& rewards, const at::Tensor& ref_rewards,
                                                     const at::Tensor& ref_mask, int64_t mode, double eps);

@@ -58,6 +58,14 @@ PYBIND11_MODULE(_C, m) {
   cpu.def("linear_jeffreys_tile_fold", &bond_py::linear_jeffreys_tile_fold, py::arg("state"), py::arg("student"),
           py::arg("teacher"), py::arg("temperature"), py::arg("cap_s"), py::arg("cap_t"), py::arg("with_cross"), nogil,
           "(state (7, N) fp32, student, teacher (N, C) fp32 raw tile logits, ...) -> None; state updated in place");
+  cpu.def("linear_jeffreys_tile_grad", &bond_py::linear_jeffreys_tile_grad, py::arg("student"), py::arg("teacher"),
+          py::arg("lse_s"), py::arg("lse_t"), py::arg("aux"), py::arg("coef"), py::arg("temperature"), py::arg("cap_s"),
+          py::arg("cap_t"), py::arg("beta"), py::arg("gjsd"), py::arg("out") = py::none(), nogil,
+          "(student, teacher (N, C) fp32 raw tile logits, lse_s, lse_t, aux, coef (N,) fp32, ...) -> dx (N, C) fp32");
+  cpu.def("linear_jeffreys_tile_gjsd", &bond_py::linear_jeffreys_tile_gjsd, py::arg("kl"), py::arg("student"),
+          py::arg("teacher"), py::arg("lse_s"), py::arg("lse_t"), py::arg("temperature"), py::arg("cap_s"),
+          py::arg("cap_t"), py::arg("beta"), nogil,
+          "(kl (2, N) fp32, student, teacher (N, C) fp32 raw tile logits, lse_s, lse_t (N,), ...) -> None; kl += sums");
   cpu.def("reward_quantiles", &bond_py::reward_quantiles, py::arg("rewards"), py::arg("ref_rewards"),
           py::arg("ref_mask"), py::arg("mode"), py::arg("eps"), nogil, "-> (p_le, p_lt) fp32 (B, n)");
   cpu.def("_isa", &active_isa_name, "instruction set the CPU kernels use now");

@@ -60,6 +60,9 @@ int token_jeffreys_bwd(const TokenJeffreysBwdParams& p);
 
 // The tiled divergence's fold of one vocabulary tile into its (7, N) row state (bond/linear_token_jeffreys.h).
 int linear_jeffreys_tile_fold(const JeffreysTileFoldParams& p);
+// Its backward's gradient of one tile (both conventions) and the generalised JSD's second pass over one tile.
+int linear_jeffreys_tile_grad(const JeffreysTileGradParams& p);
+int linear_jeffreys_tile_gjsd(const JeffreysTileGjsdParams& p);
 
 // reward_quantiles (bond/reward_quantiles.h).
 int reward_quantiles(const RewardQuantilesParams& p);
