@@ -440,6 +440,26 @@ def test_through_a_peft_wrapper():
         sequence_logprobs(_PeftModel(_llama(), prompt_learning=True), ids, mask, labels)
 
 
+def test_through_real_peft_lora():
+    """peft itself (pinned in tests/requirements-peers.txt): LoRA on the attention and the MLP runs through
+    PeftModel's forward with every adapter gradient right; a LoRA adapter on lm_head (an extra term the fused
+    head would miss) is refused by the one-time check instead of giving wrong log-probs."""
+    peft = pytest.importorskip("peft")  # installed by `make setup` on CPython 3.11/3.12, as trl and verl are
+    torch.manual_seed(0)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    model = peft.get_peft_model(_llama(), lora)
+    gen = torch.Generator().manual_seed(11)
+    ids, mask, labels = _batch(gen)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    _compare_through(model, model, ids, mask, labels, gen)  # the oracle: PeftModel's own logits
+    assert "forward" not in model.get_base_model().__dict__
+    on_head = peft.LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False)
+    with pytest.raises(ValueError, match="lm_head"):
+        sequence_logprobs(peft.get_peft_model(_llama(), on_head), ids, mask, labels)
+
+
 def test_through_torch_compile():
     """The compiled module traces the inner model's patched forward: backbone and our op in its graph."""
     torch.manual_seed(0)
