@@ -96,7 +96,7 @@ BOND_INLINE void row_sums(const typename Io<T>::storage* BOND_RESTRICT x, index_
 #pragma omp simd reduction(+ : s, a)
     for (index_t v = b0; v < b1; ++v) {
       const float t = shifted<kSoftcap>(tf, Io<T>::load(x, v), anchor);
-      const float e = fast_exp(t);
+      const float e = kSoftcap ? fast_exp(t) : exp_nonpos(t);  // t <= 0 without a softcap (x <= the row max)
       s += e;
       if (kEntropy) a += e > 0.0f ? e * t : 0.0f;
     }
@@ -255,7 +255,7 @@ BOND_INLINE int fwd_bwd_row(const TokenLogprobsFwdBwdParams& p, const Transform&
       t = (xv - anchor) * tf.inv_t;
       dfac = tf.inv_t;
     }
-    Io<T>::store(out, v, -g * (fast_exp(t) * inv_s) * dfac);
+    Io<T>::store(out, v, -g * ((kSoftcap ? fast_exp(t) : exp_nonpos(t)) * inv_s) * dfac);
   }
   float dfac_y = tf.inv_t;
   if (kSoftcap) {
