@@ -47,9 +47,15 @@ BOND_INLINE int jeffreys_fwd_row(const TokenJeffreysFwdParams& p, index_t r) {
     if (p.shift_p) p.shift_p[r] = p.shift_q[r] = kNaN;
     return kOk;
   }
+  // The next row of both inputs, fetched into L2 during this row's sums (prefetch_block in bond/parallel.h).
+  const bool prefetch = r + 1 < p.n_rows && !(p.ignore_mask && p.ignore_mask[r + 1]);
+  const S* next_p = prefetch ? xp + p.policy_stride : nullptr;
+  const S* next_q = prefetch ? xq + p.anchor_stride : nullptr;
   double sp_total = 0.0, sq_total = 0.0, ap_total = 0.0, aq_total = 0.0;
   for (index_t b0 = 0; b0 < vocab; b0 += kSumBlock) {
     const index_t b1 = vocab - b0 < kSumBlock ? vocab : b0 + kSumBlock;
+    prefetch_block(next_p, b0, b1);
+    prefetch_block(next_q, b0, b1);
     float sp = 0.0f, sq = 0.0f, ap = 0.0f, aq = 0.0f;
 #pragma omp simd reduction(+ : sp, sq, ap, aq)
     for (index_t v = b0; v < b1; ++v) {

@@ -74,6 +74,14 @@ bool row_has_nan(const typename Io<T>::storage* x, index_t vocab) {
   return false;
 }
 
+// The row after r if this thread will sweep it (not ignored), else nullptr.  Rows are handed out in static
+// blocks, so r + 1 is usually this thread's next row; at a block's end it is another thread's (a wasted hint).
+template <class S, class P>
+BOND_INLINE const S* next_row(const P& p, index_t r) {
+  if (r + 1 >= p.rows.n_rows || p.labels[r + 1] == p.ignore_index) return nullptr;
+  return static_cast<const S*>(p.logits) + p.rows.offset(r + 1);
+}
+
 template <class T>
 BOND_INLINE float row_max(const typename Io<T>::storage* BOND_RESTRICT x, index_t vocab) {
   float m = kNegInf;
@@ -86,12 +94,15 @@ BOND_INLINE float row_max(const typename Io<T>::storage* BOND_RESTRICT x, index_
 }
 
 // s = sum_v exp(t_v), a = sum_v exp(t_v) * t_v over entries with exp(t_v) > 0 (0 * -inf must not be NaN).
+// `next` (or nullptr): the row this thread sweeps next, prefetched into L2 block by block while this row's sums
+// run from cache (see prefetch_block).
 template <class T, bool kSoftcap, bool kEntropy>
 BOND_INLINE void row_sums(const typename Io<T>::storage* BOND_RESTRICT x, index_t vocab, const Transform& tf,
-                          float anchor, float* s_out, float* a_out) {
+                          float anchor, const typename Io<T>::storage* next, float* s_out, float* a_out) {
   double s_total = 0.0, a_total = 0.0;
   for (index_t b0 = 0; b0 < vocab; b0 += kSumBlock) {
     const index_t b1 = vocab - b0 < kSumBlock ? vocab : b0 + kSumBlock;
+    prefetch_block(next, b0, b1);
     float s = 0.0f, a = 0.0f;
 #pragma omp simd reduction(+ : s, a)
     for (index_t v = b0; v < b1; ++v) {
@@ -139,7 +150,7 @@ BOND_INLINE int fwd_row(const TokenLogprobsFwdParams& p, const Transform& tf, in
   }
   const float anchor = row_anchor<kSoftcap>(tf, mx);  // z(mx) is the row max of z: tanh is monotonic
   float s, a;
-  row_sums<T, kSoftcap, kEntropy>(x, p.vocab, tf, anchor, &s, &a);
+  row_sums<T, kSoftcap, kEntropy>(x, p.vocab, tf, anchor, next_row<S>(p, r), &s, &a);
   const float log_s = std::log(s);
   p.logp[r] = shifted<kSoftcap>(tf, Io<T>::load(x, y), anchor) - log_s;
   if (p.shift) {
@@ -233,7 +244,7 @@ BOND_INLINE int fwd_bwd_row(const TokenLogprobsFwdBwdParams& p, const Transform&
   }
   const float anchor = row_anchor<kSoftcap>(tf, mx);
   float s, a;
-  row_sums<T, kSoftcap, false>(x, vocab, tf, anchor, &s, &a);
+  row_sums<T, kSoftcap, false>(x, vocab, tf, anchor, next_row<S>(p, r), &s, &a);
   const float log_s = std::log(s);
   const float inv_s = 1.0f / s;
   const float g = p.grad_logp[r];

@@ -44,6 +44,19 @@ BOND_INLINE float expm1_reduced(float r) {
   return r + (r * r) * p;
 }
 
+// e^r - 1 for |r| <= ln2/2, one degree lower than expm1_reduced: r + r^2 * P(r), P of degree 4 fitted for the
+// relative error of e^r = 1 + (e^r - 1) (weighted least squares iterated to equal ripple: 3.1e-9 on that
+// interval, far below fp32 rounding).  The exps of the sweeps use it (one fused multiply-add fewer per
+// element, on a path bound by them); tanh keeps expm1_reduced, whose small-r relative error it needs.
+BOND_INLINE float exp_reduced_minus_1(float r) {
+  float p = 1.381461276e-3f;
+  p = p * r + 8.368710056e-3f;
+  p = p * r + 4.166838899e-2f;
+  p = p * r + 1.666652113e-1f;
+  p = p * r + 4.999999404e-1f;
+  return r + (r * r) * p;
+}
+
 // 2^n for an integer-valued float n in [-126, 127], built from the exponent bits.
 BOND_INLINE float pow2i(float n) {
   const int32_t e = static_cast<int32_t>(n) + 127;
@@ -72,7 +85,7 @@ BOND_INLINE float fast_exp(float x) {
   float r = x - n * kLn2Hi;
   r = r - n * kLn2Lo;
   const float s = f32_from_bits((f32_bits(k) + 127u) << 23);  // 2^n for n in [-126, 127]
-  const float y = expm1_reduced(r) * s + s;
+  const float y = exp_reduced_minus_1(r) * s + s;
   return x < kExpMinArg ? 0.0f : (x > kExpMaxArg ? kExpOfMax : y);
 }
 
@@ -88,7 +101,7 @@ BOND_INLINE float exp_nonpos(float x) {
   float r = x - n * kLn2Hi;
   r = r - n * kLn2Lo;
   const float s = f32_from_bits((f32_bits(k) + 127u) << 23);
-  const float y = expm1_reduced(r) * s + s;
+  const float y = exp_reduced_minus_1(r) * s + s;
   return x < kExpMinArg ? 0.0f : y;
 }
 
