@@ -384,6 +384,40 @@ def test_every_isa_matches_reference():
         cpu._set_isa(active)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_every_isa_matches_reference_without_softcap_and_for_jeffreys(beta):
+    """The shifted-exponent sweeps (no softcap: exp of t <= 0) and both Jeffreys kernels, whose loops differ
+    per weight (beta = 0 drops a term), in every clone this CPU has, on rows with masked (-inf) entries."""
+    cpu = _ext.require().cpu
+    active = cpu._isa()
+    x, y = _make("neginf", torch.float32)
+    a = (x + torch.randn(x.shape)).to(torch.bfloat16)
+    x = x.to(torch.bfloat16)
+    g = torch.randn(x.shape[0])
+    want_lp, _, want_grad = _truth_token(x, y, 0.8, None, False, g, None)
+    xd = x.detach().double().requires_grad_(True)
+    want_div = ref.token_jeffreys(xd, a.double(), beta=beta, temperature=0.8)
+    (want_jgrad,) = torch.autograd.grad((want_div * g.double()).sum(), xd)
+    try:
+        for isa in cpu._supported_isas():
+            cpu._set_isa(isa)
+            xl = _leaf(x)
+            lp = bk.token_logprobs(xl, y, temperature=0.8, backend="cpu")
+            (lp * g).sum().backward()
+            _check_value(lp, want_lp, torch.bfloat16)
+            _check_grad(xl.grad, want_grad, torch.bfloat16)
+            lp2, grad2 = bk.token_logprobs_and_grad(x, y, g, temperature=0.8, backend="cpu")
+            _check_value(lp2, want_lp, torch.bfloat16)
+            _check_grad(grad2, want_grad, torch.bfloat16)
+            xl = _leaf(x)
+            div = bk.token_jeffreys(xl, a, beta=beta, temperature=0.8, backend="cpu")
+            (div * g).sum().backward()
+            _check_value(div, want_div.detach(), torch.bfloat16)
+            _check_grad(xl.grad, want_jgrad, torch.bfloat16)
+    finally:
+        cpu._set_isa(active)
+
+
 def test_deterministic_across_runs_and_threads():
     x, y = _make("ignored", torch.float32)
     g = torch.randn(y.shape)

@@ -11,6 +11,7 @@
 // tanh.  Math and argument contract: bond/token_logprobs.h and bond_kernels/ops/token_logprobs.py.
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "bond/cpu.h"
 #include "bond/dtype.h"
@@ -74,6 +75,28 @@ bool row_has_nan(const typename Io<T>::storage* x, index_t vocab) {
   return false;
 }
 
+// The row after r if this thread will sweep it (not ignored), else nullptr.  Rows are handed out in static
+// blocks, so r + 1 is usually this thread's next row; at a block's end it is another thread's (a wasted hint).
+template <class S, class P>
+BOND_INLINE const S* next_row(const P& p, index_t r) {
+  if (r + 1 >= p.rows.n_rows || p.labels[r + 1] == p.ignore_index) return nullptr;
+  return static_cast<const S*>(p.logits) + p.rows.offset(r + 1);
+}
+
+// A pointer to elements [b0, b0 + n) of a row as fp32: the row itself for fp32, else `buf` filled by
+// widen_to_f32 (see there for why the exp sweep reads 16-bit rows this way).
+template <class T>
+BOND_INLINE const float* f32_block(const typename Io<T>::storage* x, index_t b0, index_t n, float* buf) {
+  if constexpr (std::is_same<T, float>::value) {
+    (void)n;
+    (void)buf;
+    return x + b0;
+  } else {
+    widen_to_f32<T>(x + b0, n, buf);
+    return buf;
+  }
+}
+
 template <class T>
 BOND_INLINE float row_max(const typename Io<T>::storage* BOND_RESTRICT x, index_t vocab) {
   float m = kNegInf;
@@ -85,18 +108,22 @@ BOND_INLINE float row_max(const typename Io<T>::storage* BOND_RESTRICT x, index_
   return m;
 }
 
-// s = sum_v exp(t_v), a = sum_v exp(t_v) * t_v over entries with exp(t_v) > 0 (0 * -inf must not be NaN).
+// `next` (or nullptr): the row this thread sweeps next, prefetched into L2 block by block while this row's sums
+// run from cache (see prefetch_block).
 template <class T, bool kSoftcap, bool kEntropy>
 BOND_INLINE void row_sums(const typename Io<T>::storage* BOND_RESTRICT x, index_t vocab, const Transform& tf,
-                          float anchor, float* s_out, float* a_out) {
+                          float anchor, const typename Io<T>::storage* next, float* s_out, float* a_out) {
   double s_total = 0.0, a_total = 0.0;
+  alignas(64) float buf[kSumBlock];
   for (index_t b0 = 0; b0 < vocab; b0 += kSumBlock) {
     const index_t b1 = vocab - b0 < kSumBlock ? vocab : b0 + kSumBlock;
+    prefetch_block(next, b0, b1);
+    const float* BOND_RESTRICT xf = f32_block<T>(x, b0, b1 - b0, buf);
     float s = 0.0f, a = 0.0f;
 #pragma omp simd reduction(+ : s, a)
-    for (index_t v = b0; v < b1; ++v) {
-      const float t = shifted<kSoftcap>(tf, Io<T>::load(x, v), anchor);
-      const float e = fast_exp(t);
+    for (index_t i = 0; i < b1 - b0; ++i) {
+      const float t = shifted<kSoftcap>(tf, xf[i], anchor);
+      const float e = kSoftcap ? fast_exp(t) : exp_nonpos(t);  // t <= 0 without a softcap (x <= the row max)
       s += e;
       if (kEntropy) a += e > 0.0f ? e * t : 0.0f;
     }
@@ -139,7 +166,7 @@ BOND_INLINE int fwd_row(const TokenLogprobsFwdParams& p, const Transform& tf, in
   }
   const float anchor = row_anchor<kSoftcap>(tf, mx);  // z(mx) is the row max of z: tanh is monotonic
   float s, a;
-  row_sums<T, kSoftcap, kEntropy>(x, p.vocab, tf, anchor, &s, &a);
+  row_sums<T, kSoftcap, kEntropy>(x, p.vocab, tf, anchor, next_row<S>(p, r), &s, &a);
   const float log_s = std::log(s);
   p.logp[r] = shifted<kSoftcap>(tf, Io<T>::load(x, y), anchor) - log_s;
   if (p.shift) {
@@ -233,7 +260,7 @@ BOND_INLINE int fwd_bwd_row(const TokenLogprobsFwdBwdParams& p, const Transform&
   }
   const float anchor = row_anchor<kSoftcap>(tf, mx);
   float s, a;
-  row_sums<T, kSoftcap, false>(x, vocab, tf, anchor, &s, &a);
+  row_sums<T, kSoftcap, false>(x, vocab, tf, anchor, next_row<S>(p, r), &s, &a);
   const float log_s = std::log(s);
   const float inv_s = 1.0f / s;
   const float g = p.grad_logp[r];
@@ -255,7 +282,7 @@ BOND_INLINE int fwd_bwd_row(const TokenLogprobsFwdBwdParams& p, const Transform&
       t = (xv - anchor) * tf.inv_t;
       dfac = tf.inv_t;
     }
-    Io<T>::store(out, v, -g * (fast_exp(t) * inv_s) * dfac);
+    Io<T>::store(out, v, -g * ((kSoftcap ? fast_exp(t) : exp_nonpos(t)) * inv_s) * dfac);
   }
   float dfac_y = tf.inv_t;
   if (kSoftcap) {

@@ -101,4 +101,15 @@ struct Io<fp16_t> {
 
 inline int dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
+// Widen n 16-bit (or fp32) elements to fp32.  token_logprobs widens a 16-bit row block by block into an L1
+// buffer for its exp sweep and runs the fp32 loop over it: with the conversion inside the exp loop, GCC sizes
+// the vectors by the 16-bit lanes and ran the polynomial as two 256-bit halves in the AVX-512 clone
+// (measured, one thread, 4 x 32000 bf16 in cache: 0.39 -> 0.36 ns/element; the AVX2 clone is unchanged).
+// The max sweep keeps its direct loads: widening it too cost the AVX2 clone 0.39 -> 0.45 ns/element.
+template <class T>
+BOND_INLINE void widen_to_f32(const typename Io<T>::storage* BOND_RESTRICT x, index_t n, float* BOND_RESTRICT out) {
+#pragma omp simd
+  for (index_t i = 0; i < n; ++i) out[i] = Io<T>::load(x, i);
+}
+
 }  // namespace bond

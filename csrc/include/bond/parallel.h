@@ -23,6 +23,19 @@ inline int resolve_threads(int num_threads) {
 #endif
 }
 
+// Prefetch elements [b0, b1) of a row (nullptr: none) into L2, one hint per 64-byte line.  The row kernels
+// sweep a row twice: a max from memory, then the exp sums from L2 (a 32000-word fp32 row is 128 KB).  Without
+// a hint the two alternate, the memory idle during the sums and the vector units idle during the max; a
+// kernel that prefetches its next row block by block during this row's sums finds that row in L2 for its max
+// (measured: one thread, 2048 x 32000 fp32, AVX-512, see BENCHMARKS.md).
+template <class S>
+inline void prefetch_block(const S* row, index_t b0, index_t b1) {
+  if (row == nullptr) return;
+  const char* p = reinterpret_cast<const char*>(row + b0);
+  const char* end = reinterpret_cast<const char*>(row + b1);
+  for (; p < end; p += 64) __builtin_prefetch(p, 0, 2);
+}
+
 // Run fn(r) for r in [0, n) over OpenMP threads; returns the largest status any row reported, so the
 // result does not depend on which thread saw an error first.  Rows are independent (no cross-row sums),
 // which keeps every output bitwise identical for any thread count.
