@@ -9,28 +9,19 @@ of ``rounds`` calls after a warm-up), so load on the machine hits both alike.  F
 run it alternately with two builds on PYTHONPATH.
 """
 
-import ctypes
-import statistics
+import os
 import sys
-import time
 
 import torch
 
 import bond_kernels as bk
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# test_bench_cpu's timing loop; importing it also sets glibc's mmap threshold to 1 MiB (big buffers are fresh
+# mappings, first-touch faults included), as every CPU benchmark does.
+from test_bench_cpu import round_robin_ms  # noqa: E402
+
 SHAPES = [(2048, 32000, torch.float32), (512, 32000, torch.bfloat16)]
-
-
-def round_robin_ms(fns, rounds):
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, out in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(t) for t in times]
 
 
 def forward_row(x, y, q, rounds):
@@ -86,7 +77,6 @@ def backward_row(x, y, q, grad, rounds):
 
 def main():
     mode, rounds = sys.argv[1], int(sys.argv[2])
-    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # as test_bench_cpu.py: big buffers are fresh mappings
     g = torch.Generator().manual_seed(0)
     res = []
     for n, v, dt in SHAPES:
